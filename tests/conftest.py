@@ -48,7 +48,7 @@ def _photo(name: str) -> Image.Image:
 def photos() -> list[Image.Image]:
     """Real photos of different sizes and aspect ratios (RGB PIL images)."""
     astronaut = _photo("astronaut")  # 512 x 512
-    coffee = _photo("coffee")  # 600 x 400 (W x H)
+    coffee = _photo("coffee")  # 600 x 400 (W x H), landscape
     chelsea = _photo("chelsea")  # 451 x 300
-    rocket = _photo("rocket")  # 640 x 427
-    return [coffee, astronaut.resize((320, 200)), chelsea, rocket]
+    portrait = astronaut.crop((120, 0, 360, 512))  # 240 x 512, portrait
+    return [coffee, portrait, astronaut, chelsea]

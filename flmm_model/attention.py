@@ -1,0 +1,148 @@
+"""Text-to-image attention capture for the frozen Qwen2.5-VL text decoder.
+
+F-LMM reads, for every object k, the post-softmax attention weights from k's phrase tokens to the image tokens,
+in every layer and head. Running the model with eager attention and `output_attentions=True` keeps every layer's
+full (heads, L, L) map until the forward ends: gigabytes per sample at real sizes. Here the capture happens inside
+the attention call, layer by layer, through two functions registered with transformers' `AttentionInterface`:
+
+- `flmm_sdpa` (default): the layer output comes from `scaled_dot_product_attention` (flash / memory-efficient
+  kernels on GPU); the weights are recomputed as softmax(q k^T * scale + mask) for the phrase-token query rows
+  only: a (B, heads, P, L) tensor per layer instead of (B, heads, L, L).
+- `flmm_eager`: the F-LMM reference. Eager attention computes the full weights of the layer, which give both the
+  output and the captured rows; the full map is freed when the layer ends.
+
+Both read a `CaptureState` passed as the `flmm_capture` keyword of the text model's forward (transformers hands
+unknown keywords down to every attention call). Without it they behave exactly like plain sdpa / eager attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+
+CAPTURE_IMPLEMENTATIONS = {"sdpa": "flmm_sdpa", "eager": "flmm_eager"}
+
+
+@dataclass
+class PhraseQueries:
+    """Which query rows and key columns to capture, padded to rectangular per-batch tensors.
+
+    Attributes:
+        query_index: (B, P) long, positions of phrase tokens (P = most phrase tokens in a sample; padded with 0).
+        query_valid: (B, P) bool, False on padded entries.
+        object_pool: (B, K, P) float, row k averages the tokens of object k (1 / num_tokens on k's tokens, else 0).
+        image_index: (B, N) long, positions of the image tokens in order (N = most image tokens; padded with 0).
+        key_valid: (B, L) bool, the attention mask of the expanded sequence (padding keys are never attended).
+    """
+
+    query_index: torch.Tensor
+    query_valid: torch.Tensor
+    object_pool: torch.Tensor
+    image_index: torch.Tensor
+    key_valid: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, *, mask_ids: torch.Tensor, image_mask: torch.Tensor, attention_mask: torch.Tensor, num_objects: int
+    ) -> PhraseQueries:
+        """Gather indices from expanded `mask_ids` (B, L), `image_mask` (B, L) bool and `attention_mask` (B, L)."""
+        query_index, query_valid = _first_true_positions(mask_ids >= 0)  # (B, P) each
+        image_index, _ = _first_true_positions(image_mask)  # (B, N)
+        query_object = mask_ids.gather(1, query_index)  # (B, P), object id of each phrase token (junk where padded)
+        one_hot = (query_object.unsqueeze(1) == torch.arange(num_objects, device=mask_ids.device)[None, :, None])
+        one_hot = (one_hot & query_valid.unsqueeze(1)).float()  # (B, K, P)
+        object_pool = one_hot / one_hot.sum(-1, keepdim=True).clamp(min=1.0)
+        return cls(query_index, query_valid, object_pool, image_index, attention_mask.bool())
+
+
+@dataclass
+class CaptureState:
+    """Per-forward capture buffer: `PhraseQueries` in, one (B, K, heads, N) map per layer out (in layer order)."""
+
+    queries: PhraseQueries
+    layer_maps: list[torch.Tensor] = field(default_factory=list)
+
+    def add_rows(self, weight_rows: torch.Tensor) -> None:
+        """Pool post-softmax weights of the phrase rows, (B, heads, P, L), into per-object image maps."""
+        queries = self.queries
+        batch, heads, num_queries, _ = weight_rows.shape
+        image_index = queries.image_index[:, None, None, :].expand(batch, heads, num_queries, -1)
+        image_weights = weight_rows.gather(3, image_index)  # (B, heads, P, N)
+        maps = torch.einsum("bkp,bhpn->bkhn", queries.object_pool, image_weights.float())  # (B, K, heads, N)
+        self.layer_maps.append(maps)
+
+    def stacked(self) -> torch.Tensor:
+        """(B, K, layers * heads, N) with channel = layer * heads + head."""
+        maps = torch.stack(self.layer_maps, dim=2)  # (B, K, layers, heads, N)
+        return maps.flatten(2, 3)
+
+
+def _first_true_positions(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of True entries per row, left-aligned: flags (B, L) bool -> index (B, M) long, valid (B, M) bool.
+
+    A stable sort puts each row's True positions first in order; M is the largest count of a row (at least 1).
+    """
+    counts = flags.sum(1)  # (B,)
+    width = max(int(counts.max()), 1) if flags.numel() else 1
+    order = torch.sort(flags.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]  # (B, M)
+    valid = torch.arange(width, device=flags.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def _phrase_weight_rows(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, queries: PhraseQueries
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) for the phrase rows only, in fp32: (B, heads, P, L).
+
+    query (B, heads, L, d) and key (B, kv_heads, L, d) are after RoPE. The causal + padding mask is rebuilt from the
+    positions: a phrase token at position i attends key j iff j <= i and j is not padding.
+    """
+    batch, heads, _, head_dim = query.shape
+    num_kv_heads, length = key.shape[1], key.shape[2]
+    row_index = queries.query_index[:, None, :, None].expand(batch, heads, -1, head_dim)
+    query_rows = query.gather(2, row_index).float()  # (B, heads, P, d)
+    key = key.float().repeat_interleave(heads // num_kv_heads, dim=1)  # (B, heads, L, d): GQA, head h -> kv h // rep
+    scores = torch.matmul(query_rows, key.transpose(2, 3)) * scaling  # (B, heads, P, L)
+    positions = torch.arange(length, device=query.device)
+    allowed = (positions[None, None, :] <= queries.query_index[:, :, None]) & queries.key_valid[:, None, :]  # (B, P, L)
+    scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1)
+
+
+def capture_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA for the layer output; phrase-row weights recomputed for the capture (see module docstring)."""
+    capture: CaptureState | None = kwargs.pop("flmm_capture", None)
+    output, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+    if capture is not None:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        capture.add_rows(_phrase_weight_rows(query, key, scale, capture.queries))
+    return output, None
+
+
+def capture_eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention (full weights of this layer, F-LMM style); the phrase rows are pooled, the rest is freed."""
+    capture: CaptureState | None = kwargs.pop("flmm_capture", None)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    output, weights = eager_attention_forward(
+        module, query, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs
+    )
+    if capture is not None:
+        batch, heads, num_queries = weights.shape[0], weights.shape[1], capture.queries.query_index.shape[1]
+        row_index = capture.queries.query_index[:, None, :, None].expand(batch, heads, num_queries, weights.shape[-1])
+        capture.add_rows(weights.gather(2, row_index))  # (B, heads, P, L)
+    return output, None
+
+
+def register_capture_attention() -> None:
+    """Register `flmm_sdpa` / `flmm_eager` (and their mask builders) with transformers. Idempotent."""
+    ALL_ATTENTION_FUNCTIONS.register("flmm_sdpa", capture_sdpa_attention)
+    ALL_ATTENTION_FUNCTIONS.register("flmm_eager", capture_eager_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("flmm_sdpa", sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("flmm_eager", eager_mask)

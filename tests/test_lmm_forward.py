@@ -1,0 +1,253 @@
+"""The LMM stage against the HF reference path.
+
+Reference: the chat text with `<|image_pad|>` repeated N times BEFORE tokenization (what the HF processor does),
+tokenized with padding by the tokenizer itself, run through `Qwen2_5_VLModel` with `mm_token_type_ids` so that HF
+computes the M-RoPE positions itself; attention maps are pooled by hand from eager `output_attentions`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flmm_model.build import build_qwen
+from flmm_model.qwen import FrozenQwenLMM
+
+IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+PHRASES = [["the cup of coffee", "the saucer"], ["a man", "the flag", "his helmet"], ["the cat"]]
+
+
+def chat(phrases: list[str], image_block: str = IMAGE_BLOCK) -> tuple[str, list[tuple[int, int]]]:
+    """Chat text with the phrases joined in the assistant turn, and each phrase's character span."""
+    text = f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{image_block}" \
+           "Please describe the image.<|im_end|>\n<|im_start|>assistant\n"
+    spans = []
+    for k, phrase in enumerate(phrases):
+        if k:
+            text += ". "
+        spans.append((len(text), len(text) + len(phrase)))
+        text += phrase
+    return text + ".<|im_end|>\n", spans
+
+
+def encode(tokenizer, texts, spans, padding_side):
+    """Tokenize a batch with padding; mask_ids from character offsets (independent of the model code)."""
+    tokenizer.padding_side = padding_side
+    enc = tokenizer(texts, padding=True, return_offsets_mapping=True, return_tensors="pt")
+    mask_ids = torch.full_like(enc["input_ids"], -1)
+    for b, sample_spans in enumerate(spans):
+        for t, (start, end) in enumerate(enc["offset_mapping"][b].tolist()):
+            if enc["attention_mask"][b, t] and end > start:
+                for k, (s, e) in enumerate(sample_spans):
+                    if start < e and end > s:
+                        mask_ids[b, t] = k
+    tokenizer.padding_side = "right"
+    return enc["input_ids"], enc["attention_mask"], mask_ids
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer, image_processor, photos):
+    images = photos[:3]
+    vision = image_processor(images=images, return_tensors="pt")
+    grid = vision["image_grid_thw"]
+    assert len({tuple(g) for g in grid.tolist()}) == 3, "the test needs three different image sizes"
+    compact, expanded = [], []
+    for phrases, (t, h, w) in zip(PHRASES, grid.tolist(), strict=True):
+        compact.append(chat(phrases))
+        expanded.append(chat(phrases, "<|vision_start|>" + "<|image_pad|>" * (t * h * w // 4) + "<|vision_end|>"))
+    return dict(compact=compact, expanded=expanded, pixel_values=vision["pixel_values"], image_grid_thw=grid)
+
+
+@pytest.fixture(scope="module")
+def reference_models():
+    """Two copies of the tiny model's weights: sdpa (hidden states) and eager (attention weights)."""
+    return build_qwen("tiny", attn_implementation="sdpa").eval(), build_qwen("tiny", attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def lmm():
+    return FrozenQwenLMM(qwen=build_qwen("tiny"), attn_capture="sdpa")
+
+
+def reference(models, tokenizer, batch, padding_side):
+    sdpa_model, eager_model = models
+    texts, spans = zip(*batch["expanded"], strict=True)
+    ids, attn, mask_ids = encode(tokenizer, list(texts), spans, padding_side)
+    image_mask = ids == sdpa_model.config.image_token_id
+    kwargs = dict(input_ids=ids, attention_mask=attn, pixel_values=batch["pixel_values"],
+                  image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=image_mask.long())
+    with torch.no_grad():
+        hidden = sdpa_model.model(**kwargs, output_hidden_states=True)
+        attentions = eager_model.model(**kwargs, output_attentions=True).attentions
+        positions, _ = sdpa_model.model.get_rope_index(
+            ids, mm_token_type_ids=image_mask.long(), image_grid_thw=batch["image_grid_thw"], attention_mask=attn
+        )
+    assert len(attentions) == sdpa_model.config.text_config.num_hidden_layers
+    maps = []
+    for b in range(ids.shape[0]):
+        _, h, w = (batch["image_grid_thw"][b] // torch.tensor([1, 2, 2])).tolist()
+        image_positions = image_mask[b].nonzero().flatten()
+        per_object = []
+        for k in range(int(mask_ids[b].max()) + 1):
+            rows = (mask_ids[b] == k).nonzero().flatten()
+            channels = [layer[b, head][rows][:, image_positions].mean(0).reshape(h, w)
+                        for layer in attentions for head in range(layer.shape[1])]
+            per_object.append(torch.stack(channels))
+        maps.append(torch.stack(per_object))
+    return dict(ids=ids, attn=attn, mask_ids=mask_ids, positions=positions, maps=maps,
+                last_hidden_state=hidden.last_hidden_state, hidden_states=hidden.hidden_states)
+
+
+def run_lmm(lmm, tokenizer, batch, padding_side, key="compact"):
+    texts, spans = zip(*batch[key], strict=True)
+    ids, attn, mask_ids = encode(tokenizer, list(texts), spans, padding_side)
+    return lmm(ids, attn, batch["pixel_values"], batch["image_grid_thw"], mask_ids)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("key", ["compact", "expanded"])
+def test_lmm_forward_matches_hf_reference(lmm, reference_models, tokenizer, batch, padding_side, key):
+    ref = reference(reference_models, tokenizer, batch, padding_side)
+    out = run_lmm(lmm, tokenizer, batch, padding_side, key)
+
+    assert torch.equal(out.input_ids, ref["ids"])
+    assert torch.equal(out.attention_mask, ref["attn"])
+    assert torch.equal(out.mask_ids, ref["mask_ids"])
+    assert torch.equal(out.position_ids, ref["positions"])
+    valid = ref["attn"].bool()
+    torch.testing.assert_close(out.last_hidden_state[valid], ref["last_hidden_state"][valid], atol=1e-5, rtol=1e-5)
+    for b, ref_maps in enumerate(ref["maps"]):
+        assert out.attention_maps[b].shape == ref_maps.shape
+        torch.testing.assert_close(out.attention_maps[b], ref_maps, atol=1e-5, rtol=1e-4)
+        for k, states in enumerate(out.phrase_hidden_states[b]):
+            rows = ref["mask_ids"][b] == k
+            expected = torch.stack([h[b][rows] for h in ref["hidden_states"][1:]])  # (layers, T_k, D)
+            torch.testing.assert_close(states, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_and_eager_capture_agree(tokenizer, batch):
+    sdpa = run_lmm(FrozenQwenLMM(qwen=build_qwen("tiny"), attn_capture="sdpa"), tokenizer, batch, "left")
+    eager = run_lmm(FrozenQwenLMM(qwen=build_qwen("tiny"), attn_capture="eager"), tokenizer, batch, "left")
+    for a, b in zip(sdpa.attention_maps, eager.attention_maps, strict=True):
+        assert (a - b).abs().max() <= 1e-5
+    valid = sdpa.attention_mask.bool()
+    torch.testing.assert_close(sdpa.last_hidden_state[valid], eager.last_hidden_state[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_maps_layout(lmm, tokenizer, batch):
+    out = run_lmm(lmm, tokenizer, batch, "right")
+    config = lmm.qwen.config.text_config
+    for maps, phrases, (_, h, w) in zip(out.attention_maps, PHRASES, batch["image_grid_thw"].tolist(), strict=True):
+        assert maps.shape == (len(phrases), config.num_hidden_layers * config.num_attention_heads, h // 2, w // 2)
+        assert maps.dtype == torch.float32
+        assert torch.all(maps.flatten(2).sum(-1) <= 1 + 1e-5)  # a share of a softmax row
+
+
+def test_qwen_is_frozen(lmm):
+    lmm.train()
+    assert not lmm.qwen.training
+    assert all(not m.training for m in lmm.qwen.modules())
+    assert not any(p.requires_grad for p in lmm.qwen.parameters())
+
+
+def test_unknown_capture_mode_is_rejected():
+    with pytest.raises(ValueError, match="attn_capture"):
+        FrozenQwenLMM(qwen=build_qwen("tiny"), attn_capture="flash")
+
+
+# ---------------------------------------------------------------- bad input: ValueError before the model runs
+
+
+@pytest.fixture(scope="module")
+def good(tokenizer, batch):
+    texts, spans = zip(*batch["compact"][:2], strict=True)
+    ids, attn, mask_ids = encode(tokenizer, list(texts), spans, "right")
+    grid = batch["image_grid_thw"][:2]
+    rows = int(grid.prod(-1).sum())
+    return dict(input_ids=ids, attention_mask=attn, pixel_values=batch["pixel_values"][:rows],
+                image_grid_thw=grid, mask_ids=mask_ids)
+
+
+def call_with(lmm, good, **changes):
+    inputs = {k: v.clone() for k, v in good.items()}
+    inputs.update(changes)
+    return lmm(**inputs)
+
+
+def _replace_first(ids, sample, old, new):
+    ids = ids.clone()
+    position = (ids[sample] == old).nonzero()[0, 0]
+    ids[sample, position] = new
+    return ids
+
+
+def test_bad_input_no_placeholder(lmm, good):
+    ids = _replace_first(good["input_ids"], 1, lmm.image_token_id, 100)
+    with pytest.raises(ValueError, match=r"sample 1: no <\|image_pad\|> placeholder.*expected 1"):
+        call_with(lmm, good, input_ids=ids)
+
+
+def test_bad_input_several_placeholders(lmm, good):
+    ids = good["input_ids"].clone()
+    ids[0, 1] = lmm.vision_start_token_id
+    with pytest.raises(ValueError, match="sample 0: expected exactly one image placeholder block.*found 2"):
+        call_with(lmm, good, input_ids=ids)
+
+
+def test_bad_input_wrong_pad_count(lmm, tokenizer, batch):
+    text, spans = chat(PHRASES[0], "<|vision_start|>" + "<|image_pad|>" * 3 + "<|vision_end|>")
+    ids, attn, mask_ids = encode(tokenizer, [text], [spans], "right")
+    grid = batch["image_grid_thw"][:1]
+    n = int(grid.prod()) // 4
+    with pytest.raises(ValueError, match=rf"sample 0: found 3 <\|image_pad\|> tokens, expected 1 \(compact\) or {n}"):
+        lmm(ids, attn, batch["pixel_values"][: int(grid.prod())], grid, mask_ids)
+
+
+def test_bad_input_grid_rows(lmm, good):
+    with pytest.raises(ValueError, match=r"image_grid_thw: expected one \(t, H, W\) row per sample, shape \(2, 3\)"):
+        call_with(lmm, good, image_grid_thw=good["image_grid_thw"][:1])
+
+
+def test_bad_input_pixel_rows(lmm, good):
+    expected = int(good["image_grid_thw"].prod(-1).sum())
+    with pytest.raises(ValueError, match=rf"pixel_values: expected {expected} rows"):
+        call_with(lmm, good, pixel_values=good["pixel_values"][:-4])
+
+
+def test_bad_input_grid_not_divisible_by_merge(lmm, good):
+    grid = good["image_grid_thw"].clone()
+    grid[1, 2] += 1
+    with pytest.raises(ValueError, match="sample 1: image_grid_thw .* divisible by the spatial merge size 2"):
+        call_with(lmm, good, image_grid_thw=grid)
+
+
+def test_bad_input_mask_ids_shape(lmm, good):
+    with pytest.raises(ValueError, match="mask_ids: expected the shape of input_ids"):
+        call_with(lmm, good, mask_ids=good["mask_ids"][:, :-1])
+
+
+def test_bad_input_object_without_token(lmm, good):
+    mask_ids = good["mask_ids"].clone()
+    mask_ids[0][mask_ids[0] == 0] = -1  # object 0 loses its tokens, object 1 keeps them
+    with pytest.raises(ValueError, match="sample 0: object index 0 has no token"):
+        call_with(lmm, good, mask_ids=mask_ids)
+
+
+def test_bad_input_phrase_token_on_padding(lmm, good):
+    ids = torch.nn.functional.pad(good["input_ids"], (0, 1), value=0)  # one more padding column
+    attn = torch.nn.functional.pad(good["attention_mask"], (0, 1), value=0)
+    mask_ids = torch.nn.functional.pad(good["mask_ids"], (0, 1), value=-1)
+    mask_ids[1, -1] = 0
+    with pytest.raises(ValueError, match=r"sample 1: 1 phrase tokens .* lie on padding"):
+        call_with(lmm, good, input_ids=ids, attention_mask=attn, mask_ids=mask_ids)
+
+
+def test_bad_input_truncated_inside_vision_block(lmm, tokenizer, batch):
+    texts, spans = zip(*batch["expanded"][:1], strict=True)
+    ids, attn, mask_ids = encode(tokenizer, list(texts), spans, "right")
+    # max_length truncation that cuts the pad run: keep the start and 5 pads only.
+    cut = int((ids[0] == lmm.image_token_id).nonzero()[0, 0]) + 5
+    grid = batch["image_grid_thw"][:1]
+    pixels = batch["pixel_values"][: int(grid.prod())]
+    with pytest.raises(ValueError, match="sample 0: the sequence ends inside the vision block.*truncated"):
+        lmm(ids[:, :cut], attn[:, :cut], pixels, grid, mask_ids[:, :cut])
