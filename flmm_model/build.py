@@ -154,3 +154,37 @@ def load_image_processor(
     if min_pixels > max_pixels:
         raise ValueError(f"image processor: min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def build_model(model_cfg: Any):
+    """FrozenQwenSAM from a `ModelConfig` (or a dict / DictConfig with its fields): the one place that reads it.
+
+    The frozen parts (Qwen, SAM's image encoder) get `model_cfg.dtype`; the trainable heads (U-Net, text projector,
+    SAM prompt encoder and mask decoder) stay float32 (autocast handles mixed precision in training).
+    """
+    from omegaconf import OmegaConf
+
+    from flmm_model.config import ModelConfig
+    from flmm_model.data.prompts import DEFAULT_INSTRUCTION
+    from flmm_model.model import FrozenQwenSAM
+
+    schema = OmegaConf.structured(ModelConfig)
+    cfg = OmegaConf.to_object(OmegaConf.merge(schema, model_cfg))  # unknown keys / wrong types raise here
+    dtype = getattr(torch, cfg.dtype)
+    qwen = build_qwen(cfg.qwen, dtype=dtype, attn_implementation="sdpa", seed=cfg.seed)
+    sam = build_sam(cfg.sam, dtype=torch.float32, seed=cfg.seed)
+    sam.vision_encoder.to(dtype)
+    torch.manual_seed(cfg.seed)  # the heads' initialization
+    return FrozenQwenSAM(
+        qwen=qwen,
+        sam=sam,
+        tokenizer=load_tokenizer(cfg.tokenizer),
+        image_processor=load_image_processor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels),
+        attn_capture=cfg.attn_capture,
+        mask_head_widths=tuple(cfg.mask_head_widths),
+        mask_head_size=cfg.mask_head_size,
+        bce_weight=cfg.bce_weight,
+        dice_weight=cfg.dice_weight,
+        instruction=cfg.instruction or DEFAULT_INSTRUCTION,
+        build_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+    )
