@@ -60,7 +60,8 @@ SAM_ARCHS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": dict(
         vision=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=256,
                     patch_size=16, window_size=4, global_attn_indexes=[1], num_pos_feats=16, mlp_dim=64),
-        prompt=dict(hidden_size=32, image_size=256, patch_size=16, mask_input_channels=4),
+        prompt=dict(hidden_size=32, image_size=256, patch_size=16),  # mask_input_channels 16 as released: the
+        # first mask conv needs >= 2 channels, or its channel LayerNorm zeroes the dense prompt and its gradient
         decoder=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
     ),
     "sam_vit_b": dict(vision=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
