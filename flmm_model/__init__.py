@@ -1,5 +1,22 @@
-"""flmm_model: F-LMM pixel grounding for a frozen Qwen2.5-VL, in plain PyTorch + transformers."""
+"""flmm_model: F-LMM pixel grounding for a frozen Qwen2.5-VL, in plain PyTorch + transformers.
 
-from flmm_model.build import build_qwen, build_sam, load_image_processor, load_tokenizer
+Public API:
+    FrozenQwenSAM        the model (`lmm_forward`, `forward`, `segment`, `save_pretrained`, `from_pretrained`)
+    LMMOutput            what the frozen LMM stage returns
+    build_model          FrozenQwenSAM from a model config (ModelConfig / dict)
+    build_qwen, build_sam, load_tokenizer, load_image_processor   the frozen pieces and their preprocessors
+"""
 
-__all__ = ["build_qwen", "build_sam", "load_image_processor", "load_tokenizer"]
+from flmm_model.build import build_model, build_qwen, build_sam, load_image_processor, load_tokenizer
+from flmm_model.model import FrozenQwenSAM
+from flmm_model.qwen import LMMOutput
+
+__all__ = [
+    "FrozenQwenSAM",
+    "LMMOutput",
+    "build_model",
+    "build_qwen",
+    "build_sam",
+    "load_image_processor",
+    "load_tokenizer",
+]
