@@ -1,0 +1,90 @@
+"""Batching items of different image sizes and text lengths (see `flmm_model.data.item` for the item dict)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PADDING_SIDES = ("right", "left")
+
+
+def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_side: str = "right") -> dict[str, Any]:
+    """Pad the token tensors, concatenate the image patches in sample order, keep the rest as per-sample lists.
+
+    `None` items (samples a dataset skipped as bad data) are dropped and counted in `num_skipped`. If every item was
+    skipped the batch has B = 0 (check `batch["input_ids"].shape[0]` before running the model).
+
+    Args:
+        items: item dicts or None.
+        pad_token_id: id written into padded `input_ids` positions (e.g. `tokenizer.pad_token_id`).
+        padding_side: "right" or "left" (left for batched generation).
+
+    Returns:
+        input_ids: (B, L) long, padded with `pad_token_id`; L is the longest compact sequence.
+        attention_mask: (B, L) long, 1 on real tokens.
+        mask_ids: (B, L) long, -1 on padding.
+        pixel_values: (sum_i t_i*h_i*w_i, 1176) float32, samples concatenated in batch order.
+        image_grid_thw: (B, 3) long.
+        images: B tensors (3, H_i, W_i) uint8.
+        gt_masks: B tensors (K_i, H_i, W_i) bool.
+        phrases: B lists of K_i strings.
+        metas: B meta dicts.
+        num_skipped: number of None items dropped.
+    """
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side: expected one of {PADDING_SIDES}, found {padding_side!r}")
+    kept = [item for item in items if item is not None]
+    for index, item in enumerate(kept):
+        if item["input_ids"].shape != item["mask_ids"].shape or item["input_ids"].ndim != 1:
+            raise ValueError(f"collate: item {index} ({item.get('meta', {}).get('file_name')}) has input_ids "
+                             f"{tuple(item['input_ids'].shape)} and mask_ids {tuple(item['mask_ids'].shape)}; "
+                             f"expected equal 1-D shapes")
+    batch_size = len(kept)
+    max_length = max((item["input_ids"].numel() for item in kept), default=0)
+    input_ids = torch.full((batch_size, max_length), pad_token_id, dtype=torch.long)  # (B, L)
+    attention_mask = torch.zeros((batch_size, max_length), dtype=torch.long)  # (B, L)
+    mask_ids = torch.full((batch_size, max_length), -1, dtype=torch.long)  # (B, L)
+    for row, item in enumerate(kept):
+        length = item["input_ids"].numel()
+        columns = slice(0, length) if padding_side == "right" else slice(max_length - length, max_length)
+        input_ids[row, columns] = item["input_ids"]
+        attention_mask[row, columns] = 1
+        mask_ids[row, columns] = item["mask_ids"]
+    if kept:
+        pixel_values = torch.cat([item["pixel_values"] for item in kept])  # (sum of patches, 1176)
+        image_grid_thw = torch.cat([item["image_grid_thw"].reshape(1, 3) for item in kept]).long()  # (B, 3)
+    else:
+        pixel_values = torch.zeros((0, 0), dtype=torch.float32)
+        image_grid_thw = torch.zeros((0, 3), dtype=torch.long)
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        mask_ids=mask_ids,
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        images=[item["image"] for item in kept],
+        gt_masks=[item["gt_masks"] for item in kept],
+        phrases=[item["phrases"] for item in kept],
+        metas=[item["meta"] for item in kept],
+        num_skipped=len(items) - batch_size,
+    )
+
+
+@dataclass(frozen=True)
+class Collator:
+    """`collate` with fixed settings, picklable for DataLoader worker processes.
+
+    Example: `DataLoader(dataset, batch_size=4, collate_fn=Collator(pad_token_id=tokenizer.pad_token_id))`.
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in PADDING_SIDES:
+            raise ValueError(f"padding_side: expected one of {PADDING_SIDES}, found {self.padding_side!r}")
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        return collate(items, pad_token_id=self.pad_token_id, padding_side=self.padding_side)

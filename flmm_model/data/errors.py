@@ -1,0 +1,75 @@
+"""Bad data: one exception type, and the skip-and-count policy the datasets share.
+
+A dataset built with `on_error="raise"` (the default) lets every `DataError` propagate: the message names the file
+and the sample. With `on_error="skip"`, a sample that fails in `__getitem__` comes back as `None` (the `Collator`
+drops it and counts it in the batch's `num_skipped`), and bad annotation records found while loading are left out
+of the index; both are counted in `dataset.skipped` and listed, one line each, by `dataset.skip_report()`.
+
+Counts made inside DataLoader worker processes stay in those processes: in the main process, sum the batches'
+`num_skipped` instead (the count `dataset.skipped` is complete only with `num_workers=0`).
+
+`load_json` reads annotation files with the same kind of error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ON_ERROR_CHOICES = ("raise", "skip")
+
+
+class DataError(ValueError):
+    """A dataset file or record that cannot give a correct sample; the message names the file and the sample."""
+
+
+def check_on_error(on_error: str) -> str:
+    """Validate an `on_error` argument ("raise" or "skip") and return it."""
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error: expected one of {ON_ERROR_CHOICES}, found {on_error!r}")
+    return on_error
+
+
+class SkipLog:
+    """Applies an `on_error` policy to `DataError`s and remembers what was skipped.
+
+    Args:
+        on_error: "raise" re-raises every error handed to `handle`; "skip" logs a warning, records it and returns.
+        dataset: a name for the log lines, e.g. "refcoco/val".
+    """
+
+    def __init__(self, *, on_error: str, dataset: str) -> None:
+        self.on_error = check_on_error(on_error)
+        self.dataset = dataset
+        self.reasons: list[str] = []
+
+    def handle(self, error: DataError) -> None:
+        """Raise `error` under "raise"; under "skip" record it and return None (the caller drops the sample)."""
+        if self.on_error == "raise":
+            raise error
+        self.reasons.append(str(error))
+        logger.warning("%s: skipped (%d so far): %s", self.dataset, len(self.reasons), error)
+
+    @property
+    def count(self) -> int:
+        return len(self.reasons)
+
+    def report(self) -> str:
+        """One line per skipped sample or record, after a summary line."""
+        lines = [f"{self.dataset}: {self.count} skipped"] + [f"  {reason}" for reason in self.reasons]
+        return "\n".join(lines)
+
+
+def load_json(path: str) -> Any:
+    """Read a JSON annotation file; a missing or malformed file raises DataError naming it."""
+    if not os.path.isfile(path):
+        raise DataError(f"missing annotation file {path}")
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(f"cannot read annotation file {path}: {error}") from error

@@ -1,0 +1,79 @@
+"""One training / evaluation item: the dict every dataset returns and `collate` batches.
+
+Keys (K objects, L compact tokens, original image H x W):
+    input_ids       (L,) long: chat ids with one `<|image_pad|>` placeholder.
+    mask_ids        (L,) long: object index per token, -1 outside the objects' text.
+    pixel_values    (t*h*w, 1176) float32: Qwen image processor patches.
+    image_grid_thw  (1, 3) long: (t, h, w) patch grid of `pixel_values`.
+    image           (3, H, W) uint8: the original RGB image (upright), from which the model builds SAM's input.
+    gt_masks        (K, H, W) bool: ground-truth masks at the original size, object k = phrase k.
+    phrases         list[str] of length K, the object texts in object order.
+    meta            dict: at least `image_id`, `file_name`, `dataset`, plus per-dataset keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from flmm_model.data.errors import DataError
+from flmm_model.data.images import image_tensor, qwen_image_inputs
+from flmm_model.data.prompts import DEFAULT_SYSTEM, encode_grounded, phrases_of
+
+
+def make_item(
+    *,
+    image: Image.Image,
+    gt_masks: np.ndarray,
+    parts: list[tuple[str, int]],
+    meta: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor,
+    instruction: str,
+    system: str = DEFAULT_SYSTEM,
+    max_length: int | None = None,
+    sample: str = "",
+) -> dict[str, Any]:
+    """Build the item dict (see the module docstring) for one image and its grounded answer.
+
+    Args:
+        image: RGB PIL image at original size (H, W).
+        gt_masks: (K, H, W) bool masks, mask k for object k of `parts`.
+        parts: the answer as `(text, k)` parts (see `prompts.encode_grounded`).
+        meta: metadata copied into the item.
+        tokenizer: Qwen tokenizer.
+        image_processor: Qwen2-VL image processor.
+        instruction: the user's instruction after the image.
+        system: the system prompt.
+        max_length: longest allowed compact sequence, or None.
+        sample: a description of the sample for error messages.
+
+    Raises:
+        DataError: masks that do not fit the image or the objects, or a text that cannot be encoded (e.g. longer
+            than `max_length`); the message names `sample`.
+    """
+    phrases = phrases_of(parts)
+    width, height = image.size
+    if gt_masks.ndim != 3 or gt_masks.shape != (len(phrases), height, width):
+        raise DataError(f"{sample}: gt_masks have shape {tuple(gt_masks.shape)}, expected "
+                        f"({len(phrases)}, {height}, {width}) for {len(phrases)} objects on a {height}x{width} image")
+    try:
+        input_ids, mask_ids = encode_grounded(tokenizer, parts, instruction=instruction, system=system,
+                                              max_length=max_length)
+    except ValueError as error:
+        raise DataError(f"{sample}: {error}") from error
+    pixel_values, image_grid_thw = qwen_image_inputs(image, image_processor)
+    return dict(
+        input_ids=input_ids,
+        mask_ids=mask_ids,
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        image=image_tensor(image),
+        gt_masks=torch.from_numpy(np.ascontiguousarray(gt_masks, dtype=bool)),
+        phrases=phrases,
+        meta=meta,
+    )

@@ -1,0 +1,263 @@
+"""RefCOCO / RefCOCO+ / RefCOCOg from the REFER layout: `refs(<split_by>).p` + COCO `instances.json` + COCO images.
+
+Layout (every path configurable): `<root>/<name>/refs(<split_by>).p`, `<root>/<name>/instances.json`, images in
+`<root>/train2014/COCO_train2014_%012d.jpg` (the `file_name` of instances.json when present).
+
+Samples:
+    protocol="flmm": one sample per image holding all of the image's refs of the split, one sentence per ref
+        joined "s0. s1. s2." (F-LMM). With train=True the sentence of each ref is drawn at random, deterministic
+        in (seed, epoch, index); call `set_epoch(epoch)` every epoch. With train=False it is the first sentence
+        (F-LMM's evaluation protocol).
+    protocol="per_sentence": one sample per (ref, sentence) with a single object (LISA's evaluation protocol);
+        `train` has no effect.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from transformers import PreTrainedTokenizerBase
+
+from flmm_model.data.errors import DataError, SkipLog, load_json
+from flmm_model.data.images import load_rgb
+from flmm_model.data.item import make_item
+from flmm_model.data.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, expression_parts
+
+DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+PROTOCOLS = ("flmm", "per_sentence")
+
+
+@dataclass(frozen=True)
+class _Ref:
+    ref_id: int
+    ann_id: int
+    image_id: int
+    sentences: tuple[tuple[int, str], ...]  # (sent_id, text)
+
+
+class RefCocoDataset(torch.utils.data.Dataset):
+    """Referring expression segmentation items (see `flmm_model.data.item`) from REFER files.
+
+    Args:
+        root: data root holding `<name>/` and, by default, `train2014/`.
+        name: "refcoco", "refcoco+" or "refcocog" (any folder name under `root` works with an explicit split_by).
+        split: "train", "val", "testA", "testB" or "test" (whatever the refs file holds).
+        tokenizer: Qwen tokenizer.
+        image_processor: Qwen2-VL image processor.
+        split_by: refs file variant: None = "unc" for refcoco / refcoco+, "umd" for refcocog; "google" when asked.
+        image_dir: COCO 2014 image folder; None = `<root>/train2014`.
+        protocol: "flmm" (all refs of an image in one sample) or "per_sentence" (one sample per sentence).
+        train: draw one random sentence per ref (protocol "flmm"); False = the first sentence.
+        seed: seed of the sentence draw.
+        instruction: user instruction after the image.
+        system: system prompt.
+        on_error: "raise" or "skip" (see `flmm_model.data.errors`); an empty split always raises.
+        max_length: longest allowed compact sequence; longer samples are bad data (raise or skip).
+        sentence_key: which REFER sentence field to use: "sent" (normalised, lower case) or "raw".
+
+    Meta keys: `dataset` (name), `split`, `split_by`, `image_id`, `file_name`, `ref_ids`, `ann_ids`, `sent_ids`
+    (lists of length K, in object order).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        name: str,
+        split: str,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor,
+        split_by: str | None = None,
+        image_dir: str | None = None,
+        protocol: str = "flmm",
+        train: bool,
+        seed: int = 0,
+        instruction: str = DEFAULT_INSTRUCTION,
+        system: str = DEFAULT_SYSTEM,
+        on_error: str = "raise",
+        max_length: int | None = None,
+        sentence_key: str = "sent",
+    ) -> None:
+        if split_by is None:
+            if name not in DEFAULT_SPLIT_BY:
+                raise ValueError(f"split_by: required for dataset {name!r} (defaults exist for "
+                                 f"{sorted(DEFAULT_SPLIT_BY)})")
+            split_by = DEFAULT_SPLIT_BY[name]
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {PROTOCOLS}, found {protocol!r}")
+        self.name, self.split, self.split_by, self.protocol = name, split, split_by, protocol
+        self.train, self.seed, self.epoch = train, seed, 0
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.instruction, self.system, self.max_length = instruction, system, max_length
+        self.image_dir = image_dir if image_dir is not None else os.path.join(root, "train2014")
+        self.refs_path = os.path.join(root, name, f"refs({split_by}).p")
+        self.instances_path = os.path.join(root, name, "instances.json")
+        self._skips = SkipLog(on_error=on_error, dataset=f"{name}({split_by})/{split}")
+
+        refs = _load_refs(self.refs_path)
+        instances = load_json(self.instances_path)
+        images = {image["id"]: image for image in instances.get("images", [])}
+        annotations = {ann["id"]: ann for ann in instances.get("annotations", [])}
+        split_refs = [ref for ref in refs if ref.get("split") == split]
+        if not split_refs:
+            found = sorted({str(ref.get("split")) for ref in refs})
+            raise DataError(f"{self.refs_path}: split {split!r} is empty (splits in the file: {found})")
+
+        self._refs: list[_Ref] = []
+        self._segmentations: dict[int, Any] = {}  # ann_id -> COCO segmentation
+        self._images: dict[int, tuple[str, int, int]] = {}  # image_id -> (file_name, height, width)
+        for ref in split_refs:
+            try:
+                self._refs.append(self._check_ref(ref, images, annotations, sentence_key))
+            except DataError as error:
+                self._skips.handle(error)
+        if not self._refs:
+            raise DataError(f"{self.refs_path}: split {split!r} has no usable ref ({self._skips.count} skipped)")
+
+        # Sample index: (image_id, ref indices, sentence index or None = chosen by protocol / train).
+        self._samples: list[tuple[int, tuple[int, ...], int | None]] = []
+        if protocol == "per_sentence":
+            for ref_index, ref in enumerate(self._refs):
+                for sent_index in range(len(ref.sentences)):
+                    self._samples.append((ref.image_id, (ref_index,), sent_index))
+        else:
+            by_image: dict[int, list[int]] = {}
+            for ref_index, ref in enumerate(self._refs):
+                by_image.setdefault(ref.image_id, []).append(ref_index)
+            self._samples = [(image_id, tuple(indices), None) for image_id, indices in by_image.items()]
+
+    def _check_ref(self, ref: dict, images: dict, annotations: dict, sentence_key: str) -> _Ref:
+        """Validate one REFER record against instances.json and keep what the samples need."""
+        where = f"{self.refs_path}: ref {ref.get('ref_id')} (split {self.split})"
+        ann_id, image_id = ref.get("ann_id"), ref.get("image_id")
+        if ann_id not in annotations:
+            raise DataError(f"{where}: its annotation {ann_id} is missing from {self.instances_path}")
+        if image_id not in images:
+            raise DataError(f"{where}: its image {image_id} is missing from {self.instances_path}")
+        if annotations[ann_id].get("image_id") != image_id:
+            raise DataError(f"{where}: annotation {ann_id} belongs to image {annotations[ann_id].get('image_id')}, "
+                            f"not to the ref's image {image_id}")
+        sentences = []
+        for sentence in ref.get("sentences", []):
+            if sentence_key not in sentence:
+                raise DataError(f"{where}: sentence {sentence.get('sent_id')} has no {sentence_key!r} field")
+            text = " ".join(str(sentence[sentence_key]).split())
+            if text:
+                sentences.append((sentence.get("sent_id"), text))
+        if not sentences:
+            raise DataError(f"{where}: no non-empty sentence")
+        image = images[image_id]
+        file_name = image.get("file_name") or f"COCO_train2014_{image_id:012d}.jpg"
+        self._images[image_id] = (file_name, int(image["height"]), int(image["width"]))
+        self._segmentations[ann_id] = annotations[ann_id].get("segmentation")
+        return _Ref(ref_id=ref.get("ref_id"), ann_id=ann_id, image_id=image_id, sentences=tuple(sentences))
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch of the training sentence draw (deterministic per (seed, epoch, index))."""
+        self.epoch = epoch
+
+    @property
+    def skipped(self) -> int:
+        """Records and samples skipped so far in this process (see `flmm_model.data.errors`)."""
+        return self._skips.count
+
+    def skip_report(self) -> str:
+        return self._skips.report()
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        """The item dict of sample `index`, or None when it is bad data and on_error="skip"."""
+        try:
+            return self._build(index)
+        except DataError as error:
+            self._skips.handle(error)
+            return None
+
+    def _build(self, index: int) -> dict[str, Any]:
+        image_id, ref_indices, sent_index = self._samples[index]
+        file_name, height, width = self._images[image_id]
+        sample = f"{self.name}({self.split_by})/{self.split} sample {index} (image_id {image_id}, {file_name})"
+        refs = [self._refs[i] for i in ref_indices]
+        if sent_index is not None:
+            choices = [sent_index]
+        elif self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            choices = [int(rng.integers(len(ref.sentences))) for ref in refs]
+        else:
+            choices = [0] * len(refs)
+
+        image = load_rgb(os.path.join(self.image_dir, file_name), expected_hw=(height, width), sample=sample)
+        gt_masks = np.stack([
+            decode_segmentation(self._segmentations[ref.ann_id], height=height, width=width,
+                                where=f"{sample}, annotation {ref.ann_id} in {self.instances_path}")
+            for ref in refs
+        ])  # (K, H, W)
+        phrases = [ref.sentences[choice][1] for ref, choice in zip(refs, choices, strict=True)]
+        meta = dict(
+            dataset=self.name, split=self.split, split_by=self.split_by, image_id=image_id, file_name=file_name,
+            ref_ids=[ref.ref_id for ref in refs], ann_ids=[ref.ann_id for ref in refs],
+            sent_ids=[ref.sentences[choice][0] for ref, choice in zip(refs, choices, strict=True)],
+        )
+        return make_item(image=image, gt_masks=gt_masks, parts=expression_parts(phrases), meta=meta,
+                         tokenizer=self.tokenizer, image_processor=self.image_processor,
+                         instruction=self.instruction, system=self.system, max_length=self.max_length, sample=sample)
+
+
+def decode_segmentation(segmentation: Any, *, height: int, width: int, where: str) -> np.ndarray:
+    """A COCO segmentation (polygons, uncompressed RLE or compressed RLE) as an (H, W) bool mask.
+
+    Polygons with fewer than three points have no area and are dropped (pycocotools would read four numbers as a
+    box). Raises DataError, naming `where`, for a malformed segmentation or an RLE of another size.
+    """
+    if isinstance(segmentation, list):
+        if any(len(polygon) % 2 for polygon in segmentation):
+            raise DataError(f"{where}: a polygon has an odd number of coordinates")
+        polygons = [[float(v) for v in polygon] for polygon in segmentation if len(polygon) >= 6]
+        if not polygons:
+            return np.zeros((height, width), dtype=bool)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        if [int(v) for v in segmentation["size"]] != [height, width]:
+            raise DataError(f"{where}: RLE size {list(segmentation['size'])} differs from the image's "
+                            f"[{height}, {width}]")
+        counts = segmentation["counts"]
+        if isinstance(counts, list):
+            if sum(counts) != height * width:
+                raise DataError(f"{where}: uncompressed RLE counts sum to {sum(counts)}, expected "
+                                f"{height * width} pixels")
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    else:
+        raise DataError(f"{where}: unrecognised segmentation of type {type(segmentation).__name__}")
+    return mask_utils.decode(rle).astype(bool)  # (H, W)
+
+
+def _load_refs(path: str) -> list[dict]:
+    """Read a REFER refs pickle (a list of dicts); REFER's files were written by Python 2.
+
+    Pickles can run code when loaded: only read refs files from a source you trust (the REFER release).
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"missing refs file {path}")
+    try:
+        with open(path, "rb") as handle:
+            try:
+                refs = pickle.load(handle)
+            except UnicodeDecodeError:  # Python 2 str holding non-ASCII bytes
+                handle.seek(0)
+                refs = pickle.load(handle, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError) as error:
+        raise DataError(f"cannot read refs file {path}: {error}") from error
+    if not isinstance(refs, list):
+        raise DataError(f"refs file {path}: expected a list of refs, found {type(refs).__name__}")
+    return refs
+

@@ -1,0 +1,144 @@
+"""Grounding metrics: cIoU / gIoU for referring segmentation, Average Recall for Panoptic Narrative Grounding.
+
+Conventions (state them with every number):
+- Masks are bool, compared at the ground-truth (original image) size; predicted mask = sigmoid(logits) > 0.5.
+- An object whose prediction and ground truth are both empty (union 0) has IoU 1.0, as in LISA's evaluation; it
+  adds nothing to the cIoU sums. An empty prediction for a non-empty ground truth has IoU 0.
+- cIoU = sum of intersections / sum of unions over all objects; gIoU = mean per-object IoU. Both x100.
+- PNG Average Recall = area under recall(IoU >= t) for t in [0, 1]. For N objects this area is exactly the mean
+  IoU: integral_0^1 #{i : IoU_i >= t} / N dt = (1/N) sum_i IoU_i. We compute it exactly that way; the PNG
+  reference code integrates a 1e-5 threshold grid, which differs by at most 1e-5 (0.001 AR points).
+- Metrics keep sums only; `compute()` all-reduces them across processes when torch.distributed is initialized
+  (every rank must call it), without changing the local state, so it can be called repeatedly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+PNG_GROUPS = ("all", "things", "stuff", "singulars", "plurals")
+
+
+def _check_masks(pred_masks: torch.Tensor, gt_masks: torch.Tensor) -> None:
+    for name, masks in (("pred_masks", pred_masks), ("gt_masks", gt_masks)):
+        if masks.dtype != torch.bool or masks.ndim != 3:
+            raise ValueError(f"{name}: expected a (K, H, W) bool tensor (threshold logits first), found "
+                             f"{masks.dtype} of shape {tuple(masks.shape)}")
+    if pred_masks.shape != gt_masks.shape:
+        raise ValueError(f"pred_masks {tuple(pred_masks.shape)} and gt_masks {tuple(gt_masks.shape)} must have the "
+                         f"same (K, H, W) shape: resize predictions to the ground-truth size")
+
+
+def intersection_union(pred_masks: torch.Tensor, gt_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-object pixel counts.
+
+    Args:
+        pred_masks: (K, H, W) bool.
+        gt_masks: (K, H, W) bool.
+
+    Returns:
+        intersection, union: (K,) float64 on the CPU.
+    """
+    _check_masks(pred_masks, gt_masks)
+    pred = pred_masks.flatten(1)  # (K, H*W)
+    gt = gt_masks.to(pred_masks.device).flatten(1)  # (K, H*W)
+    intersection = (pred & gt).sum(dim=1)  # (K,)
+    union = (pred | gt).sum(dim=1)  # (K,)
+    return intersection.double().cpu(), union.double().cpu()
+
+
+def mask_iou(pred_masks: torch.Tensor, gt_masks: torch.Tensor) -> torch.Tensor:
+    """Per-object IoU, (K,) float64 in [0, 1]; 1.0 where both masks are empty."""
+    intersection, union = intersection_union(pred_masks, gt_masks)
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+
+
+def average_recall(ious: torch.Tensor) -> float:
+    """Area under recall(IoU >= t) over t in [0, 1] (x100), exactly: the mean IoU. NaN for no objects."""
+    return 100.0 * float(ious.double().mean()) if ious.numel() else math.nan
+
+
+def recall_curve(ious: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Fraction of objects with IoU >= t for each threshold t: (T,) float64 (for plots and checks)."""
+    return (ious.double()[None, :] >= thresholds.double()[:, None]).double().mean(dim=1)  # (T,)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over all processes (a copy; NCCL gets a CUDA copy); the tensor itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
+    reduced = values.to(device, copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.cpu()
+
+
+class ReferSegMetric:
+    """cIoU and gIoU over a referring-segmentation split, accumulated batch by batch (and across processes)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        # intersection sum, union sum, IoU sum, object count
+        self._sums = torch.zeros(4, dtype=torch.float64)
+
+    def update(self, pred_masks: torch.Tensor, gt_masks: torch.Tensor) -> None:
+        """Add one sample's objects.
+
+        Args:
+            pred_masks: (K, H, W) bool predictions at the ground-truth size.
+            gt_masks: (K, H, W) bool ground truth.
+        """
+        intersection, union = intersection_union(pred_masks, gt_masks)
+        ious = torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+        self._sums += torch.stack([intersection.sum(), union.sum(), ious.sum(), torch.tensor(float(ious.numel()))])
+
+    def compute(self) -> dict[str, float]:
+        """{"cIoU", "gIoU"} x100 and "count" (objects), over all processes; NaN scores when count is 0."""
+        intersection, union, iou_sum, count = all_reduce_sum(self._sums.clone()).tolist()
+        if count == 0:
+            return {"cIoU": math.nan, "gIoU": math.nan, "count": 0}
+        ciou = 100.0 * intersection / union if union > 0 else 100.0
+        return {"cIoU": ciou, "gIoU": 100.0 * iou_sum / count, "count": int(count)}
+
+
+class PngRecallMetric:
+    """PNG Average Recall for all / things / stuff / singulars / plurals, accumulated batch by batch."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums = torch.zeros(len(PNG_GROUPS), 2, dtype=torch.float64)  # (group, [IoU sum, count])
+
+    def update(self, pred_masks: torch.Tensor, gt_masks: torch.Tensor, isthing: list[bool], plural: list[bool]) -> None:
+        """Add one narrative's objects.
+
+        Args:
+            pred_masks: (K, H, W) bool predictions at the ground-truth size.
+            gt_masks: (K, H, W) bool ground truth.
+            isthing: K flags (item `meta["isthing"]`).
+            plural: K flags (item `meta["plural"]`).
+        """
+        ious = mask_iou(pred_masks, gt_masks)  # (K,)
+        if len(isthing) != ious.numel() or len(plural) != ious.numel():
+            raise ValueError(f"PngRecallMetric.update: {ious.numel()} masks but {len(isthing)} isthing and "
+                             f"{len(plural)} plural flags")
+        thing = torch.tensor([bool(flag) for flag in isthing], dtype=torch.bool)  # (K,)
+        many = torch.tensor([bool(flag) for flag in plural], dtype=torch.bool)  # (K,)
+        members = torch.stack([torch.ones_like(thing), thing, ~thing, ~many, many])  # (groups, K)
+        self._sums[:, 0] += (members.double() * ious[None, :]).sum(dim=1)
+        self._sums[:, 1] += members.double().sum(dim=1)
+
+    def compute(self) -> dict[str, float]:
+        """{"AR_<group>"} x100 and {"count_<group>"} for each group, over all processes; NaN for empty groups."""
+        sums = all_reduce_sum(self._sums.clone())
+        result: dict[str, float] = {}
+        for (iou_sum, count), group in zip(sums.tolist(), PNG_GROUPS, strict=True):
+            result[f"AR_{group}"] = 100.0 * iou_sum / count if count > 0 else math.nan
+            result[f"count_{group}"] = int(count)
+        return result

@@ -1,0 +1,101 @@
+"""Synthetic shapes: deterministic, exact masks, expressions that name their masks, and not trivially solvable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flmm_model.data import SyntheticDataset
+from flmm_model.data.synthetic import COLOURS, SHAPES, make_scene
+from flmm_model.metrics import ReferSegMetric
+
+
+@pytest.fixture(scope="module")
+def synthetic(tokenizer, image_processor) -> SyntheticDataset:
+    return SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=8, seed=3)
+
+
+def test_synthetic_is_deterministic_in_seed_and_index(synthetic, tokenizer, image_processor):
+    again = SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=8, seed=3)
+    for index in (0, 7):
+        first, second = synthetic[index], again[index]
+        for key in ("input_ids", "mask_ids", "pixel_values", "image_grid_thw", "image", "gt_masks"):
+            assert torch.equal(first[key], second[key])
+        assert first["phrases"] == second["phrases"]
+    other = SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=16, seed=4)
+    assert not torch.equal(other[0]["image"], synthetic[0]["image"]) or other[0]["phrases"] != synthetic[0]["phrases"]
+
+
+def test_synthetic_items_follow_the_item_contract(synthetic, tokenizer):
+    image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for index in range(len(synthetic)):
+        item = synthetic[index]
+        num_objects, height, width = item["gt_masks"].shape
+        assert item["gt_masks"].dtype == torch.bool and item["image"].shape == (3, height, width)
+        assert 128 <= height <= 320 and 128 <= width <= 320
+        assert len(item["phrases"]) == num_objects == len(item["meta"]["plural"]) >= 1
+        assert int((item["input_ids"] == image_pad_id).sum()) == 1
+        for k, phrase in enumerate(item["phrases"]):
+            assert tokenizer.decode(item["input_ids"][item["mask_ids"] == k].tolist()).strip() == phrase
+        t, h, w = item["image_grid_thw"][0].tolist()
+        assert item["pixel_values"].shape == (t * h * w, 1176)
+
+
+def test_synthetic_masks_are_exact_painted_pixels():
+    seen_plural = seen_position = False
+    for index in range(24):
+        scene = make_scene(np.random.default_rng([11, index]))
+        pixels = np.asarray(scene.image).astype(np.float64)  # (H, W, 3)
+        assert not np.logical_and(scene.gt_masks[:, None], scene.gt_masks[None, :]).any(axis=(2, 3))[
+            ~np.eye(len(scene.phrases), dtype=bool)].any()  # objects never overlap
+        for mask, phrase, plural in zip(scene.gt_masks, scene.phrases, scene.plural, strict=True):
+            words = phrase.split()
+            colour = next(word for word in words if word in COLOURS)
+            assert any(word.rstrip("s") in SHAPES for word in words)
+            inside = pixels[mask]  # (N, 3)
+            # Every mask pixel was painted with the named colour (+ small noise) ...
+            assert np.abs(inside.mean(axis=0) - COLOURS[colour]).max() < 25
+            assert np.abs(inside - COLOURS[colour]).max(axis=1).mean() < 20
+            # ... and the ring just outside it was not.
+            ring = np.zeros_like(mask)
+            ring[1:] |= mask[:-1]
+            ring[:-1] |= mask[1:]
+            ring[:, 1:] |= mask[:, :-1]
+            ring[:, :-1] |= mask[:, 1:]
+            ring &= ~mask
+            assert (np.abs(pixels[ring] - COLOURS[colour]).max(axis=1) > 30).mean() > 0.8
+            seen_plural |= plural
+            seen_position |= "left" in words or "top" in words
+            if plural:
+                assert words[1] in ("two", "three")
+    assert seen_plural and seen_position
+
+
+def test_synthetic_position_words_match_the_masks():
+    for index in range(60):
+        scene = make_scene(np.random.default_rng([5, index]))
+        centres = {phrase: np.argwhere(mask).mean(axis=0) for phrase, mask in zip(scene.phrases, scene.gt_masks,
+                                                                                strict=True)}  # (y, x)
+        for phrase, centre in centres.items():
+            if phrase.endswith(" on the left"):
+                assert centre[1] < centres[phrase.replace(" on the left", " on the right")][1]
+            if phrase.endswith(" at the top"):
+                assert centre[0] < centres[phrase.replace(" at the top", " at the bottom")][0]
+
+
+def test_synthetic_trivial_predictions_score_low(synthetic):
+    full, empty = ReferSegMetric(), ReferSegMetric()
+    for index in range(len(synthetic)):
+        gt_masks = synthetic[index]["gt_masks"]
+        full.update(torch.ones_like(gt_masks), gt_masks)
+        empty.update(torch.zeros_like(gt_masks), gt_masks)
+    assert full.compute()["cIoU"] < 10 and full.compute()["gIoU"] < 10
+    assert empty.compute()["cIoU"] == 0 and empty.compute()["gIoU"] == 0
+
+
+def test_synthetic_validates_arguments(tokenizer, image_processor):
+    with pytest.raises(ValueError, match="object_size"):
+        SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=2, object_size=(0.5, 1.5))
+    with pytest.raises(IndexError):
+        SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=2)[2]
