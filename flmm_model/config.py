@@ -130,6 +130,7 @@ class TrainConfig:
     save_every: int = _field(0, help="steps between checkpoints; 0 = only at the end")
     keep_last: int = _field(2, help="checkpoints kept (older ones are deleted)")
     resume: str | None = _field(None, help="'latest' (newest checkpoint in out_dir) or a checkpoint dir")
+    overwrite: bool = _field(False, help="a fresh run (no resume) may delete the checkpoints already in out_dir")
     seed: int = _field(0, help="seed of data order and RNGs")
     find_unused_parameters: bool = _field(True, help="DDP: tolerate trainable parameters without gradient "
                                                      "(e.g. SAM prompt embeddings a step does not use)")

@@ -1,0 +1,172 @@
+"""torchrun support: process group from the environment, DDP over the trainable parameters only, sharded samplers.
+
+Design: the whole FrozenQwenSAM is wrapped in DistributedDataParallel, with every frozen parameter and buffer
+(the Qwen model, the SAM image encoder, anything else with `requires_grad=False`) registered as ignored. DDP then
+neither broadcasts those tensors at construction (gigabytes for a 7B model; every rank builds them from the same
+checkpoint anyway) nor syncs them during the forward, and it all-reduces gradients of the trainable heads only.
+Wrapping the whole model keeps one forward call (`model(batch)`) for both single-process and DDP runs. Buffers are
+ignored too: they are constants built identically on every rank, so DDP never broadcasts them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Sampler
+
+
+@dataclass
+class DistInfo:
+    """Where this process runs: rank among `world_size` processes, local rank on its node, and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool = False  # this process created the process group (and destroys it at the end)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
+    """`auto` -> cuda:<local_rank> when CUDA is available, else cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT); a plain `python run.py` is a world of one and creates no group.
+
+    Backend: nccl on CUDA, gloo on CPU. Calling it when a group already exists reuses that group.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device, local_rank=local_rank)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    owns_group = False
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                device_id=resolved if resolved.type == "cuda" else None)
+        owns_group = True
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved, owns_group=owns_group)
+
+
+def shutdown_distributed(info: DistInfo) -> None:
+    """Destroy the process group if `init_distributed` created it (a group made by the caller stays)."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (identity in a world of one). Returns a new tensor on the input's device."""
+    values = values.clone()
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's `obj`, in rank order (a list of one without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, *, find_unused_parameters: bool = True) -> nn.Module:
+    """DistributedDataParallel over the trainable parameters only (see the module docstring); the model itself when
+    not distributed. Frozen parameters and all buffers are ignored.
+    """
+    if not info.distributed:
+        return model
+    # Every rank builds the frozen parts and all buffers identically (same checkpoint or same seed), so neither
+    # needs the construction-time broadcast nor any sync; only trainable parameters take part in DDP.
+    ignored = [name for name, param in model.named_parameters() if not param.requires_grad]
+    ignored += [name for name, _ in model.named_buffers()]
+    # DDP's documented (underscore-prefixed) hook for exactly this; it reads the list in its constructor.
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                               find_unused_parameters=find_unused_parameters)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class ShardedSampler(Sampler[int]):
+    """Indices of this process's shard, reshuffled per epoch, resumable in the middle of an epoch.
+
+    Training (`pad=True`): the epoch's permutation (seeded by `seed + epoch`, identical on every rank) is padded by
+    repeating its head so every rank gets the same count; rank r takes positions r, r + world, ... Evaluation
+    (`pad=False`, `shuffle=False`): the same striding without padding, so each sample is scored exactly once.
+    `set_position(epoch, start)` skips the first `start` indices of this rank's shard (the samples a resumed run has
+    already consumed); call `set_epoch(epoch)` (start 0) at every following epoch.
+    """
+
+    def __init__(self, length: int, *, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0,
+                 pad: bool = True) -> None:
+        if length < 1:
+            raise ValueError(f"ShardedSampler: the dataset is empty (length {length})")
+        self.length = length
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.pad = pad
+        self.epoch = 0
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    def set_epoch(self, epoch: int) -> None:
+        self.set_position(epoch, 0)
+
+    def shard_size(self) -> int:
+        if self.pad:
+            return math.ceil(self.length / self.world_size)
+        return len(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return self.shard_size() - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        else:
+            order = list(range(self.length))
+        if self.pad:
+            total = self.shard_size() * self.world_size
+            order = (order * math.ceil(total / self.length))[:total]
+        shard = order[self.rank :: self.world_size]
+        return iter(shard[self.start :])

@@ -1,0 +1,356 @@
+"""`train(cfg)`: the training loop, top to bottom in one function.
+
+What it does, in order: join the torchrun process group (if any); build the datasets (a bad path fails here, before
+any weights load); build the model; AdamW over the trainable parameters only; a 3% linear warm-up then cosine LR
+schedule; resume from a checkpoint when asked; then steps of `grad_accum` micro-batches with gradient clipping,
+bf16 autocast on CUDA, a progress bar, `metrics.jsonl` lines, periodic validation, a plot and atomic checkpoints.
+
+Exact resume: the data order is a function of (seed, epoch) only (`ShardedSampler`), the dataset's random choices a
+function of (seed, epoch, index), and the DataLoaders draw from private generators, so a resumed run that restores
+the weights, optimizer, scheduler, RNG states and the position inside the epoch replays the same batches and the
+same loss trajectory as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from flmm_model.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainable_weights,
+    load_trainer_state,
+    resolve_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from flmm_model.config import ExperimentConfig, check_model_paths, config_to_yaml
+from flmm_model.distributed import (
+    ShardedSampler,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+    wrap_ddp,
+)
+from flmm_model.evaluate import autocast_context, build_datasets, make_loader, print_table, score_dataset
+
+LOSS_KEYS = ("loss", "loss_mask_bce", "loss_mask_dice", "loss_sam_bce", "loss_sam_dice")
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """LR factor for optimizer step `step` (0-based): linear warm-up to 1 over `warmup_steps`, then cosine to 0 at
+    `total_steps`. Value range [0, 1]."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class WarmupCosine:
+    """`warmup_cosine` as a picklable callable for LambdaLR (its attributes go into the scheduler state)."""
+
+    def __init__(self, *, warmup_steps: int, total_steps: int) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, warmup_steps=self.warmup_steps, total_steps=self.total_steps)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl` file (empty list if it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(records: list[dict[str, Any]], out_png: str | Path) -> None:
+    """Training losses (left) and validation metrics (right) against the step, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") == "val"]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in LOSS_KEYS:
+        points = [(r["step"], r[key]) for r in train if key in r]
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax_loss.plot(steps, values, label=key, linewidth=2.0 if key == "loss" else 1.0)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_yscale("log")
+    ax_loss.legend(fontsize=8)
+    ax_loss.grid(alpha=0.3)
+    metric_keys = sorted({k for r in val for k in r if "/" in k and not k.rsplit("/", 1)[1].startswith("count")})
+    for key in metric_keys:
+        points = [(r["step"], r[key]) for r in val if key in r]
+        steps, values = zip(*points, strict=True)
+        baseline = "/baseline_" in key  # trivial predictions (all-foreground, empty) for reference
+        ax_val.plot(steps, values, marker="" if baseline else "o", linestyle="--" if baseline else "-", label=key)
+    ax_val.set_xlabel("step")
+    ax_val.set_ylabel("validation metric (%)")
+    if metric_keys:
+        ax_val.legend(fontsize=8)
+    ax_val.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def versus_baselines(scores: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Rows `<dataset> model`, `<dataset> all-foreground`, `<dataset> empty` with the mIoU (gIoU) and cIoU columns."""
+    rows: dict[str, dict[str, float]] = {}
+    for label, metrics in scores.items():
+        for prefix, name in (("", "model"), ("baseline_full/", "all-foreground"), ("baseline_empty/", "empty")):
+            rows[f"{label} {name}"] = {"mIoU (gIoU)": metrics[f"{prefix}gIoU"], "cIoU": metrics[f"{prefix}cIoU"]}
+    return rows
+
+
+def validate(model: torch.nn.Module, val_sets: list[tuple[str, Any]], *, cfg: ExperimentConfig, info: Any,
+             autocast: Any) -> dict[str, dict[str, float]]:
+    """Score every validation dataset (sharded over ranks, metric sums reduced), with the trivial baselines."""
+    scores: dict[str, dict[str, float]] = {}
+    for label, dataset in val_sets:
+        sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False, pad=False)
+        loader = make_loader(dataset, sampler=sampler, batch_size=cfg.eval.batch_size, cfg=cfg)
+        scores[label] = score_dataset(model, loader, kind="refer", autocast=autocast, baselines=True,
+                                      progress=False, desc=f"val {label}")
+    return scores
+
+
+def train(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Train FrozenQwenSAM's heads as `cfg` says; returns the run's summary (and the trained, unwrapped model).
+
+    Returns:
+        dict with `out_dir`, `steps`, `checkpoint` (newest checkpoint dir), `stopped_early`, `last_loss`,
+        `val` (label -> metrics of the model, and of the all-foreground / empty baselines) and `model`.
+    """
+    from flmm_model.build import build_model, load_image_processor, load_tokenizer
+
+    tc = cfg.train
+    check_model_paths(cfg.model)
+    info = init_distributed(tc.device)
+    try:
+        if tc.num_threads:
+            torch.set_num_threads(tc.num_threads)
+        seed_everything(tc.seed)
+        out_dir = Path(tc.out_dir)
+        ckpt_root = out_dir / "checkpoints"
+        metrics_path = out_dir / "metrics.jsonl"
+        log = print if info.is_main else (lambda *args, **kwargs: None)
+
+        # ---- Data first: missing files or an empty split fail before any weights load.
+        if not cfg.data.train:
+            raise ValueError("data.train: no training dataset configured")
+        tokenizer = load_tokenizer(cfg.model.tokenizer)
+        image_processor = load_image_processor(min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+        train_set = torch.utils.data.ConcatDataset(
+            [ds for _, ds in build_datasets(cfg.data.train, cfg=cfg, tokenizer=tokenizer,
+                                            image_processor=image_processor, train=True)])
+        val_sets = build_datasets(cfg.data.val, cfg=cfg, tokenizer=tokenizer, image_processor=image_processor,
+                                  train=False)
+        sampler = ShardedSampler(len(train_set), rank=info.rank, world_size=info.world_size, shuffle=True,
+                                 seed=tc.seed, pad=True)
+        loader = make_loader(train_set, sampler=sampler, batch_size=cfg.data.batch_size, cfg=cfg)
+        micro_per_epoch = math.ceil(sampler.shard_size() / cfg.data.batch_size)
+        steps_per_epoch = micro_per_epoch // tc.grad_accum
+        if steps_per_epoch < 1:
+            raise ValueError(f"train.grad_accum: {tc.grad_accum} micro-batches per step, but an epoch has only "
+                             f"{micro_per_epoch} per process")
+        total_steps = tc.max_steps or steps_per_epoch * tc.epochs
+        warmup_steps = max(1, round(tc.warmup_ratio * total_steps)) if tc.warmup_ratio > 0 else 0
+
+        # ---- Which checkpoint to resume from (or refuse to overwrite one), still before any weights load.
+        resume_from = None
+        if tc.resume == "latest":
+            resume_from = latest_checkpoint(ckpt_root)
+            if resume_from is None:
+                log(f"train.resume=latest: no checkpoint in {ckpt_root}; starting from scratch")
+        elif tc.resume:
+            resume_from = resolve_checkpoint(tc.resume)
+        if resume_from is None and latest_checkpoint(ckpt_root) is not None:
+            if not tc.overwrite:
+                raise FileExistsError(f"{ckpt_root} holds checkpoints of an earlier run: pass --resume to continue it, "
+                                      f"set train.out_dir to a new directory, or train.overwrite=true to delete them")
+            barrier()  # every rank has looked before rank 0 deletes
+            if info.is_main:
+                log(f"train.overwrite: deleting the earlier run's checkpoints in {ckpt_root}")
+                for old in list_checkpoints(ckpt_root):
+                    shutil.rmtree(old)
+
+        # ---- Model, optimizer (trainable parameters only), schedule.
+        model = build_model(cfg.model).to(info.device)
+        params = model.trainable_parameters()
+        optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupCosine(warmup_steps=warmup_steps, total_steps=total_steps))
+        autocast = autocast_context(info.device, tc.precision)
+
+        # ---- Resume: weights, optimizer, scheduler, RNG states and the position in the data.
+        step, epoch, micro_done = 0, 0, 0
+        if resume_from is not None:
+            state = load_trainer_state(resume_from)
+            model.load_trainable_state_dict(load_trainable_weights(resume_from), strict=True)
+            model.to(info.device)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, epoch, micro_done = state["step"], state["epoch"], state["micro_in_epoch"]
+            rng_states = state["rng"]
+            restore_rng_state(rng_states[info.rank] if len(rng_states) == info.world_size else rng_states[0])
+            if state["total_steps"] != total_steps:
+                log(f"warning: the checkpoint was written for {state['total_steps']} steps, this run has "
+                    f"{total_steps}; the LR schedule keeps the checkpoint's length")
+            log(f"resumed from {resume_from} at step {step} (epoch {epoch}, micro-batch {micro_done})")
+        if info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            # Records after the resumed step belong to the interrupted run's lost tail.
+            kept = [r for r in read_metrics(metrics_path) if r["step"] <= step]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            summary = model.parameter_summary()
+            log("parameters (trainable / frozen): " + ", ".join(f"{part} {t:,} / {f:,}" for part, (t, f)
+                                                                in summary.items()))
+            log(f"{len(train_set)} training samples, {info.world_size} process(es) x {cfg.data.batch_size} images x "
+                f"{tc.grad_accum} accumulation = {info.world_size * cfg.data.batch_size * tc.grad_accum} per step; "
+                f"{total_steps} steps ({steps_per_epoch} per epoch), warm-up {warmup_steps}")
+        ddp_model = wrap_ddp(model, info, find_unused_parameters=tc.find_unused_parameters)
+        model.train()
+
+        def log_record(record: dict[str, Any]) -> None:
+            if info.is_main:
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+
+        def run_validation() -> dict[str, dict[str, float]]:
+            model.eval()
+            scores = validate(model, val_sets, cfg=cfg, info=info, autocast=autocast)
+            model.train()
+            record: dict[str, Any] = {"kind": "val", "step": step}
+            for label, metrics in scores.items():
+                record.update({f"{label}/{k}": v for k, v in metrics.items()})
+            log_record(record)
+            if info.is_main:
+                plot_metrics(read_metrics(metrics_path), out_dir / "metrics.png")
+            return scores
+
+        def checkpoint() -> Path:
+            rng_states = all_gather_objects(capture_rng_state())  # every rank's, so each resumes its own streams
+            trainer_state = {
+                "step": step, "epoch": epoch, "micro_in_epoch": micro_done, "total_steps": total_steps,
+                "world_size": info.world_size, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_states,
+            }
+            path = ckpt_root / f"step_{step:07d}"
+            if info.is_main:
+                path = save_checkpoint(root=ckpt_root, step=step, model=model, trainer_state=trainer_state,
+                                       config_yaml=config_to_yaml(cfg), keep_last=tc.keep_last)
+            barrier()
+            return path
+
+        # ---- The loop: one optimizer step = grad_accum micro-batches on every rank.
+        bar = tqdm(total=total_steps, initial=step, disable=not (info.is_main and tc.progress), desc="train",
+                   dynamic_ncols=True)
+        window = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64)  # loss sums of the log window, micro count
+        window_images, window_start = 0, time.perf_counter()
+        last_saved, scores, stopped_early, last_loss = -1, {}, False, float("nan")
+        skipped = 0  # bad samples dropped by the datasets (data.on_error=skip), this process
+        while step < total_steps and not stopped_early:
+            sampler.set_position(epoch, micro_done * cfg.data.batch_size)
+            for dataset in train_set.datasets:
+                if hasattr(dataset, "set_epoch"):
+                    dataset.set_epoch(epoch)
+            batches = iter(loader)
+            while step < total_steps and micro_done + tc.grad_accum <= micro_per_epoch:
+                for micro in range(tc.grad_accum):
+                    batch = next(batches)
+                    if len(batch["images"]) == 0:
+                        raise ValueError(f"epoch {epoch}: a batch with no usable sample (all skipped as bad data)")
+                    last_micro = micro == tc.grad_accum - 1
+                    # DDP: all-reduce gradients only on the last micro-batch of the step.
+                    sync = contextlib.nullcontext() if last_micro or ddp_model is model else ddp_model.no_sync()
+                    with sync:
+                        with autocast:
+                            output = ddp_model(batch)
+                        (output["loss"] / tc.grad_accum).backward()
+                    window[:-1] += torch.stack([output[k].detach().double() for k in LOSS_KEYS]).cpu()
+                    window[-1] += 1
+                    window_images += len(batch["images"])
+                    skipped += batch["num_skipped"]
+                micro_done += tc.grad_accum
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+
+                if step % tc.log_every == 0 or step == total_steps:
+                    totals = all_reduce_sum(window)  # sums over ranks: same mean on every rank
+                    means = (totals[:-1] / totals[-1]).tolist()
+                    elapsed = time.perf_counter() - window_start
+                    images_per_s = window_images * info.world_size / max(elapsed, 1e-9)
+                    last_loss = means[0]
+                    record = {"kind": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": float(grad_norm), "images_per_s": images_per_s}
+                    record.update(dict(zip(LOSS_KEYS, means, strict=True)))
+                    log_record(record)
+                    bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.2f}")
+                    window.zero_()
+                    window_images, window_start = 0, time.perf_counter()
+                if val_sets and tc.val_every and step % tc.val_every == 0 and step != total_steps:
+                    scores = run_validation()
+                if tc.save_every and step % tc.save_every == 0:
+                    checkpoint()
+                    last_saved = step
+                if tc.stop_after_steps is not None and step >= tc.stop_after_steps:
+                    stopped_early = True  # as if the job were killed here: no final validation or checkpoint
+                    break
+            if micro_done + tc.grad_accum > micro_per_epoch:  # epoch exhausted (leftover micro-batches dropped)
+                total_skipped = int(all_reduce_sum(torch.tensor([skipped]))[0])
+                if total_skipped:
+                    log(f"epoch {epoch}: {total_skipped} bad samples skipped (data.on_error=skip); see the warnings")
+                    log_record({"kind": "skipped", "step": step, "epoch": epoch, "samples": total_skipped})
+                epoch, micro_done, skipped = epoch + 1, 0, 0
+        bar.close()
+
+        if not stopped_early:
+            if val_sets:
+                scores = run_validation()
+            if last_saved != step:
+                checkpoint()
+        final = latest_checkpoint(ckpt_root)
+        if info.is_main:
+            if not stopped_early:
+                plot_metrics(read_metrics(metrics_path), out_dir / "metrics.png")
+            if scores:
+                print_table(versus_baselines(scores), title=f"validation after {step} steps: the model against the "
+                                                            f"all-foreground and empty-mask baselines (%)")
+            log(f"run directory: {out_dir}  (metrics.jsonl, metrics.png, config.yaml); checkpoint: {final}")
+        return {"out_dir": str(out_dir), "steps": step, "checkpoint": str(final) if final else None,
+                "stopped_early": stopped_early, "last_loss": last_loss, "val": scores, "model": model}
+    finally:
+        shutdown_distributed(info)

@@ -1,0 +1,148 @@
+"""The config schema: every YAML in configs/ loads; typos, wrong types and bad choices fail early, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flmm_model.config import (
+    ConfigError,
+    ExperimentConfig,
+    check_model_paths,
+    config_to_yaml,
+    describe_schema,
+    load_config,
+    parse_override_value,
+)
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_dir_has_demo_and_recipes():
+    names = {path.name for path in CONFIGS}
+    assert {"demo.yaml", "qwen2_5_vl_3b_sam_l_refcoco_png.yaml", "qwen2_5_vl_7b_sam_l_refcoco_png.yaml",
+            "qwen2_5_vl_3b_sam_l_eval.yaml", "qwen2_5_vl_7b_sam_l_eval.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_in_repo_loads_against_schema(path, tmp_path):
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+    round_trip = tmp_path / "resolved.yaml"  # what a run directory holds loads back to the same config
+    round_trip.write_text(config_to_yaml(cfg))
+    assert load_config(round_trip) == cfg
+
+
+def test_recipe_configs_follow_flmm_recipe():
+    for size in ("3b", "7b"):
+        cfg = load_config(Path(CONFIGS[0].parent) / f"qwen2_5_vl_{size}_sam_l_refcoco_png.yaml")
+        assert [ds.type for ds in cfg.data.train] == ["refcoco", "refcoco+", "refcocog", "png"]
+        assert cfg.data.train[2].split_by == "umd"
+        assert cfg.train.epochs == 8 and cfg.train.lr == 1e-4 and cfg.train.weight_decay == 0.01
+        assert cfg.train.betas == [0.9, 0.999] and cfg.train.warmup_ratio == 0.03 and cfg.train.grad_clip == 1.0
+        assert cfg.data.batch_size * cfg.train.grad_accum == 8  # global batch 8 on one GPU
+        assert cfg.model.dtype == "bfloat16" and cfg.model.max_pixels == 672 * 672
+
+
+def test_demo_config_uses_tiny_presets_and_synthetic_data():
+    cfg = load_config(Path(CONFIGS[0].parent) / "demo.yaml")
+    assert (cfg.model.qwen, cfg.model.sam, cfg.model.tokenizer) == ("tiny", "tiny", None)
+    assert {ds.type for ds in cfg.data.train + cfg.data.val + cfg.data.test} == {"synthetic"}
+    check_model_paths(cfg.model)
+
+
+def test_unknown_key_in_yaml_names_key_and_suggests(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  learning_rate: 0.1\n  max_step: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.learning_rate: unknown key"):
+        load_config(path)
+    path.write_text("train:\n  max_step: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.max_step: unknown key; did you mean 'max_steps'"):
+        load_config(path)
+
+
+def test_unknown_key_inside_dataset_list_names_index():
+    with pytest.raises(ConfigError, match=r"data\.train\.0\.lenght: unknown key; did you mean 'length'"):
+        load_config(None, ["data.train=[{type: synthetic, lenght: 3}]"])
+
+
+def test_override_typo_suggests_closest_key():
+    with pytest.raises(ConfigError, match=r"modle: unknown key; did you mean 'model'"):
+        load_config(None, ["modle.qwen=tiny"])
+    with pytest.raises(ConfigError, match=r"train\.lrr: unknown key; did you mean 'lr'"):
+        load_config(None, ["train.lrr=1e-3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=fast", r"train\.lr: expected float, found str 'fast'"),
+        ("data.batch_size=2.5", r"data\.batch_size: expected int, found float 2\.5"),
+        ("data.batch_size=true", r"data\.batch_size: expected int, found bool True"),
+        ("train.betas=0.9", r"train\.betas: expected list of float, found float 0\.9"),
+        ("model.mask_head_widths=[64,x]", r"model\.mask_head_widths\.1: expected int, found str 'x'"),
+        ("train.progress=3", r"train\.progress: expected bool, found int 3"),
+    ],
+)
+def test_wrong_type_names_key_expected_and_found(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_value_outside_choices_lists_them():
+    with pytest.raises(ConfigError, match=r"model\.dtype: expected one of \['float32', 'bfloat16', 'float16'\], "
+                                          r"found 'fp16'"):
+        load_config(None, ["model.dtype=fp16"])
+    with pytest.raises(ConfigError, match=r"data\.train\.0\.type: expected one of"):
+        load_config(None, ["data.train=[{type: coco}]"])
+
+
+def test_missing_required_key_and_data_root():
+    with pytest.raises(ConfigError, match=r"data\.train\.0\.type: required key missing"):
+        load_config(None, ["data.train=[{split: train}]"])
+    with pytest.raises(ConfigError, match=r"data\.train\.0\.root: refcoco needs a data root"):
+        load_config(None, ["data.train=[{type: refcoco}]"])
+
+
+def test_overrides_set_scalars_lists_and_list_items(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  root: /data\n  train:\n    - {type: refcoco}\n    - {type: png}\n")
+    cfg = load_config(path, ["train.lr=3e-4", "data.train.1.split=val", "model.mask_head_widths=[8, 16, 32, 64]",
+                             "train.max_steps=null", "model.instruction=Where is it?"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.data.train[1].split == "val" and cfg.data.train[0].split == "train"
+    assert cfg.model.mask_head_widths == [8, 16, 32, 64]
+    assert cfg.train.max_steps is None and cfg.model.instruction == "Where is it?"
+    with pytest.raises(ConfigError, match=r"data\.train has 2 items, no item 5"):
+        load_config(path, ["data.train.5.split=val"])
+    with pytest.raises(ConfigError, match=r"expected key=value"):
+        load_config(path, ["train.lr"])
+
+
+def test_override_values_use_yaml_syntax():
+    assert parse_override_value("1e-4") == pytest.approx(1e-4)
+    assert parse_override_value("3") == 3 and parse_override_value("true") is True
+    assert parse_override_value("null") is None and parse_override_value("[1, 2]") == [1, 2]
+    assert parse_override_value("/a/b") == "/a/b"
+
+
+def test_range_checks():
+    with pytest.raises(ConfigError, match=r"train\.warmup_ratio"):
+        load_config(None, ["train.warmup_ratio=1.5"])
+    with pytest.raises(ConfigError, match=r"model\.min_pixels"):
+        load_config(None, ["model.min_pixels=999999999"])
+    with pytest.raises(ConfigError, match=r"data\.train\.0\.length: a synthetic dataset needs length >= 1"):
+        load_config(None, ["data.train=[{type: synthetic}]"])
+
+
+def test_placeholder_model_paths_fail_before_weights_load():
+    cfg = load_config(Path(CONFIGS[0].parent) / "qwen2_5_vl_3b_sam_l_refcoco_png.yaml")
+    with pytest.raises(ConfigError, match=r"model\.qwen: expected a preset .* or an existing directory"):
+        check_model_paths(cfg.model)
+
+
+def test_schema_description_lists_every_section():
+    text = "\n".join(describe_schema())
+    for key in ("model.qwen", "data.train", "train.lr", "train.resume", "eval.checkpoint", "data.train.N.type"):
+        assert key in text

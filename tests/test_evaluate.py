@@ -1,0 +1,95 @@
+"""`run.py eval` on RefCOCO (both protocols) and PNG files written in their real formats, against direct scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_data_png import write_png  # noqa: E402  (fixture writers of the dataset tests)
+from test_data_refcoco import write_refer  # noqa: E402
+
+import run
+from flmm_model.build import build_model
+from flmm_model.config import ModelConfig
+from flmm_model.data import load_rgb
+from flmm_model.metrics import ReferSegMetric
+
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+SMALL_MODEL = dict(mask_head_widths=[8, 16, 32, 64], mask_head_size=32, max_pixels=12544)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A freshly initialised model saved as a checkpoint (eval does not care whether it was trained)."""
+    directory = tmp_path_factory.mktemp("ckpt")
+    model = build_model(ModelConfig(**SMALL_MODEL))
+    model.save_pretrained(str(directory))
+    return directory, model
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory, photos):
+    root = tmp_path_factory.mktemp("data")
+    write_refer(root, photos)
+    write_png(root, photos, split="val")
+    return root
+
+
+def test_eval_scores_refcoco_protocols_and_png_and_writes_eval_json(checkpoint, data_root, tmp_path, capsys):
+    directory, model = checkpoint
+    tests = ("data.test=[{type: refcoco, split: val}, {type: refcoco, split: val, protocol: per_sentence}, "
+             "{type: png, split: val}]")
+    result = run.main(["eval", "--config", DEMO, "--checkpoint", str(directory), f"data.root={data_root}", tests,
+                       f"eval.out_dir={tmp_path}", "eval.progress=false"])  # pixel budget: the checkpoint's
+    results = result["results"]
+    assert set(results) == {"refcoco_val", "refcoco_val_per_sentence", "png_val"}
+    assert results["refcoco_val"]["count"] == 3  # first sentence of each of the 3 val refs
+    assert results["refcoco_val_per_sentence"]["count"] == 6  # every sentence
+    assert set(results["png_val"]) >= {"AR_all", "AR_things", "AR_stuff", "AR_singulars", "AR_plurals"}
+    for metrics in results.values():
+        for name, value in metrics.items():
+            if not name.startswith("count"):
+                assert 0.0 <= value <= 100.0 or value != value, (name, value)  # NaN for an empty group
+
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["results"] == json.loads(json.dumps(results))
+    assert written["protocols"] == {"refcoco_val": "flmm", "refcoco_val_per_sentence": "per_sentence"}
+    printed = capsys.readouterr().out
+    assert "refcoco_val_per_sentence" in printed and "AR_all" in printed
+
+    # The same numbers as segmenting each val image with all its refs' first sentences through segment().
+    metric = ReferSegMetric()
+    refs = {2: ["the astronaut"], 3: ["the cat", "the cat's right side"]}
+    from flmm_model.data import RefCocoDataset
+
+    dataset = RefCocoDataset(str(data_root), "refcoco", "val", tokenizer=model.tokenizer,
+                             image_processor=model.image_processor, train=False)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        image = load_rgb(str(data_root / "train2014" / item["meta"]["file_name"]),
+                         expected_hw=tuple(item["gt_masks"].shape[1:]), sample="test")
+        assert item["phrases"] == refs[item["meta"]["image_id"]]
+        metric.update(model.segment(image, item["phrases"]), item["gt_masks"])
+    direct = metric.compute()
+    assert results["refcoco_val"]["cIoU"] == pytest.approx(direct["cIoU"], abs=1e-9)
+    assert results["refcoco_val"]["gIoU"] == pytest.approx(direct["gIoU"], abs=1e-9)
+
+
+def test_eval_without_checkpoint_or_data_fails_with_the_key():
+    with pytest.raises(ValueError, match=r"eval\.checkpoint"):
+        run.main(["eval", "--config", DEMO, "eval.checkpoint=null"])
+    with pytest.raises(ValueError, match=r"data\.test"):
+        run.main(["eval", "--config", DEMO, "--checkpoint", "/tmp", "data.test=[]"])
+
+
+def test_eval_missing_data_files_fail_before_weights_load(checkpoint, tmp_path, monkeypatch):
+    import flmm_model.evaluate as evaluate_module
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights must not load when the data is missing")
+
+    monkeypatch.setattr(evaluate_module, "load_model_for_inference", no_weights)
+    with pytest.raises(Exception, match="refs"):
+        run.main(["eval", "--config", DEMO, "--checkpoint", str(checkpoint[0]), f"data.root={tmp_path}",
+                  "data.test=[{type: refcoco, split: val}]"])

@@ -1,0 +1,98 @@
+"""`run.py train` end to end on tiny models: run directory contents, checkpoints, and exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import run
+from flmm_model.checkpoint import list_checkpoints, load_trainer_state
+
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+
+# The demo config made smaller still: a narrow U-Net, at most 16 vision tokens, small images, few samples.
+TINY = [
+    "model.mask_head_widths=[8,16,32,64]", "model.mask_head_size=32", "model.max_pixels=12544",
+    "data.train=[{type: synthetic, length: 10, seed: 0, image_size: [64, 112]}]",
+    "data.val=[{type: synthetic, split: val, length: 3, seed: 1, image_size: [64, 112]}]",
+    "data.batch_size=2", "train.progress=false", "train.num_threads=2", "train.lr=1e-3",
+]
+
+
+def _records(out_dir: Path, kind: str) -> list[dict]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_train_writes_config_metrics_plot_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    result = run.main(["train", "--config", DEMO, *TINY, f"train.out_dir={out}", "train.max_steps=4",
+                       "train.log_every=1", "train.val_every=2", "train.save_every=2", "train.keep_last=1"])
+    assert result["command"] == "train" and result["steps"] == 4 and not result["stopped_early"]
+    saved_cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved_cfg["train"]["max_steps"] == 4 and saved_cfg["model"]["mask_head_widths"] == [8, 16, 32, 64]
+
+    train_records = _records(out, "train")
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    for record in train_records:
+        assert {"loss", "loss_mask_bce", "loss_mask_dice", "loss_sam_bce", "loss_sam_dice", "lr", "grad_norm",
+                "images_per_s"} <= set(record)
+        assert torch.isfinite(torch.tensor(record["loss"]))
+    assert train_records[-1]["lr"] == 0.0  # cosine reaches 0 at the last step
+    val_records = _records(out, "val")
+    assert [r["step"] for r in val_records] == [2, 4]
+    assert {"synthetic_val/gIoU", "synthetic_val/cIoU"} <= set(val_records[-1])
+    assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("model", "all-foreground", "empty"):
+        assert f"synthetic_val {name}" not in result["val"]  # raw scores are returned, with baseline keys
+    assert {"gIoU", "baseline_full/gIoU", "baseline_empty/gIoU"} <= set(result["val"]["synthetic_val"])
+    assert result["val"]["synthetic_val"]["baseline_empty/gIoU"] == 0.0
+
+    checkpoints = list_checkpoints(out / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step_0000004"]  # keep_last=1
+    model = result["model"]
+    weights = load_file(str(checkpoints[0] / "model.safetensors"))
+    assert set(weights) == set(model.trainable_state_dict())  # exactly the trainable tensors
+    for name, value in model.trainable_state_dict().items():
+        assert torch.equal(weights[name], value.cpu())
+    state = load_trainer_state(checkpoints[0])
+    assert state["step"] == 4 and set(state) >= {"optimizer", "scheduler", "rng", "epoch", "micro_in_epoch"}
+    assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
+
+    # A fresh run never silently replaces an earlier run's checkpoints.
+    with pytest.raises(FileExistsError, match="--resume"):
+        run.main(["train", "--config", DEMO, *TINY, f"train.out_dir={out}", "train.overwrite=false"])
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000004"]
+
+
+def test_resume_reproduces_uninterrupted_loss_trajectory(tmp_path):
+    # 10 samples / 2 per micro-batch = 5 micro-batches per epoch, 2 per step: 2 steps per epoch (one leftover
+    # micro-batch dropped), so 5 steps cross two epoch boundaries and the resume point (step 3) is mid-epoch.
+    common = ["--config", DEMO, *TINY, "train.max_steps=5", "train.grad_accum=2", "train.log_every=1",
+              "train.val_every=0", "data.val=[]"]
+    straight = tmp_path / "straight"
+    run.main(["train", *common, f"train.out_dir={straight}"])
+
+    interrupted = tmp_path / "interrupted"
+    first = run.main(["train", *common, f"train.out_dir={interrupted}", "train.save_every=3",
+                      "train.stop_after_steps=4"])
+    assert first["stopped_early"] and first["steps"] == 4
+    assert [r["step"] for r in _records(interrupted, "train")] == [1, 2, 3, 4]  # step 4 is lost with the "crash"
+    resumed = run.main(["train", *common, f"train.out_dir={interrupted}", "train.save_every=3", "--resume"])
+    assert resumed["steps"] == 5
+
+    expected = _records(straight, "train")
+    got = _records(interrupted, "train")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    for want, have in zip(expected, got, strict=True):
+        for key in ("loss", "loss_mask_bce", "loss_mask_dice", "loss_sam_bce", "loss_sam_dice", "lr", "epoch"):
+            assert have[key] == want[key], (have["step"], key, have[key], want[key])
+    final_straight = load_file(str(list_checkpoints(straight / "checkpoints")[-1] / "model.safetensors"))
+    final_resumed = load_file(str(list_checkpoints(interrupted / "checkpoints")[-1] / "model.safetensors"))
+    for name, value in final_straight.items():
+        assert torch.equal(final_resumed[name], value), name
