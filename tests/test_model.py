@@ -149,3 +149,19 @@ def test_parameter_summary_counts_every_part(model):
     total_trainable = sum(t for t, _ in summary.values())
     assert total_trainable == sum(p.numel() for p in model.trainable_parameters())
     assert sum(t + f for t, f in summary.values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_lmm_stage_alone_without_sam(photos):
+    """sam=None: LMM + U-Net only; losses are the coarse terms, masks the upsampled coarse logits."""
+    from flmm_model.build import build_qwen, load_image_processor, load_tokenizer
+
+    model = FrozenQwenSAM(qwen=build_qwen("tiny"), sam=None, tokenizer=load_tokenizer(),
+                          image_processor=load_image_processor(max_pixels=224 * 224))
+    assert model.sam_refiner is None and model.text_projector is None
+    out = model(make_batch(model, photos))
+    assert "loss_sam_bce" not in out
+    torch.testing.assert_close(out["loss"], out["loss_mask_bce"] + out["loss_mask_dice"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.mask_head.parameters())
+    width, height = photos[0].size
+    assert model.segment(photos[0], "the cup").shape == (1, height, width)
