@@ -70,6 +70,8 @@ class FrozenQwenLMM(nn.Module):
         self.vision_start_token_id = config.vision_start_token_id
         self.vision_end_token_id = config.vision_end_token_id
         self.merge_size = config.vision_config.spatial_merge_size
+        vision = config.vision_config
+        self.patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2  # 1176
         self.num_layers = config.text_config.num_hidden_layers
         self.num_heads = config.text_config.num_attention_heads
         self.hidden_size = config.text_config.hidden_size
@@ -114,7 +116,7 @@ class FrozenQwenLMM(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
             image_grid_thw=image_grid_thw, mask_ids=mask_ids, merge_size=self.merge_size,
             image_token_id=self.image_token_id, vision_start_token_id=self.vision_start_token_id,
-            vision_end_token_id=self.vision_end_token_id,
+            vision_end_token_id=self.vision_end_token_id, patch_dim=self.patch_dim,
         )
         input_ids, attention_mask, mask_ids = expand_vision_tokens(
             input_ids=input_ids, attention_mask=attention_mask, mask_ids=mask_ids,
@@ -179,6 +181,7 @@ def validate_lmm_inputs(
     image_token_id: int,
     vision_start_token_id: int,
     vision_end_token_id: int,
+    patch_dim: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """Check a batch before the model runs; return (N_b vision tokens, K_b objects) per sample.
 
@@ -208,6 +211,9 @@ def validate_lmm_inputs(
     if pixel_values.dim() != 2 or pixel_values.shape[0] != expected_rows:
         raise ValueError(f"pixel_values: expected {expected_rows} rows (sum of t*H*W over image_grid_thw), "
                          f"found shape {tuple(pixel_values.shape)}")
+    if patch_dim is not None and pixel_values.shape[1] != patch_dim:
+        raise ValueError(f"pixel_values: expected {patch_dim} values per patch (3 * temporal_patch_size * "
+                         f"patch_size^2, from the Qwen2-VL image processor), found {pixel_values.shape[1]}")
     num_vision_tokens = [t * h * w // merge_size**2 for t, h, w in grids]
 
     valid = attention_mask.bool()

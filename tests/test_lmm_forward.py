@@ -214,6 +214,11 @@ def test_bad_input_pixel_rows(lmm, good):
         call_with(lmm, good, pixel_values=good["pixel_values"][:-4])
 
 
+def test_bad_input_pixel_patch_size(lmm, good):
+    with pytest.raises(ValueError, match="pixel_values: expected 1176 values per patch"):
+        call_with(lmm, good, pixel_values=good["pixel_values"][:, :588])
+
+
 def test_bad_input_grid_not_divisible_by_merge(lmm, good):
     grid = good["image_grid_thw"].clone()
     grid[1, 2] += 1
