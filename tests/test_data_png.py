@@ -2,91 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from dataset_files import CAT, PERSON_A, PERSON_B, _segments, write_png
 
 from flmm_model.data import Collator, DataError, PngDataset
-
-CATEGORIES = [
-    {"id": 1, "name": "person", "isthing": 1}, {"id": 17, "name": "cat", "isthing": 1},
-    {"id": 187, "name": "sky-other-merged", "isthing": 0}, {"id": 193, "name": "grass-merged", "isthing": 0},
-    {"id": 199, "name": "wall-other-merged", "isthing": 0},
-]
-# Segment ids chosen to use all three PNG channels: 3226956 = 76 + 256 * 61 + 256^2 * 49.
-PERSON_A, PERSON_B, SKY, GRASS, CAT, WALL = 3226956, 65793, 1000, 2000, 5000, 6000
-
-
-def _paint(height: int, width: int, boxes: dict[int, tuple[float, float, float, float]]) -> np.ndarray:
-    """A segment id map: each id fills its (y0, x0, y1, x1) box in fractions of the image; 0 = unlabeled."""
-    ids = np.zeros((height, width), dtype=np.int64)
-    for segment_id, (y0, x0, y1, x1) in boxes.items():
-        ids[int(y0 * height): int(y1 * height), int(x0 * width): int(x1 * width)] = segment_id
-    return ids
-
-
-def _encode_ids(ids: np.ndarray) -> Image.Image:
-    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256 ** 2], axis=-1).astype(np.uint8)  # (H, W, 3)
-    return Image.fromarray(rgb)
-
-
-def _segments(*pieces) -> list[dict]:
-    return [{"utterance": text, "segment_ids": [str(i) for i in ids], "plural": plural, "noun": bool(ids)}
-            for text, ids, plural in pieces]
-
-
-def write_png(root, photos, *, split: str = "val", narratives=None, extra_segments_info=(), png_sizes=None) -> dict:
-    """PNG layout under `root`: <split>2017 JPEGs, annotations/{png_coco,panoptic}_<split>2017.json + PNG folder."""
-    ann_dir = root / "annotations"
-    os.makedirs(root / f"{split}2017", exist_ok=True)
-    os.makedirs(ann_dir / f"panoptic_{split}2017", exist_ok=True)
-    scenes = {
-        139: (photos[0], {SKY: (0, 0, 0.3, 1), PERSON_A: (0.3, 0.1, 0.8, 0.3), PERSON_B: (0.35, 0.6, 0.9, 0.75),
-                          GRASS: (0.8, 0, 1, 1)}),
-        285: (photos[-1], {WALL: (0, 0, 0.5, 1), CAT: (0.4, 0.2, 0.9, 0.7)}),
-    }
-    images, annotations, painted = [], [], {}
-    for image_id, (photo, boxes) in scenes.items():
-        file_name = f"{image_id:012d}.jpg"
-        photo.save(root / f"{split}2017" / file_name, quality=95)
-        height, width = (png_sizes or {}).get(image_id, (photo.height, photo.width))
-        ids = _paint(height, width, boxes)
-        painted[image_id] = ids
-        _encode_ids(ids).save(ann_dir / f"panoptic_{split}2017" / f"{image_id:012d}.png")
-        category = {PERSON_A: 1, PERSON_B: 1, SKY: 187, GRASS: 193, CAT: 17, WALL: 199}
-        infos = [{"id": i, "category_id": category[i], "iscrowd": 0, "bbox": [0, 0, 1, 1],
-                  "area": int((ids == i).sum())} for i in boxes]
-        infos += [extra["info"] for extra in extra_segments_info if extra["image_id"] == image_id]
-        images.append({"id": image_id, "file_name": file_name, "height": photo.height, "width": photo.width})
-        annotations.append({"image_id": image_id, "file_name": f"{image_id:012d}.png", "segments_info": infos})
-    with open(ann_dir / f"panoptic_{split}2017.json", "w") as handle:
-        json.dump({"images": images, "annotations": annotations, "categories": CATEGORIES}, handle)
-
-    if narratives is None:
-        narratives = [
-            {"image_id": "139", "annotator_id": 7,
-             "caption": "In this picture we can see two persons standing on the grass, and in the background we can "
-                        "see the sky.",
-             "segments": _segments(("In this picture we can see", [], False),
-                                   ("two persons", [PERSON_A, PERSON_B], True), ("standing on", [], False),
-                                   ("the grass", [GRASS], False),
-                                   (", and in the background we can see", [], False), ("the sky", [SKY], False),
-                                   (".", [], False))},
-            {"image_id": "139", "caption": "A blurry picture.",
-             "segments": _segments(("A blurry picture.", [], False))},
-            {"image_id": "285",  # no caption: the utterances are joined with spaces
-             "segments": _segments(("a cat", [CAT], False), ("in front of", [], False), ("a wall", [WALL], False))},
-            {"image_id": "285", "caption": "Words that do not match the utterances.",
-             "segments": _segments(("the wall", [WALL], False), ("behind", [], False), ("the cat", [CAT], False))},
-        ]
-    with open(ann_dir / f"png_coco_{split}2017.json", "w") as handle:
-        json.dump(narratives, handle)
-    return painted
 
 
 @pytest.fixture(scope="module")

@@ -2,102 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
 
 import numpy as np
 import pytest
 import torch
+from dataset_files import _compressed_rle, _sentences, _uncompressed_rle, write_refer
 from PIL import Image
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from flmm_model.data import Collator, DataError, RefCocoDataset
-
-IMAGE_IDS = (1, 2, 3)
-
-
-def _uncompressed_rle(mask: np.ndarray) -> dict:
-    """COCO's uncompressed RLE (column-major runs, starting with background), written by hand."""
-    flat = mask.flatten(order="F").astype(np.uint8)
-    changes = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat[0] == 1:
-        counts = [0] + counts
-    return {"size": list(mask.shape), "counts": counts}
-
-
-def _compressed_rle(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-
-
-def _ellipse(height: int, width: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
-    ys, xs = np.mgrid[0:height, 0:width]
-    return ((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2 <= 1.0
-
-
-def _sentences(sent_ids: list[int], texts: list[str]) -> list[dict]:
-    return [{"sent_id": i, "raw": text.capitalize(), "sent": text, "tokens": text.split()}
-            for i, text in zip(sent_ids, texts, strict=True)]
-
-
-def write_refer(root, photos, *, name: str = "refcoco", split_by: str = "unc", extra_refs=(), heights=None) -> dict:
-    """REFER layout under `root`: train2014 JPEGs, <name>/instances.json, <name>/refs(<split_by>).p."""
-    os.makedirs(root / "train2014", exist_ok=True)
-    os.makedirs(root / name, exist_ok=True)
-    images = []
-    for image_id, photo in zip(IMAGE_IDS, photos[:3], strict=True):
-        file_name = f"COCO_train2014_{image_id:012d}.jpg"
-        photo.save(root / "train2014" / file_name, quality=95)
-        height = (heights or {}).get(image_id, photo.height)
-        images.append({"id": image_id, "file_name": file_name, "height": height, "width": photo.width})
-    size = {image["id"]: (image["height"], image["width"]) for image in images}
-
-    h1, w1 = size[1]
-    h2, w2 = size[2]
-    h3, w3 = size[3]
-    rect = np.zeros((h2, w2), dtype=bool)
-    rect[h2 // 4: h2 // 2, w2 // 3: w2 - 5] = True
-    annotations = [
-        # Two polygons (a triangle and a quadrilateral) for one object, plus a degenerate 2-point polygon.
-        {"id": 11, "image_id": 1, "category_id": 47, "iscrowd": 0, "segmentation": [
-            [10.0, 10.0, 0.4 * w1, 20.0, 30.0, 0.5 * h1],
-            [0.6 * w1, 0.6 * h1, 0.9 * w1, 0.62 * h1, 0.85 * w1, 0.95 * h1, 0.62 * w1, 0.9 * h1],
-            [5.0, 5.0, 8.0, 9.0]]},
-        {"id": 12, "image_id": 1, "category_id": 47, "iscrowd": 0,
-         "segmentation": _compressed_rle(_ellipse(h1, w1, h1 / 2, w1 / 2, h1 / 5, w1 / 4))},
-        {"id": 21, "image_id": 2, "category_id": 1, "iscrowd": 0, "segmentation": _uncompressed_rle(rect)},
-        {"id": 31, "image_id": 3, "category_id": 17, "iscrowd": 0,
-         "segmentation": [[0.1 * w3, 0.2 * h3, 0.5 * w3, 0.1 * h3, 0.45 * w3, 0.8 * h3, 0.15 * w3, 0.7 * h3]]},
-        {"id": 32, "image_id": 3, "category_id": 17, "iscrowd": 0,
-         "segmentation": _compressed_rle(_ellipse(h3, w3, 0.7 * h3, 0.7 * w3, 0.2 * h3, 0.1 * w3))},
-        {"id": 33, "image_id": 3, "category_id": 17, "iscrowd": 0, "segmentation": [[1, 1, 40, 1, 40, 30, 1, 30]]},
-    ]
-    with open(root / name / "instances.json", "w") as handle:
-        json.dump({"images": images, "annotations": annotations,
-                   "categories": [{"id": 1, "name": "person"}, {"id": 17, "name": "cat"}, {"id": 47, "name": "cup"}]},
-                  handle)
-    refs = [
-        {"ref_id": 101, "ann_id": 11, "image_id": 1, "split": "train", "category_id": 47,
-         "sentences": _sentences([1001, 1002], ["the cup on the left", "left mug"])},
-        {"ref_id": 102, "ann_id": 12, "image_id": 1, "split": "train", "category_id": 47,
-         "sentences": _sentences([1003, 1004, 1005], ["saucer", "the plate under it", "white round plate"])},
-        {"ref_id": 201, "ann_id": 21, "image_id": 2, "split": "val", "category_id": 1,
-         "sentences": _sentences([2001, 2002], ["the astronaut", "man in a white suit"])},
-        {"ref_id": 301, "ann_id": 31, "image_id": 3, "split": "val", "category_id": 17,
-         "sentences": _sentences([3001, 3002], ["the cat", "orange tabby"])},
-        {"ref_id": 302, "ann_id": 32, "image_id": 3, "split": "val", "category_id": 17,
-         "sentences": _sentences([3003, 3004], ["the cat's right side", "part near the edge"])},
-        {"ref_id": 303, "ann_id": 33, "image_id": 3, "split": "testA", "category_id": 17,
-         "sentences": _sentences([3005], ["the corner"])},
-        *extra_refs,
-    ]
-    with open(root / name / f"refs({split_by}).p", "wb") as handle:
-        pickle.dump(refs, handle, protocol=2)
-    return {"instances": str(root / name / "instances.json"), "refs": refs}
 
 
 @pytest.fixture(scope="module")

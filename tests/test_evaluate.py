@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_data_png import write_png  # noqa: E402  (fixture writers of the dataset tests)
-from test_data_refcoco import write_refer  # noqa: E402
+from dataset_files import write_png, write_refer
 
 import run
 from flmm_model.build import build_model

@@ -65,8 +65,9 @@ def test_script_exits_with_status_2_and_message_on_bad_override():
 
 
 def test_convert_sam_command_writes_a_loadable_transformers_dir(tmp_path):
-    test_sam_convert = pytest.importorskip("test_sam_convert")  # builds a tiny segment-anything model
-    original = test_sam_convert._tiny_original_sam()
+    from sam_original import tiny_original_sam
+
+    original = tiny_original_sam()
     torch.save(original.state_dict(), tmp_path / "sam_tiny.pth")
     result = run.main(["convert-sam", "--checkpoint", str(tmp_path / "sam_tiny.pth"), "--arch", "tiny",
                        "--out", str(tmp_path / "sam_hf")])
