@@ -30,6 +30,15 @@ CONFIG_FILE = "config.yaml"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: readers (and a crash) see the old
+    file or the new one, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Python, numpy, torch CPU and CUDA generator states, as plain data loadable with `weights_only=True`."""
     np_state = np.random.get_state()

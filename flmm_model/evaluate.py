@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from flmm_model.checkpoint import atomic_write_text
 from flmm_model.config import (
     REFCOCO_TYPES,
     DatasetConfig,
@@ -234,8 +235,8 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
             protocols = {dataset_label(ds): ds.protocol for ds in cfg.data.test if ds.type in REFCOCO_TYPES}
             print_table(results, title=f"evaluation of {checkpoint}")
             out_dir.mkdir(parents=True, exist_ok=True)
-            eval_json.write_text(json.dumps({"checkpoint": str(checkpoint), "protocols": protocols,
-                                             "results": results}, indent=2) + "\n")
+            atomic_write_text(eval_json, json.dumps({"checkpoint": str(checkpoint), "protocols": protocols,
+                                                     "results": results}, indent=2) + "\n")
             print(f"wrote {eval_json}")
         return {"checkpoint": str(checkpoint), "results": results, "eval_json": str(eval_json)}
     finally:

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flmm_model.checkpoint import (
+    atomic_write_text,
     capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
@@ -227,10 +228,10 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             log(f"resumed from {resume_from} at step {step} (epoch {epoch}, micro-batch {micro_done})")
         if info.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            atomic_write_text(out_dir / "config.yaml", config_to_yaml(cfg))
             # Records after the resumed step belong to the interrupted run's lost tail.
             kept = [r for r in read_metrics(metrics_path) if r["step"] <= step]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
             summary = model.parameter_summary()
             log("parameters (trainable / frozen): " + ", ".join(f"{part} {t:,} / {f:,}" for part, (t, f)
                                                                 in summary.items()))
