@@ -68,12 +68,13 @@ class CaptureState:
     layer_maps: list[torch.Tensor] = field(default_factory=list)
 
     def add_rows(self, weight_rows: torch.Tensor) -> None:
-        """Pool post-softmax weights of the phrase rows, (B, heads, P, L), into per-object image maps."""
+        """Pool post-softmax weights of the phrase rows, (B, heads, P, L), into per-object float32 image maps."""
         queries = self.queries
         batch, heads, num_queries, _ = weight_rows.shape
         image_index = queries.image_index[:, None, None, :].expand(batch, heads, num_queries, -1)
         image_weights = weight_rows.gather(3, image_index)  # (B, heads, P, N)
-        maps = torch.einsum("bkp,bhpn->bkhn", queries.object_pool, image_weights.float())  # (B, K, heads, N)
+        with torch.autocast(weight_rows.device.type, enabled=False):  # fp32 even inside a training autocast
+            maps = torch.einsum("bkp,bhpn->bkhn", queries.object_pool, image_weights.float())  # (B, K, heads, N)
         self.layer_maps.append(maps)
 
     def stacked(self) -> torch.Tensor:
@@ -100,18 +101,20 @@ def _phrase_weight_rows(
     """softmax(q k^T * scale + mask) for the phrase rows only, in fp32: (B, heads, P, L).
 
     query (B, heads, L, d) and key (B, kv_heads, L, d) are after RoPE. The causal + padding mask is rebuilt from the
-    positions: a phrase token at position i attends key j iff j <= i and j is not padding.
+    positions: a phrase token at position i attends key j iff j <= i and j is not padding. Autocast is switched off
+    here, so the scores stay fp32 when the forward runs under a bf16 training autocast.
     """
     batch, heads, _, head_dim = query.shape
     num_kv_heads, length = key.shape[1], key.shape[2]
     row_index = queries.query_index[:, None, :, None].expand(batch, heads, -1, head_dim)
-    query_rows = query.gather(2, row_index).float()  # (B, heads, P, d)
-    key = key.float().repeat_interleave(heads // num_kv_heads, dim=1)  # (B, heads, L, d): GQA, head h -> kv h // rep
-    scores = torch.matmul(query_rows, key.transpose(2, 3)) * scaling  # (B, heads, P, L)
     positions = torch.arange(length, device=query.device)
     allowed = (positions[None, None, :] <= queries.query_index[:, :, None]) & queries.key_valid[:, None, :]  # (B, P, L)
-    scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1)
+    with torch.autocast(query.device.type, enabled=False):
+        query_rows = query.gather(2, row_index).float()  # (B, heads, P, d)
+        key = key.float().repeat_interleave(heads // num_kv_heads, dim=1)  # (B, heads, L, d): GQA, h -> kv h // rep
+        scores = torch.matmul(query_rows, key.transpose(2, 3)) * scaling  # (B, heads, P, L)
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1)
 
 
 def capture_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -101,11 +101,6 @@ class FrozenQwenSAM(nn.Module):
     def device(self) -> torch.device:
         return next(self.mask_head.parameters()).device
 
-    def train(self, mode: bool = True) -> FrozenQwenSAM:
-        """Train / eval the heads; Qwen and SAM's image encoder stay in eval (their `train` overrides)."""
-        super().train(mode)
-        return self
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer should see (everything that requires grad)."""
         return [p for p in self.parameters() if p.requires_grad]

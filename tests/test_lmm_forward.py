@@ -256,3 +256,29 @@ def test_bad_input_truncated_inside_vision_block(lmm, tokenizer, batch):
     pixels = batch["pixel_values"][: int(grid.prod())]
     with pytest.raises(ValueError, match="sample 0: the sequence ends inside the vision block.*truncated"):
         lmm(ids[:, :cut], attn[:, :cut], pixels, grid, mask_ids[:, :cut])
+
+
+def test_capture_stays_fp32_under_autocast(lmm, tokenizer, batch):
+    """Training runs the LMM under a bf16 autocast: the recomputed softmax rows and the maps must stay fp32."""
+    from flmm_model.attention import CaptureState, PhraseQueries, _phrase_weight_rows
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 12, 16, generator=generator)  # (B, heads, L, d)
+    key = torch.randn(2, 2, 12, 16, generator=generator)  # (B, kv_heads, L, d)
+    mask_ids = torch.full((2, 12), -1)
+    mask_ids[:, 8:10] = 0
+    image_mask = torch.zeros(2, 12, dtype=torch.bool)
+    image_mask[:, 2:6] = True
+    queries = PhraseQueries.build(mask_ids=mask_ids, image_mask=image_mask, attention_mask=torch.ones(2, 12),
+                                  num_objects=1)
+    expected = _phrase_weight_rows(query, key, 0.25, queries)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        found = _phrase_weight_rows(query, key, 0.25, queries)
+        capture = CaptureState(queries=queries)
+        capture.add_rows(found)
+    assert found.dtype == torch.float32 and torch.equal(found, expected)
+    assert capture.layer_maps[0].dtype == torch.float32
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run_lmm(lmm, tokenizer, batch, "right")
+    assert all(maps.dtype == torch.float32 for maps in out.attention_maps)

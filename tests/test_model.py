@@ -102,7 +102,7 @@ def test_segment_returns_masks_at_original_size(model, photos):
 
 
 def test_segment_rejects_empty_phrase_and_too_long_input(model, photos):
-    with pytest.raises(ValueError, match="1"):
+    with pytest.raises(ValueError, match="phrase 1 is empty"):
         model.segment(photos[0], ["the cup", "  "])
     with pytest.raises(ValueError, match="at least one phrase"):
         model.segment(photos[0], [])
