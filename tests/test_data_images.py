@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from flmm_model.data import DataError
 from flmm_model.data.images import image_tensor, load_rgb, qwen_image_inputs, to_rgb
@@ -17,24 +19,73 @@ def _save_with_orientation(image: Image.Image, path, orientation: int) -> None:
     image.save(path, exif=exif.tobytes())
 
 
-def test_load_rgb_applies_exif_orientation(tmp_path, photos):
+def test_load_rgb_applies_exif_orientation_without_annotations(tmp_path, photos):
     stored = photos[0]  # landscape
     width, height = stored.size
     path = tmp_path / "rotated.png"  # PNG: lossless, so pixels can be compared exactly
     _save_with_orientation(stored, path, 6)  # 6 = rotate 90 degrees clockwise to display
-    upright = load_rgb(str(path))
+    upright = load_rgb(str(path))  # expected_hw None: a user's photo, shown upright
     assert upright.size == (height, width)
     np.testing.assert_array_equal(np.asarray(upright), np.asarray(stored.transpose(Image.Transpose.ROTATE_270)))
-    assert load_rgb(str(path), expected_hw=(width, height)).size == (height, width)
+
+    _save_with_orientation(stored, tmp_path / "flipped.png", 3)  # 3 = rotate 180 degrees
+    np.testing.assert_array_equal(np.asarray(load_rgb(str(tmp_path / "flipped.png"))),
+                                  np.asarray(stored.transpose(Image.Transpose.ROTATE_180)))
 
 
-def test_load_rgb_keeps_stored_pixels_when_the_annotation_uses_them(tmp_path, photos, caplog):
-    stored = photos[0]
+def test_load_rgb_orientation_6_keeps_stored_frame_of_non_square_annotation(tmp_path, photos, caplog):
+    stored = photos[0]  # 600 x 400: the rotation would change the size
     path = tmp_path / "rotated.png"
     _save_with_orientation(stored, path, 6)
     image = load_rgb(str(path), expected_hw=(stored.height, stored.width), sample="sample 7")
     np.testing.assert_array_equal(np.asarray(image), np.asarray(stored))
-    assert "EXIF orientation 6 ignored" in caplog.text
+    assert "EXIF orientation 6 ignored" in caplog.text and "sample 7" in caplog.text
+    assert ImageOps.exif_transpose(image).size == stored.size  # the returned image carries no orientation any more
+
+
+def test_load_rgb_orientation_3_with_matching_size_stays_stored_and_warns_once(tmp_path, photos, caplog):
+    path = tmp_path / "upside_down.jpg"  # the reviewer's case: a JPEG whose rotation keeps the size
+    _save_with_orientation(photos[3], path, 3)
+    with Image.open(path) as handle:
+        stored = np.asarray(handle.convert("RGB"))  # the stored pixel array, EXIF not applied
+    height, width = stored.shape[:2]
+    with caplog.at_level(logging.WARNING, logger="flmm_model.data.images"):
+        image = load_rgb(str(path), expected_hw=(height, width), sample="sample 1")
+        again = load_rgb(str(path), expected_hw=(height, width), sample="sample 2")
+    np.testing.assert_array_equal(np.asarray(image), stored)
+    np.testing.assert_array_equal(np.asarray(again), stored)
+    warnings = [r for r in caplog.records if "EXIF orientation 3 ignored" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING  # once per file
+    assert "keep image and masks aligned" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_load_rgb_square_image_stays_stored_for_every_orientation(tmp_path, photos, caplog, orientation):
+    stored = photos[2]  # 512 x 512: no orientation changes the size, so the size cannot tell the frames apart
+    path = tmp_path / f"square_{orientation}.png"
+    _save_with_orientation(stored, path, orientation)
+    image = load_rgb(str(path), expected_hw=(stored.height, stored.width))
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(stored))
+    assert f"EXIF orientation {orientation} ignored" in caplog.text
+    assert not np.array_equal(np.asarray(load_rgb(str(path))), np.asarray(stored))  # without annotations: applied
+
+
+def test_load_rgb_annotation_in_the_upright_frame_is_a_size_mismatch(tmp_path, photos):
+    stored = photos[0]
+    width, height = stored.size
+    path = tmp_path / "rotated.png"
+    _save_with_orientation(stored, path, 6)
+    # COCO annotations refer to the stored pixels; one sized like the upright image is not aligned with them.
+    with pytest.raises(DataError, match=rf"is {height}x{width} .* says {width}x{height}; its EXIF orientation 6"):
+        load_rgb(str(path), expected_hw=(width, height))
+
+
+def test_load_rgb_without_orientation_does_not_warn(tmp_path, photos, caplog):
+    path = tmp_path / "plain.png"
+    _save_with_orientation(photos[1], path, 1)
+    image = load_rgb(str(path), expected_hw=(photos[1].height, photos[1].width))
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(photos[1]))
+    assert "EXIF" not in caplog.text
 
 
 def test_load_rgb_size_mismatch_names_file_and_sample(tmp_path, photos):

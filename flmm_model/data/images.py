@@ -1,7 +1,13 @@
-"""Images: read a file as upright RGB, and turn an RGB image into the tensors the model consumes.
+"""Images: read a file as RGB in the frame its masks use, and turn an RGB image into the tensors the model consumes.
 
 Every dataset and the model's `segment(image, phrases)` go through these functions, so the Qwen input and the SAM
 input (the original RGB image) always come from the same pixels.
+
+EXIF orientation policy (`load_rgb`): with annotations (`expected_hw` given) the image stays in the stored pixel
+frame whatever its EXIF orientation, because COCO-style annotations (RefCOCO/+/g, PNG / COCO panoptic) were made on
+the stored pixel array -- the COCO toolkit and pycocotools never apply EXIF -- so rotating or mirroring the image
+would silently misalign it with its masks. An ignored orientation is logged once per file. Without annotations
+(`expected_hw` None: a user's photo for predict / segment) the orientation is applied, so the image is upright.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from flmm_model.data.errors import DataError
 logger = logging.getLogger(__name__)
 
 _EXIF_ORIENTATION = 0x0112
+_MOVING_ORIENTATIONS = frozenset(range(2, 9))  # 1 = as stored; 2-8 mirror and / or rotate; other values are invalid
+_warned_orientation: set[str] = set()  # files whose ignored EXIF orientation was already logged (per process)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -41,20 +49,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str, *, expected_hw: tuple[int, int] | None = None, sample: str = "") -> Image.Image:
-    """Read an image file as upright 8-bit RGB (EXIF orientation applied).
+    """Read an image file as 8-bit RGB, in the frame its annotations refer to.
 
     Args:
         path: image file.
-        expected_hw: (height, width) the annotations were made at, when known. If the upright image differs but the
-            stored (un-rotated) pixels match, the annotation frame wins: the stored pixels are returned and a
-            warning is logged, so image and masks stay aligned. Any other mismatch raises.
+        expected_hw: (height, width) of the image in its annotation file (COCO `height` / `width`), when known.
+            Annotations refer to the stored pixel array (as COCO's are), so the stored pixels are returned
+            unchanged whatever the EXIF orientation; a mirroring / rotating orientation (2-8) is ignored with a
+            warning logged once per file. The stored size must equal `expected_hw`, else DataError. When None (no
+            annotations, e.g. a user's photo), the EXIF orientation is applied and the image comes back upright.
         sample: a description of the sample for error messages, e.g. "refcoco/val sample 3 (image_id 42)".
 
     Returns:
-        An RGB PIL image, fully decoded.
+        An RGB PIL image, fully decoded: stored frame if `expected_hw` is given, upright otherwise.
 
     Raises:
-        DataError: the file is missing, cannot be decoded, or does not have the annotated size.
+        DataError: the file is missing, cannot be decoded, or its stored size is not `expected_hw`.
     """
     where = f" ({sample})" if sample else ""
     if not os.path.isfile(path):
@@ -63,18 +73,30 @@ def load_rgb(path: str, *, expected_hw: tuple[int, int] | None = None, sample: s
         with Image.open(path) as stored:
             stored.load()
             orientation = stored.getexif().get(_EXIF_ORIENTATION, 1)
-            upright = ImageOps.exif_transpose(stored)
-            if orientation != 1 and expected_hw is not None and upright.size[::-1] != tuple(expected_hw) \
-                    and stored.size[::-1] == tuple(expected_hw):
-                logger.warning("%s: EXIF orientation %d ignored: the annotations use the stored %dx%d (H x W) "
-                               "pixels%s", path, orientation, expected_hw[0], expected_hw[1], where)
-                upright = stored.copy()
+            image = stored.copy() if expected_hw is not None else ImageOps.exif_transpose(stored)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DataError(f"cannot read image file {path}{where}: {error}") from error
-    if expected_hw is not None and upright.size[::-1] != tuple(expected_hw):
-        raise DataError(f"image file {path}{where} is {upright.height}x{upright.width} (H x W) but its annotation "
-                        f"says {expected_hw[0]}x{expected_hw[1]}")
-    return to_rgb(upright)
+    if expected_hw is None:
+        return to_rgb(image)
+
+    expected = (int(expected_hw[0]), int(expected_hw[1]))
+    moves = orientation in _MOVING_ORIENTATIONS
+    if image.size[::-1] != expected:
+        hint = ""
+        if moves and orientation >= 5 and image.size == expected:
+            hint = (f"; its EXIF orientation {orientation} would transpose it to the annotated size, but annotations "
+                    f"must refer to the stored pixels (as COCO's do), so the masks would not be aligned")
+        raise DataError(f"image file {path}{where} is {image.height}x{image.width} (H x W) but its annotation "
+                        f"says {expected[0]}x{expected[1]}{hint}")
+    if moves:
+        for field in ("exif", "XML:com.adobe.xmp", "xmp"):  # so nothing downstream rotates the stored frame again
+            image.info.pop(field, None)
+        key = os.path.abspath(path)
+        if key not in _warned_orientation:
+            _warned_orientation.add(key)
+            logger.warning("%s: EXIF orientation %d ignored to keep image and masks aligned: the annotations refer "
+                           "to the stored %dx%d (H x W) pixels%s", path, orientation, expected[0], expected[1], where)
+    return to_rgb(image)
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:
