@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import re
 import types
 import typing
@@ -71,7 +72,7 @@ class DatasetConfig:
 
     type: str = _field(help="dataset kind", choices=DATASET_TYPES)
     split: str = _field("train", help="refcoco*: train | val | testA | testB | test; png: train | val; "
-                                      "synthetic: any name (it only changes the seed)")
+                                      "synthetic: any name (without a seed, the name seeds the samples)")
     root: str | None = _field(None, help="data root of this dataset; null = data.root")
     split_by: str | None = _field(None, help="refcoco*: REFER split file (unc | umd | google); null = the "
                                                 "usual one (unc, refcocog: umd)")
@@ -86,7 +87,8 @@ class DatasetConfig:
     max_objects: int | None = _field(None, help="synthetic: at most this many shapes per image; null = default")
     object_size: list[float] | None = _field(None, help="synthetic: [min, max] shape size as a fraction of the "
                                                         "shorter side; null = default")
-    seed: int = _field(0, help="seed of random choices inside the dataset (sentence per ref, synthetic images)")
+    seed: int | None = _field(None, help="seed of random choices inside the dataset (sentence per ref, synthetic "
+                                         "images); null = derived from the split name, so splits differ")
     max_samples: int | None = _field(None, help="use only the first N samples (quick validation); null = all")
     name: str | None = _field(None, help="label in logs and tables; null = <type>_<split>")
 
@@ -169,9 +171,9 @@ def _type_name(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return f"{_type_name(args[0])} or null"
-    if origin in (list, list):
+    if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin in (dict, dict):
+    if origin is dict:
         return f"mapping of {_type_name(typing.get_args(tp)[1])}"
     if dataclasses.is_dataclass(tp):
         return f"mapping ({tp.__name__})"
@@ -209,14 +211,14 @@ def _check(value: Any, tp: Any, key: str) -> None:
             raise ConfigError(f"{key}: expected {_type_name(tp)}, found {_found(value)}")
         _check_dataclass(value, tp, key)
         return
-    if origin in (list, list):
+    if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, found {_found(value)}")
         (item_type,) = typing.get_args(tp)
         for index, item in enumerate(value):
             _check(item, item_type, f"{key}.{index}")
         return
-    if origin in (dict, dict):
+    if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, found {_found(value)}")
         for sub_key, item in value.items():
@@ -301,7 +303,7 @@ def _schema_type_at(parts: list[str]) -> Any:
             if part not in names:
                 raise _unknown_key_error(key, part, names)
             tp = _hints(tp)[part]
-        elif origin in (list, list):
+        elif origin is list:
             if not part.isdigit():
                 raise ConfigError(f"{key}: {'.'.join(walked)} is a list; index it with a number (e.g. "
                                   f"{'.'.join(walked)}.0)")
@@ -442,6 +444,20 @@ def config_to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def dataset_seed(ds: DatasetConfig) -> int:
+    """The seed a dataset is built with: `ds.seed` when set (used as is), else one derived from the split name.
+
+    The derived seed is a stable hash (SHA-256, not Python's per-process salted `hash()`), the same in every process
+    and run, and different for different split names: a synthetic `val` split without a seed is not a copy of the
+    first samples of the `train` split. Two entries with the same explicit seed draw the same samples, whatever
+    their splits.
+    """
+    if ds.seed is not None:
+        return ds.seed
+    digest = hashlib.sha256(f"split:{ds.split}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
 def dataset_label(ds: DatasetConfig) -> str:
     """Name of a dataset split in logs and tables."""
     if ds.name:
@@ -468,6 +484,6 @@ def describe_schema(cls: type = ExperimentConfig, prefix: str = "") -> list[str]
         else:
             default = "required"
         lines.append(f"  {key} ({_type_name(tp)}, {default}): {fld.metadata.get('help', '')}")
-        if typing.get_origin(tp) in (list, list) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             lines.extend(describe_schema(typing.get_args(tp)[0], f"    {key}.N."))
     return lines

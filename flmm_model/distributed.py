@@ -82,12 +82,26 @@ def barrier() -> None:
         dist.barrier()
 
 
+def collective_device(values: torch.Tensor) -> torch.device:
+    """The device `values` must be on for a collective of the default process group.
+
+    NCCL reduces CUDA tensors only ("No backend type associated with device type cpu"), so a tensor elsewhere goes
+    to the current CUDA device (the one `init_distributed` selected); gloo takes a tensor where it is.
+    """
+    if dist.get_backend() == "nccl" and values.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return values.device
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all processes (identity in a world of one). Returns a new tensor on the input's device."""
-    values = values.clone()
-    if dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+    """Sum a tensor over all processes; a copy in a world of one. Works for any backend: the reduction runs on
+    `collective_device(values)` (a CUDA copy of a CPU tensor under NCCL). Returns a new tensor on the input's
+    device; every process must call it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values.clone()
+    reduced = values.to(collective_device(values), copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.to(values.device)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

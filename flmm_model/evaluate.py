@@ -24,8 +24,9 @@ from flmm_model.config import (
     ModelConfig,
     check_model_paths,
     dataset_label,
+    dataset_seed,
 )
-from flmm_model.distributed import ShardedSampler, init_distributed, shutdown_distributed
+from flmm_model.distributed import ShardedSampler, all_reduce_sum, init_distributed, shutdown_distributed
 
 
 def autocast_context(device: torch.device, precision: str) -> Any:
@@ -38,6 +39,15 @@ def autocast_context(device: torch.device, precision: str) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+class EpochSubset(torch.utils.data.Subset):
+    """`torch.utils.data.Subset` that forwards `set_epoch` to the dataset it wraps, so a training set cut down with
+    `max_samples` still draws new random choices (e.g. RefCOCO's sentence per ref) every epoch."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
 def build_dataset(ds: DatasetConfig, *, cfg: ExperimentConfig, tokenizer: Any, image_processor: Any,
                   train: bool) -> torch.utils.data.Dataset:
     """One dataset from its config entry (paths default to the layout under `data.root`)."""
@@ -48,7 +58,7 @@ def build_dataset(ds: DatasetConfig, *, cfg: ExperimentConfig, tokenizer: Any, i
     common = dict(tokenizer=tokenizer, image_processor=image_processor, **prompt)
     if ds.type in REFCOCO_TYPES:
         dataset = flmm_data.RefCocoDataset(root, ds.type, ds.split, split_by=ds.split_by, image_dir=ds.image_dir,
-                                           protocol=ds.protocol, train=train, seed=ds.seed,
+                                           protocol=ds.protocol, train=train, seed=dataset_seed(ds),
                                            on_error=cfg.data.on_error, **common)
     elif ds.type == "png":
         dataset = flmm_data.PngDataset(root, ds.split, image_dir=ds.image_dir, ann_dir=ds.ann_dir,
@@ -57,12 +67,12 @@ def build_dataset(ds: DatasetConfig, *, cfg: ExperimentConfig, tokenizer: Any, i
         shape_options = {"image_size": tuple(ds.image_size) if ds.image_size else None,
                          "max_objects": ds.max_objects,
                          "object_size": tuple(ds.object_size) if ds.object_size else None}
-        dataset = flmm_data.SyntheticDataset(length=ds.length, seed=ds.seed, **common,
+        dataset = flmm_data.SyntheticDataset(length=ds.length, seed=dataset_seed(ds), **common,
                                              **{k: v for k, v in shape_options.items() if v is not None})
     else:  # the schema's choices make this unreachable
         raise ValueError(f"dataset type {ds.type!r}")
     if ds.max_samples is not None and ds.max_samples < len(dataset):
-        dataset = torch.utils.data.Subset(dataset, range(ds.max_samples))
+        dataset = EpochSubset(dataset, range(ds.max_samples))
     return dataset
 
 
@@ -98,7 +108,8 @@ def _pad_token_id(model_cfg: ModelConfig) -> int:
     return _PAD_IDS[model_cfg.tokenizer]
 
 
-def _dataset_kind(ds: DatasetConfig) -> str:
+def dataset_kind(ds: DatasetConfig) -> str:
+    """How a dataset is scored (the `kind` of `score_dataset`): "png" (Average Recall) or "refer" (cIoU / gIoU)."""
     return "png" if ds.type == "png" else "refer"
 
 
@@ -116,7 +127,8 @@ def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, kind: str,
         progress: show a progress bar (rank 0).
         desc: progress bar label.
     Returns:
-        Metric name -> value (percent).
+        Metric name -> value (percent), plus the counts: `count...` (objects scored, from the metric) and
+        `count_skipped` (samples the dataset dropped as bad data under `data.on_error=skip`, over all processes).
     """
     from flmm_model.metrics import PngRecallMetric, ReferSegMetric
 
@@ -125,7 +137,9 @@ def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, kind: str,
     if baselines:
         metrics.update({"baseline_full/": make_metric(), "baseline_empty/": make_metric()})
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    skipped = 0  # samples of this process's shard the dataset dropped (data.on_error=skip)
     for batch in tqdm(loader, desc=desc, disable=not (progress and rank0), dynamic_ncols=True, leave=False):
+        skipped += batch["num_skipped"]
         if len(batch["images"]) == 0:
             continue
         with autocast:
@@ -144,11 +158,12 @@ def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, kind: str,
     results: dict[str, float] = {}
     for prefix, metric in metrics.items():
         results.update({f"{prefix}{name}": float(value) for name, value in metric.compute().items()})
+    results["count_skipped"] = int(all_reduce_sum(torch.tensor([skipped], dtype=torch.int64))[0])
     return results
 
 
 def print_table(scores: dict[str, dict[str, float]], *, title: str) -> str:
-    """Print (and return) a plain-text table: one row per dataset, one column per metric."""
+    """Print (and return) a plain-text table: one row per dataset, one column per metric (counts left out)."""
     columns: list[str] = []
     for metrics in scores.values():
         columns += [name for name in metrics
@@ -227,13 +242,17 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
             sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False,
                                      pad=False)
             loader = make_loader(dataset, sampler=sampler, batch_size=ec.batch_size, cfg=cfg)
-            results[label] = score_dataset(model, loader, kind=_dataset_kind(ds), autocast=autocast,
+            results[label] = score_dataset(model, loader, kind=dataset_kind(ds), autocast=autocast,
                                            progress=ec.progress, desc=label)
         out_dir = Path(ec.out_dir) if ec.out_dir else checkpoint
         eval_json = out_dir / "eval.json"
         if info.is_main:
             protocols = {dataset_label(ds): ds.protocol for ds in cfg.data.test if ds.type in REFCOCO_TYPES}
             print_table(results, title=f"evaluation of {checkpoint}")
+            skipped = {label: metrics["count_skipped"] for label, metrics in results.items()}
+            if cfg.data.on_error == "skip" or any(skipped.values()):
+                print(f"samples skipped as bad data (data.on_error={cfg.data.on_error}; the warnings name them): "
+                      + ", ".join(f"{label} {count}" for label, count in skipped.items()))
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(eval_json, json.dumps({"checkpoint": str(checkpoint), "protocols": protocols,
                                                      "results": results}, indent=2) + "\n")

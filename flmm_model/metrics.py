@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
+
+from flmm_model.distributed import all_reduce_sum
 
 PNG_GROUPS = ("all", "things", "stuff", "singulars", "plurals")
 
@@ -66,16 +67,6 @@ def recall_curve(ious: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return (ious.double()[None, :] >= thresholds.double()[:, None]).double().mean(dim=1)  # (T,)
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a CPU tensor over all processes (a copy; NCCL gets a CUDA copy); the tensor itself when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
-    reduced = values.to(device, copy=True)
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return reduced.cpu()
-
-
 class ReferSegMetric:
     """cIoU and gIoU over a referring-segmentation split, accumulated batch by batch (and across processes)."""
 
@@ -99,7 +90,7 @@ class ReferSegMetric:
 
     def compute(self) -> dict[str, float]:
         """{"cIoU", "gIoU"} x100 and "count" (objects), over all processes; NaN scores when count is 0."""
-        intersection, union, iou_sum, count = all_reduce_sum(self._sums.clone()).tolist()
+        intersection, union, iou_sum, count = all_reduce_sum(self._sums).tolist()
         if count == 0:
             return {"cIoU": math.nan, "gIoU": math.nan, "count": 0}
         ciou = 100.0 * intersection / union if union > 0 else 100.0
@@ -136,7 +127,7 @@ class PngRecallMetric:
 
     def compute(self) -> dict[str, float]:
         """{"AR_<group>"} x100 and {"count_<group>"} for each group, over all processes; NaN for empty groups."""
-        sums = all_reduce_sum(self._sums.clone())
+        sums = all_reduce_sum(self._sums)
         result: dict[str, float] = {}
         for (iou_sum, count), group in zip(sums.tolist(), PNG_GROUPS, strict=True):
             result[f"AR_{group}"] = 100.0 * iou_sum / count if count > 0 else math.nan

@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from flmm_model.config import ModelConfig, check_model_paths
+from flmm_model.data import load_rgb
 from flmm_model.distributed import resolve_device
 
 # Distinct, colour-blind-friendly colours (Okabe-Ito), cycled for more phrases.
@@ -75,12 +76,12 @@ def draw_overlay(image: Image.Image, masks: np.ndarray, phrases: list[str], *, a
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """An RGB PIL image, upright (EXIF orientation applied)."""
+    """An upright RGB PIL image, read exactly as the datasets read theirs (`flmm_model.data.load_rgb`: EXIF
+    orientation applied, transparency composited on white), so a prediction sees the pixels training saw."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r}: no such file")
-    with Image.open(path) as handle:
-        return ImageOps.exif_transpose(handle).convert("RGB")
+    return load_rgb(str(path))
 
 
 def predict(model_cfg: ModelConfig, *, checkpoint: str, image: str, phrases: list[str], out_dir: str,

@@ -47,7 +47,14 @@ from flmm_model.distributed import (
     shutdown_distributed,
     wrap_ddp,
 )
-from flmm_model.evaluate import autocast_context, build_datasets, make_loader, print_table, score_dataset
+from flmm_model.evaluate import (
+    autocast_context,
+    build_datasets,
+    dataset_kind,
+    make_loader,
+    print_table,
+    score_dataset,
+)
 
 LOSS_KEYS = ("loss", "loss_mask_bce", "loss_mask_dice", "loss_sam_bce", "loss_sam_dice")
 
@@ -122,25 +129,58 @@ def plot_metrics(records: list[dict[str, Any]], out_png: str | Path) -> None:
     plt.close(fig)
 
 
+COLUMN_NAMES = {"gIoU": "mIoU (gIoU)"}  # table headers of metrics named otherwise in the results
+
+
 def versus_baselines(scores: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Rows `<dataset> model`, `<dataset> all-foreground`, `<dataset> empty` with the mIoU (gIoU) and cIoU columns."""
+    """Rows `<dataset> model`, `<dataset> all-foreground`, `<dataset> empty` with the dataset's metric columns:
+    mIoU (gIoU) and cIoU for RefCOCO-style sets, the Average Recalls for PNG (counts left out)."""
     rows: dict[str, dict[str, float]] = {}
     for label, metrics in scores.items():
-        for prefix, name in (("", "model"), ("baseline_full/", "all-foreground"), ("baseline_empty/", "empty")):
-            rows[f"{label} {name}"] = {"mIoU (gIoU)": metrics[f"{prefix}gIoU"], "cIoU": metrics[f"{prefix}cIoU"]}
+        names = [name for name in metrics if "/" not in name and not name.startswith("count")]
+        names.sort(key=lambda name: name != "gIoU")  # mIoU first; otherwise the metric's own order
+        for prefix, row in (("", "model"), ("baseline_full/", "all-foreground"), ("baseline_empty/", "empty")):
+            rows[f"{label} {row}"] = {COLUMN_NAMES.get(name, name): metrics[f"{prefix}{name}"] for name in names}
     return rows
 
 
-def validate(model: torch.nn.Module, val_sets: list[tuple[str, Any]], *, cfg: ExperimentConfig, info: Any,
+def validate(model: torch.nn.Module, val_sets: list[tuple[str, str, Any]], *, cfg: ExperimentConfig, info: Any,
              autocast: Any) -> dict[str, dict[str, float]]:
-    """Score every validation dataset (sharded over ranks, metric sums reduced), with the trivial baselines."""
+    """Score every validation dataset (sharded over ranks, metric sums reduced), with the trivial baselines.
+
+    `val_sets` holds (label, kind, dataset) triples; kind is how the dataset is scored ("refer": cIoU / gIoU,
+    "png": Average Recall; see `flmm_model.evaluate.dataset_kind`)."""
     scores: dict[str, dict[str, float]] = {}
-    for label, dataset in val_sets:
+    for label, kind, dataset in val_sets:
         sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False, pad=False)
         loader = make_loader(dataset, sampler=sampler, batch_size=cfg.eval.batch_size, cfg=cfg)
-        scores[label] = score_dataset(model, loader, kind="refer", autocast=autocast, baselines=True,
+        scores[label] = score_dataset(model, loader, kind=kind, autocast=autocast, baselines=True,
                                       progress=False, desc=f"val {label}")
     return scores
+
+
+def check_resume_setup(state: dict[str, Any], *, checkpoint: str | Path, world_size: int, batch_size: int,
+                       grad_accum: int, total_steps: int) -> None:
+    """Raise ValueError (naming the saved and the current values) when this run cannot continue the checkpoint's.
+
+    The data position (`micro_in_epoch`) counts micro-batches of `batch_size` samples per process, so it means other
+    samples under another world size, batch size or accumulation; the LR schedule spans `total_steps`, so another
+    total would either stop early or train the extra steps at LR 0. Checkpoints written before `batch_size` and
+    `grad_accum` were saved are checked on what they hold.
+    """
+    current = {"world_size": ("world size", world_size), "batch_size": ("data.batch_size", batch_size),
+               "grad_accum": ("train.grad_accum", grad_accum)}
+    differ = [f"{name} {state[key]} in the checkpoint, {value} now" for key, (name, value) in current.items()
+              if key in state and state[key] != value]
+    if differ:
+        raise ValueError(f"train.resume: {checkpoint} was written by a run with another setup ({'; '.join(differ)}); "
+                         f"its position in the data would point at other samples. Resume with the same number of "
+                         f"processes, data.batch_size and train.grad_accum, or start a new run")
+    if state["total_steps"] != total_steps:
+        raise ValueError(f"train.resume: {checkpoint} was written for {state['total_steps']} steps, this run has "
+                         f"{total_steps} (from train.max_steps, or train.epochs and the data); its LR schedule "
+                         f"cannot span both. Resume with the settings that give {state['total_steps']} steps, or "
+                         f"start a new run")
 
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -172,8 +212,10 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         train_set = torch.utils.data.ConcatDataset(
             [ds for _, ds in build_datasets(cfg.data.train, cfg=cfg, tokenizer=tokenizer,
                                             image_processor=image_processor, train=True)])
-        val_sets = build_datasets(cfg.data.val, cfg=cfg, tokenizer=tokenizer, image_processor=image_processor,
-                                  train=False)
+        val_datasets = build_datasets(cfg.data.val, cfg=cfg, tokenizer=tokenizer, image_processor=image_processor,
+                                      train=False)
+        val_sets = [(label, dataset_kind(ds), dataset)  # each scored as its kind says (RefCOCO cIoU, PNG AR)
+                    for ds, (label, dataset) in zip(cfg.data.val, val_datasets, strict=True)]
         sampler = ShardedSampler(len(train_set), rank=info.rank, world_size=info.world_size, shuffle=True,
                                  seed=tc.seed, pad=True)
         loader = make_loader(train_set, sampler=sampler, batch_size=cfg.data.batch_size, cfg=cfg)
@@ -193,6 +235,11 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 log(f"train.resume=latest: no checkpoint in {ckpt_root}; starting from scratch")
         elif tc.resume:
             resume_from = resolve_checkpoint(tc.resume)
+        resume_state = None
+        if resume_from is not None:
+            resume_state = load_trainer_state(resume_from)
+            check_resume_setup(resume_state, checkpoint=resume_from, world_size=info.world_size,
+                               batch_size=cfg.data.batch_size, grad_accum=tc.grad_accum, total_steps=total_steps)
         if resume_from is None and latest_checkpoint(ckpt_root) is not None:
             if not tc.overwrite:
                 raise FileExistsError(f"{ckpt_root} holds checkpoints of an earlier run: pass --resume to continue it, "
@@ -214,17 +261,13 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         # ---- Resume: weights, optimizer, scheduler, RNG states and the position in the data.
         step, epoch, micro_done = 0, 0, 0
         if resume_from is not None:
-            state = load_trainer_state(resume_from)
+            state = resume_state  # checked against this run's setup before the model was built
             model.load_trainable_state_dict(load_trainable_weights(resume_from), strict=True)
             model.to(info.device)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, micro_done = state["step"], state["epoch"], state["micro_in_epoch"]
-            rng_states = state["rng"]
-            restore_rng_state(rng_states[info.rank] if len(rng_states) == info.world_size else rng_states[0])
-            if state["total_steps"] != total_steps:
-                log(f"warning: the checkpoint was written for {state['total_steps']} steps, this run has "
-                    f"{total_steps}; the LR schedule keeps the checkpoint's length")
+            restore_rng_state(state["rng"][info.rank])  # same world size (checked): each rank its own streams
             log(f"resumed from {resume_from} at step {step} (epoch {epoch}, micro-batch {micro_done})")
         if info.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +296,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             record: dict[str, Any] = {"kind": "val", "step": step}
             for label, metrics in scores.items():
                 record.update({f"{label}/{k}": v for k, v in metrics.items()})
+                if metrics["count_skipped"]:
+                    log(f"validation {label}: {metrics['count_skipped']} bad samples skipped (data.on_error=skip)")
             log_record(record)
             if info.is_main:
                 plot_metrics(read_metrics(metrics_path), out_dir / "metrics.png")
@@ -262,8 +307,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             rng_states = all_gather_objects(capture_rng_state())  # every rank's, so each resumes its own streams
             trainer_state = {
                 "step": step, "epoch": epoch, "micro_in_epoch": micro_done, "total_steps": total_steps,
-                "world_size": info.world_size, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_states,
+                "world_size": info.world_size, "batch_size": cfg.data.batch_size, "grad_accum": tc.grad_accum,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states,
             }
             path = ckpt_root / f"step_{step:07d}"
             if info.is_main:
@@ -303,6 +348,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     skipped += batch["num_skipped"]
                 micro_done += tc.grad_accum
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+                lr = scheduler.get_last_lr()[0]  # the LR this step uses (scheduler.step() sets the next one)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -315,7 +361,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     elapsed = time.perf_counter() - window_start
                     images_per_s = window_images * info.world_size / max(elapsed, 1e-9)
                     last_loss = means[0]
-                    record = {"kind": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                    record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr,
                               "grad_norm": float(grad_norm), "images_per_s": images_per_s}
                     record.update(dict(zip(LOSS_KEYS, means, strict=True)))
                     log_record(record)

@@ -8,9 +8,11 @@ import pytest
 
 from flmm_model.config import (
     ConfigError,
+    DatasetConfig,
     ExperimentConfig,
     check_model_paths,
     config_to_yaml,
+    dataset_seed,
     describe_schema,
     load_config,
     parse_override_value,
@@ -146,3 +148,16 @@ def test_schema_description_lists_every_section():
     text = "\n".join(describe_schema())
     for key in ("model.qwen", "data.train", "train.lr", "train.resume", "eval.checkpoint", "data.train.N.type"):
         assert key in text
+
+
+def test_dataset_seed_derives_from_the_split_when_unset_and_keeps_an_explicit_seed():
+    def seed(**kwargs):
+        return dataset_seed(DatasetConfig(type="synthetic", length=4, **kwargs))
+
+    assert len({seed(split="train"), seed(split="val"), seed(split="test")}) == 3
+    # A stable hash, the same in every process and run (Python's hash() of a str is salted per process).
+    assert seed(split="val") == 1143720464
+    assert seed(split="val", seed=0) == 0 and seed(split="val", seed=7) == 7  # an explicit seed means itself
+    demo = load_config(Path(CONFIGS[0].parent) / "demo.yaml")
+    assert [dataset_seed(ds) for ds in demo.data.train + demo.data.val + demo.data.test] == [0, 1, 2]
+    assert load_config(None, ["data.train=[{type: synthetic, length: 3}]"]).data.train[0].seed is None

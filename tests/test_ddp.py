@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from flmm_model.distributed import ShardedSampler
+from flmm_model.distributed import ShardedSampler, all_reduce_sum
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -44,6 +45,62 @@ def test_sampler_position_skips_consumed_samples():
     full = list(sampler)
     sampler.set_position(2, 3)
     assert list(sampler) == full[3:] and len(sampler) == len(full) - 3
+
+
+def test_all_reduce_sum_runs_cpu_tensors_through_the_cuda_device_under_nccl(monkeypatch):
+    # NCCL reduces CUDA tensors only, and training reduces CPU tensors (the loss window, the skipped count). No GPU
+    # is needed here: the process group is faked, and so is the copy to the GPU (the data stays on the CPU, tagged
+    # with the device it was sent to).
+    real_to = torch.Tensor.to
+
+    def fake_to(tensor, *args, **kwargs):
+        device = args[0] if args else kwargs.get("device")
+        if not isinstance(device, (str, torch.device)):
+            return real_to(tensor, *args, **kwargs)
+        copy = tensor.clone()  # a copy, as a real move between devices makes
+        if torch.device(device).type == "cuda":
+            copy.sent_to = torch.device(device)
+        elif not hasattr(tensor, "sent_to"):
+            return real_to(tensor, *args, **kwargs)
+        return copy
+
+    reduced_on = []
+
+    def fake_all_reduce(tensor, op=None, group=None, async_op=False):
+        reduced_on.append(getattr(tensor, "sent_to", tensor.device))
+        tensor.mul_(2)  # a second rank holding the same values
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    window = torch.tensor([1.5, 2.0, 4.0], dtype=torch.float64)
+    total = all_reduce_sum(window)
+    assert reduced_on == [torch.device("cuda", 1)]  # on the current CUDA device, not the CPU
+    assert total.device == torch.device("cpu") and not hasattr(total, "sent_to")  # back where it came from
+    assert torch.equal(total, torch.tensor([3.0, 4.0, 8.0], dtype=torch.float64))
+    assert torch.equal(window, torch.tensor([1.5, 2.0, 4.0], dtype=torch.float64))  # the input is left alone
+
+    # gloo reduces a CPU tensor where it is.
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    reduced_on.clear()
+    assert torch.equal(all_reduce_sum(torch.tensor([3])), torch.tensor([6])) and reduced_on == [torch.device("cpu")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for an NCCL group")
+def test_all_reduce_sum_of_cpu_tensors_in_a_real_nccl_group(tmp_path):
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        window = torch.tensor([1.5, 2.0], dtype=torch.float64)
+        total = all_reduce_sum(window)
+        assert total.device == torch.device("cpu") and torch.equal(total, window)
+        assert all_reduce_sum(torch.tensor([3])).item() == 3  # training's skipped count (int64)
+        on_gpu = torch.ones(2, device="cuda")
+        assert all_reduce_sum(on_gpu).device == on_gpu.device
+    finally:
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -10,8 +10,9 @@ from dataset_files import write_png, write_refer
 
 import run
 from flmm_model.build import build_model
-from flmm_model.config import ModelConfig
-from flmm_model.data import load_rgb
+from flmm_model.config import ModelConfig, load_config
+from flmm_model.data import RefCocoDataset, load_rgb
+from flmm_model.evaluate import EpochSubset, build_dataset
 from flmm_model.metrics import ReferSegMetric
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
@@ -60,8 +61,6 @@ def test_eval_scores_refcoco_protocols_and_png_and_writes_eval_json(checkpoint, 
     # The same numbers as segmenting each val image with all its refs' first sentences through segment().
     metric = ReferSegMetric()
     refs = {2: ["the astronaut"], 3: ["the cat", "the cat's right side"]}
-    from flmm_model.data import RefCocoDataset
-
     dataset = RefCocoDataset(str(data_root), "refcoco", "val", tokenizer=model.tokenizer,
                              image_processor=model.image_processor, train=False)
     for index in range(len(dataset)):
@@ -92,3 +91,45 @@ def test_eval_missing_data_files_fail_before_weights_load(checkpoint, tmp_path, 
     with pytest.raises(Exception, match="refs"):
         run.main(["eval", "--config", DEMO, "--checkpoint", str(checkpoint[0]), f"data.root={tmp_path}",
                   "data.test=[{type: refcoco, split: val}]"])
+
+
+def test_eval_reports_samples_skipped_as_bad_data(checkpoint, photos, tmp_path, capsys):
+    root = tmp_path / "data"
+    write_refer(root, photos)
+    (root / "train2014" / "COCO_train2014_000000000002.jpg").unlink()  # val image 2 (one ref) is missing
+    result = run.main(["eval", "--config", DEMO, "--checkpoint", str(checkpoint[0]), f"data.root={root}",
+                       "data.test=[{type: refcoco, split: val}]", "data.on_error=skip", "eval.batch_size=1",
+                       f"eval.out_dir={tmp_path / 'eval'}", "eval.progress=false"])
+    scores = result["results"]["refcoco_val"]
+    assert scores["count_skipped"] == 1 and scores["count"] == 2  # image 3's two refs were scored
+    printed = capsys.readouterr().out
+    assert "samples skipped as bad data (data.on_error=skip" in printed and "refcoco_val 1" in printed
+    written = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert written["results"]["refcoco_val"]["count_skipped"] == 1
+
+
+def test_synthetic_splits_without_a_seed_hold_different_samples(tokenizer, image_processor):
+    entries = ("data.test=[{type: synthetic, split: train, length: 3}, {type: synthetic, split: val, length: 3}, "
+               "{type: synthetic, split: val, length: 3, seed: 0}]")
+    cfg = load_config(DEMO, [entries])
+    train, val, seeded = [build_dataset(ds, cfg=cfg, tokenizer=tokenizer, image_processor=image_processor,
+                                        train=False) for ds in cfg.data.test]
+    assert train.seed != val.seed and seeded.seed == 0  # an explicit seed keeps its meaning
+    for index in range(3):  # the old behaviour: the val split was the first samples of the train split
+        assert train.scene(index).image.tobytes() != val.scene(index).image.tobytes()
+
+
+def test_max_samples_keeps_the_epoch_draw_of_a_training_set(data_root, tokenizer, image_processor):
+    cfg = load_config(DEMO, [f"data.root={data_root}", "data.train=[{type: refcoco, split: val, max_samples: 1}]"])
+    subset = build_dataset(cfg.data.train[0], cfg=cfg, tokenizer=tokenizer, image_processor=image_processor,
+                           train=True)
+    full = RefCocoDataset(str(data_root), "refcoco", "val", tokenizer=tokenizer, image_processor=image_processor,
+                          train=True, seed=subset.dataset.seed)
+    assert isinstance(subset, EpochSubset) and len(subset) == 1 < len(full)
+    draws = []
+    for epoch in range(8):  # sample 0: image 2, one ref with two sentences, one drawn per epoch
+        subset.set_epoch(epoch)
+        full.set_epoch(epoch)
+        assert subset[0]["phrases"] == full[0]["phrases"], epoch
+        draws.append(tuple(subset[0]["phrases"]))
+    assert len(set(draws)) == 2

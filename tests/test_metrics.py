@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from flmm_model import metrics
+from flmm_model import distributed, metrics
 from flmm_model.metrics import PngRecallMetric, ReferSegMetric, average_recall, mask_iou, recall_curve
 
 
@@ -98,3 +98,11 @@ def test_metrics_sum_across_processes(tmp_path, monkeypatch):
     refer = ReferSegMetric()
     refer.update(PRED, GT)
     assert refer.compute()["count"] == 6 and refer.compute()["gIoU"] == pytest.approx(100 * 1.4 / 3)
+
+
+def test_metrics_reduce_with_the_one_device_aware_all_reduce_sum():
+    # One implementation for training, validation and evaluation (it handles NCCL's CUDA-only reductions).
+    assert metrics.all_reduce_sum is distributed.all_reduce_sum
+    values = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    reduced = metrics.all_reduce_sum(values)  # a world of one: an equal copy
+    assert torch.equal(reduced, values) and reduced is not values

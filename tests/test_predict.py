@@ -11,8 +11,9 @@ from PIL import Image
 import run
 from flmm_model.build import build_model
 from flmm_model.config import ModelConfig
+from flmm_model.data import load_rgb
 from flmm_model.model import FrozenQwenSAM
-from flmm_model.predict import contour, draw_overlay, slugify
+from flmm_model.predict import contour, draw_overlay, load_image, slugify
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
@@ -60,3 +61,16 @@ def test_overlay_tints_masks_draws_contours_and_labels():
     outline = contour(masks[0], width=1)
     assert outline[10, 15] and outline[20, 5] and not outline[20, 15]
     assert slugify("The Cat's  left-ear!") == "the_cat_s_left_ear"
+
+
+def test_load_image_reads_pixels_as_the_datasets_do(tmp_path):
+    # A transparent PNG: the datasets (and Qwen's own loading) composite it on white, not on black.
+    rgba = np.zeros((8, 10, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:4, :, 3] = 255  # top half opaque red, bottom half fully transparent
+    path = tmp_path / "transparent.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    pixels = np.asarray(load_image(path))
+    assert pixels.shape == (8, 10, 3)
+    assert (pixels[:4] == [200, 0, 0]).all() and (pixels[4:] == 255).all()
+    assert np.array_equal(pixels, np.asarray(load_rgb(str(path))))

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from dataset_files import write_png
 from safetensors.torch import load_file
 
 import run
-from flmm_model.checkpoint import list_checkpoints, load_trainer_state
+from flmm_model.checkpoint import TRAINER_STATE, list_checkpoints, load_trainer_state
+from flmm_model.train import warmup_cosine
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
@@ -43,7 +45,10 @@ def test_train_writes_config_metrics_plot_and_checkpoints(tmp_path):
         assert {"loss", "loss_mask_bce", "loss_mask_dice", "loss_sam_bce", "loss_sam_dice", "lr", "grad_norm",
                 "images_per_s"} <= set(record)
         assert torch.isfinite(torch.tensor(record["loss"]))
-    assert train_records[-1]["lr"] == 0.0  # cosine reaches 0 at the last step
+    # The LR each step used (read before the scheduler moves on): 1 warm-up step of 4 (3%, at least 1), then cosine.
+    expected_lrs = [1e-3 * warmup_cosine(s, warmup_steps=1, total_steps=4) for s in range(4)]
+    assert expected_lrs == pytest.approx([1e-3, 1e-3, 0.75e-3, 0.25e-3])  # cos: 1, 0.75, 0.25 (0 after the run)
+    assert [r["lr"] for r in train_records] == pytest.approx(expected_lrs)
     val_records = _records(out, "val")
     assert [r["step"] for r in val_records] == [2, 4]
     assert {"synthetic_val/gIoU", "synthetic_val/cIoU"} <= set(val_records[-1])
@@ -62,6 +67,7 @@ def test_train_writes_config_metrics_plot_and_checkpoints(tmp_path):
         assert torch.equal(weights[name], value.cpu())
     state = load_trainer_state(checkpoints[0])
     assert state["step"] == 4 and set(state) >= {"optimizer", "scheduler", "rng", "epoch", "micro_in_epoch"}
+    assert (state["world_size"], state["batch_size"], state["grad_accum"]) == (1, 2, 1)
     assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
 
     # A fresh run never silently replaces an earlier run's checkpoints.
@@ -96,3 +102,46 @@ def test_resume_reproduces_uninterrupted_loss_trajectory(tmp_path):
     final_resumed = load_file(str(list_checkpoints(interrupted / "checkpoints")[-1] / "model.safetensors"))
     for name, value in final_straight.items():
         assert torch.equal(final_resumed[name], value), name
+
+
+def test_resume_refuses_another_setup_or_length_before_building_the_model(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    common = ["--config", DEMO, *TINY, f"train.out_dir={out}", "train.max_steps=4", "data.val=[]"]
+    run.main(["train", *common, "train.save_every=2", "train.stop_after_steps=2"])
+    checkpoint = list_checkpoints(out / "checkpoints")[-1]
+
+    import flmm_model.build
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a resume that cannot continue the run must fail before the model is built")
+
+    monkeypatch.setattr(flmm_model.build, "build_model", no_model)
+    # The data position counts micro-batches per process: it means other samples under another setup.
+    with pytest.raises(ValueError, match=r"data\.batch_size 2 in the checkpoint, 1 now"):
+        run.main(["train", *common, "data.batch_size=1", "--resume"])
+    with pytest.raises(ValueError, match=r"train\.grad_accum 1 in the checkpoint, 2 now"):
+        run.main(["train", *common, "train.grad_accum=2", "--resume"])
+    # Another length: the LR schedule cannot span both (the extra steps would train at LR 0).
+    with pytest.raises(ValueError, match=r"written for 4 steps, this run has 6"):
+        run.main(["train", *common[:-2], "train.max_steps=6", "data.val=[]", "--resume"])
+    state = load_trainer_state(checkpoint)
+    state["world_size"] = 2  # as if written by a 2-process run
+    torch.save(state, checkpoint / TRAINER_STATE)
+    with pytest.raises(ValueError, match=r"world size 2 in the checkpoint, 1 now"):
+        run.main(["train", *common, "--resume"])
+
+
+def test_validation_scores_a_png_set_with_average_recall(tmp_path, photos, capsys):
+    root = tmp_path / "data"
+    write_png(root, photos, split="val")
+    out = tmp_path / "run"
+    result = run.main(["train", "--config", DEMO, *TINY, f"train.out_dir={out}", "train.max_steps=1",
+                       f"data.root={root}", "data.val=[{type: png, split: val}]"])
+    scores = result["val"]["png_val"]
+    assert {"AR_all", "AR_things", "AR_stuff", "AR_singulars", "AR_plurals", "baseline_full/AR_all",
+            "baseline_empty/AR_all"} <= set(scores)
+    assert "gIoU" not in scores and "cIoU" not in scores
+    assert scores["baseline_empty/AR_all"] == 0.0 and scores["count_all"] > 0
+    assert {"png_val/AR_all", "png_val/baseline_full/AR_things"} <= set(_records(out, "val")[-1])
+    printed = capsys.readouterr().out
+    assert "png_val all-foreground" in printed and "AR_all" in printed
