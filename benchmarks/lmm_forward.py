@@ -24,12 +24,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from peak_memory import PeakMemory  # noqa: E402  (benchmarks/, the script's folder)
 
 from flmm_model.attention import CaptureState, PhraseQueries  # noqa: E402
 from flmm_model.build import QWEN_ARCHS, qwen_config  # noqa: E402
@@ -76,47 +77,6 @@ def baseline_forward(lmm: FrozenQwenLMM, batch: dict, expanded: dict) -> list[to
     return list(capture.stacked())
 
 
-class PeakMemory:
-    """Rise of peak memory over the level at entry (CUDA allocator, or sampled RSS on CPU), in MiB."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_mib = 0.0
-
-    @staticmethod
-    def _rss_bytes() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            self.start = self._rss_bytes()
-            self.highest = self.start
-            self.running = True
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self.running:
-            self.highest = max(self.highest, self._rss_bytes())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            self.running = False
-            self.thread.join()
-            peak = max(self.highest, self._rss_bytes())
-        self.peak_mib = (peak - self.start) / 2**20
-
-
 def measure(fn, device: torch.device, repeats: int) -> tuple[float, float, object]:
     """Median wall time (s) over `repeats` calls after one warm-up, the largest peak-memory rise, the last result."""
     result = fn()  # warm-up
@@ -129,7 +89,7 @@ def measure(fn, device: torch.device, repeats: int) -> tuple[float, float, objec
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        peaks.append(memory.peak_mib)
+        peaks.append(memory.rise_mib)
     return statistics.median(times), max(peaks), result
 
 

@@ -20,7 +20,6 @@ import argparse
 import os
 import statistics
 import sys
-import threading
 import time
 from typing import Any
 
@@ -28,6 +27,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from peak_memory import PeakMemory  # noqa: E402  (benchmarks/, the script's folder)
 
 from flmm_model.build import build_model, load_image_processor, load_tokenizer  # noqa: E402
 from flmm_model.config import ModelConfig  # noqa: E402
@@ -48,49 +49,12 @@ ARCHS: dict[str, dict[str, Any]] = {
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
-class PeakMemory:
-    """Peak memory inside the block, in MiB: CUDA allocator peak (absolute), or sampled process RSS on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_mib = 0.0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.highest, self.running = self._rss(), True
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self.running:
-            self.highest = max(self.highest, self._rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak_mib = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self.running = False
-            self.thread.join()
-            self.peak_mib = max(self.highest, self._rss()) / 2**20
-
-
 def timed(fn, *, device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
     """Median seconds per call over `repeats` calls after `warmup` calls, and the peak memory (MiB) seen."""
     for _ in range(warmup):
         fn()
     times = []
-    with PeakMemory(device) as memory:
+    with PeakMemory(device, interval_s=0.002) as memory:
         for _ in range(repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize()
