@@ -51,10 +51,14 @@ def intersection_union(pred_masks: torch.Tensor, gt_masks: torch.Tensor) -> tupl
     return intersection.double().cpu(), union.double().cpu()
 
 
+def iou_from_counts(intersection: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """IoU from per-object pixel counts; 1.0 where the union is empty (both masks empty, LISA's convention)."""
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+
+
 def mask_iou(pred_masks: torch.Tensor, gt_masks: torch.Tensor) -> torch.Tensor:
     """Per-object IoU, (K,) float64 in [0, 1]; 1.0 where both masks are empty."""
-    intersection, union = intersection_union(pred_masks, gt_masks)
-    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+    return iou_from_counts(*intersection_union(pred_masks, gt_masks))
 
 
 def average_recall(ious: torch.Tensor) -> float:
@@ -85,7 +89,7 @@ class ReferSegMetric:
             gt_masks: (K, H, W) bool ground truth.
         """
         intersection, union = intersection_union(pred_masks, gt_masks)
-        ious = torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+        ious = iou_from_counts(intersection, union)
         self._sums += torch.stack([intersection.sum(), union.sum(), ious.sum(), torch.tensor(float(ious.numel()))])
 
     def compute(self) -> dict[str, float]:
