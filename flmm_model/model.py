@@ -20,6 +20,7 @@ from torch import nn
 from transformers import SamModel
 from transformers.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
+from flmm_model.checkpoint import atomic_write_text
 from flmm_model.data.images import image_tensor, qwen_image_inputs, to_rgb
 from flmm_model.data.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, encode_grounded, expression_parts
 from flmm_model.losses import mask_loss_terms, resize_gt_masks
@@ -141,8 +142,10 @@ class FrozenQwenSAM(nn.Module):
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                trainable, frozen = (trainable + p.numel(), frozen) if p.requires_grad else (trainable,
-                                                                                              frozen + p.numel())
+                if p.requires_grad:
+                    trainable += p.numel()
+                else:
+                    frozen += p.numel()
             summary[name] = (trainable, frozen)
         rest = [p for p in self.parameters() if id(p) not in seen]
         if rest:
@@ -265,10 +268,8 @@ class FrozenQwenSAM(nn.Module):
         weights_path = os.path.join(directory, WEIGHTS_NAME)
         save_file(weights, weights_path + ".tmp", metadata={"format": "pt"})
         os.replace(weights_path + ".tmp", weights_path)
-        config_path = os.path.join(directory, CONFIG_NAME)
-        with open(config_path + ".tmp", "w") as f:
-            json.dump({"model": self.build_config, "format": "flmm_model/1"}, f, indent=2)
-        os.replace(config_path + ".tmp", config_path)
+        atomic_write_text(os.path.join(directory, CONFIG_NAME),
+                          json.dumps({"model": self.build_config, "format": "flmm_model/1"}, indent=2))
 
     @classmethod
     def from_pretrained(
