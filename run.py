@@ -7,6 +7,7 @@ Commands (a dict maps each name to a plain function returning a dict):
     convert-sam  convert an original segment-anything checkpoint (sam_vit_l_0b3195.pth) to the transformers layout
 
 `main(argv)` is the whole program and returns the command's dict; only the `__main__` block exits the process.
+Each command imports its module when it runs, so `run.py --help` answers without loading torch and transformers.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _schema_epilog(sections: tuple[str, ...]) -> str:
-    from flmm_model.config import describe_schema
+    from flmm_model.config_loader import describe_schema
 
     lines = [line for line in describe_schema() if any(f" {s}." in line or line.startswith(f"[{s}]")
                                                        for s in sections)]
@@ -120,7 +121,7 @@ def build_parser() -> _Parser:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from flmm_model.config import load_config
+    from flmm_model.config_loader import load_config
     from flmm_model.train import train
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
@@ -129,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from flmm_model.config import load_config
+    from flmm_model.config_loader import load_config
     from flmm_model.evaluate import evaluate
 
     overrides = list(args.overrides) + ([f"eval.checkpoint={args.checkpoint}"] if args.checkpoint else [])
@@ -138,7 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
-    from flmm_model.config import load_config
+    from flmm_model.config_loader import load_config
     from flmm_model.predict import predict
 
     cfg = load_config(args.config, args.overrides)

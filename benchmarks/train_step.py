@@ -30,10 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from peak_memory import PeakMemory  # noqa: E402  (benchmarks/, the script's folder)
 
-from flmm_model.build import build_model, load_image_processor, load_tokenizer  # noqa: E402
+from flmm_model.build import load_image_processor, load_tokenizer  # noqa: E402
 from flmm_model.config import ModelConfig  # noqa: E402
 from flmm_model.data import Collator, SyntheticDataset  # noqa: E402
-from flmm_model.evaluate import autocast_context  # noqa: E402
+from flmm_model.distributed import autocast_context  # noqa: E402
+from flmm_model.model import build_model  # noqa: E402
 
 # Named architectures: the model config and the default image side (px) of the synthetic batch.
 ARCHS: dict[str, dict[str, Any]] = {

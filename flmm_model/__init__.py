@@ -2,17 +2,20 @@
 
 Public API:
     FrozenQwenSAM        the model (`lmm_forward`, `forward`, `segment`, `save_pretrained`, `from_pretrained`)
+    GroundingPredictor   the inference API over a model: PIL image + phrases -> masks
     LMMOutput            what the frozen LMM stage returns
     build_model          FrozenQwenSAM from a model config (ModelConfig / dict)
     build_qwen, build_sam, load_tokenizer, load_image_processor   the frozen pieces and their preprocessors
 """
 
-from flmm_model.build import build_model, build_qwen, build_sam, load_image_processor, load_tokenizer
-from flmm_model.model import FrozenQwenSAM
+from flmm_model.build import build_qwen, build_sam, load_image_processor, load_tokenizer
+from flmm_model.model import FrozenQwenSAM, build_model
+from flmm_model.predictor import GroundingPredictor
 from flmm_model.qwen import LMMOutput
 
 __all__ = [
     "FrozenQwenSAM",
+    "GroundingPredictor",
     "LMMOutput",
     "build_model",
     "build_qwen",

@@ -1,4 +1,5 @@
-"""Builders for the frozen pieces: Qwen2.5-VL, SAM, the Qwen tokenizer and image processor.
+"""Builders for the frozen pieces: Qwen2.5-VL, SAM, the Qwen tokenizer and image processor (the whole model:
+`flmm_model.model.build_model`).
 
 Only builders read paths and architecture names; modules receive what these functions return. An architecture is
 either a local checkpoint directory (real weights, the user's download) or one of the named presets below, which
@@ -17,6 +18,10 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, SamConfig, SamModel
 from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from flmm_model.config import ConfigError, ModelConfig
+from flmm_model.data.item import PromptSettings
+from flmm_model.data.prompts import DEFAULT_SYSTEM
 
 QWEN_VOCAB_SIZE = 151936  # every released Qwen2.5-VL size; the tokenizer's ids stay below it
 
@@ -163,35 +168,29 @@ def load_image_processor(
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-def build_model(model_cfg: Any):
-    """FrozenQwenSAM from a `ModelConfig` (or a dict / DictConfig with its fields): the one place that reads it.
-
-    The frozen parts (Qwen, SAM's image encoder) get `model_cfg.dtype`; the trainable heads (U-Net, text projector,
-    SAM prompt encoder and mask decoder) stay float32 (autocast handles mixed precision in training).
-    """
-    from omegaconf import OmegaConf
-
-    from flmm_model.config import ModelConfig
-    from flmm_model.data.prompts import DEFAULT_INSTRUCTION
-    from flmm_model.model import FrozenQwenSAM
-
-    schema = OmegaConf.structured(ModelConfig)
-    cfg = OmegaConf.to_object(OmegaConf.merge(schema, model_cfg))  # unknown keys / wrong types raise here
-    dtype = getattr(torch, cfg.dtype)
-    qwen = build_qwen(cfg.qwen, dtype=dtype, attn_implementation="sdpa", seed=cfg.seed)
-    sam = build_sam(cfg.sam, dtype=torch.float32, seed=cfg.seed)
-    sam.vision_encoder.to(dtype)
-    torch.manual_seed(cfg.seed)  # the heads' initialization
-    return FrozenQwenSAM(
-        qwen=qwen,
-        sam=sam,
-        tokenizer=load_tokenizer(cfg.tokenizer),
-        image_processor=load_image_processor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels),
-        attn_capture=cfg.attn_capture,
-        mask_head_widths=tuple(cfg.mask_head_widths),
-        mask_head_size=cfg.mask_head_size,
-        bce_weight=cfg.bce_weight,
-        dice_weight=cfg.dice_weight,
-        instruction=cfg.instruction or DEFAULT_INSTRUCTION,
-        build_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+def prompt_settings(model_cfg: ModelConfig) -> PromptSettings:
+    """The tokenizer, image processor and prompt a model config implies: what its datasets and its predictor encode
+    with (loads no weights)."""
+    return PromptSettings(
+        tokenizer=load_tokenizer(model_cfg.tokenizer),
+        image_processor=load_image_processor(min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels),
+        instruction=model_cfg.instruction,
+        system=model_cfg.system if model_cfg.system is not None else DEFAULT_SYSTEM,
+        max_length=model_cfg.max_length,
     )
+
+
+def check_model_paths(model_cfg: ModelConfig) -> None:
+    """`model.qwen` / `model.sam` / `model.tokenizer` name a preset or an existing directory (checked before a run
+    spends time on data or weights; not part of loading a config, so configs with placeholder paths still load).
+
+    Raises:
+        ConfigError: naming the key, the presets and the value found.
+    """
+    for key, value, presets in (("model.qwen", model_cfg.qwen, QWEN_ARCHS), ("model.sam", model_cfg.sam, SAM_ARCHS),
+                                ("model.tokenizer", model_cfg.tokenizer, {})):
+        if value is None or value in presets or os.path.isdir(value):
+            continue
+        names = f"a preset ({', '.join(presets)}) or " if presets else ""
+        raise ConfigError(f"{key}: expected {names}an existing directory, found {value!r} (set it in the config or "
+                          f"as {key}=/your/path)")

@@ -1,8 +1,13 @@
-"""Training checkpoints: written atomically, the last k kept, everything a resumed run needs to continue exactly.
+"""The checkpoint format, its one owner: model files, training checkpoints and run directories.
 
-A checkpoint is a directory `<out_dir>/checkpoints/step_<NNNNNNN>/` holding
-- what `FrozenQwenSAM.save_pretrained` writes (trainable weights in safetensors + the model config), so the same
-  directory is what `eval`, `predict` and `FrozenQwenSAM.from_pretrained` load;
+Model files (`save_pretrained` / `read_model_config` / `read_weights`; `FrozenQwenSAM.save_pretrained` and
+`.from_pretrained` are thin wrappers over them): a directory with
+- `model.safetensors`: exactly the trainable tensors, by their names in FrozenQwenSAM;
+- `flmm_config.json`: `{"format": "flmm_model/2", "model": <the ModelConfig fields>}`, everything needed to rebuild
+  the model around the weights except the frozen checkpoints themselves, whose local paths the loader may replace.
+
+A training checkpoint is a directory `<out_dir>/checkpoints/step_<NNNNNNN>/` holding
+- the model files above, so the same directory is what `eval`, `predict` and `FrozenQwenSAM.from_pretrained` load;
 - `trainer_state.pt`: a plain dict with the optimizer and LR-scheduler states, the step, the data position (epoch and
   samples consumed in it) and the RNG states (python, numpy, torch, CUDA) of every rank;
 - `config.yaml`: the resolved experiment config.
@@ -13,6 +18,7 @@ leaves either the complete old state or the complete new one, never a half-writt
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -22,8 +28,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
+from flmm_model.config import ModelConfig
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "flmm_config.json"
+FORMAT = "flmm_model/2"
+# Format 1 saved `instruction: null` for the built-in instruction of that time (format 2 always saves the text).
+_FORMAT_1_INSTRUCTION = "Please briefly describe the image."
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"
@@ -37,6 +51,53 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def save_pretrained(directory: str | Path, *, weights: dict[str, torch.Tensor], model_config: dict[str, Any]) -> None:
+    """Write model files (see the module docstring): trainable `weights` and the `model_config` they belong to.
+
+    Each file is written under a temporary name and renamed, so an interrupted save never leaves a torn file.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights_path = directory / WEIGHTS_NAME
+    tmp = weights_path.with_name(f".{WEIGHTS_NAME}.tmp")
+    save_file({name: t.detach().contiguous().cpu() for name, t in weights.items()}, str(tmp),
+              metadata={"format": "pt"})
+    os.replace(tmp, weights_path)
+    atomic_write_text(directory / CONFIG_NAME, json.dumps({"format": FORMAT, "model": model_config}, indent=2))
+
+
+def read_model_config(directory: str | Path, **replace: Any) -> ModelConfig:
+    """The ModelConfig saved with a model's files, with the fields in `replace` that are not None changed.
+
+    Typical use: the frozen checkpoints' local paths (`qwen`, `sam`, `tokenizer`) come from this machine's config,
+    everything else (pixel budget, prompt, head sizes) from the training run, so data and model see what training saw.
+
+    Raises:
+        FileNotFoundError: no `flmm_config.json` in `directory`.
+        ValueError: a file that is not a model config of this project.
+    """
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (expected the output of save_pretrained)")
+    try:
+        saved = json.loads(path.read_text())
+        fields = dict(saved["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a model config written by flmm_model ({error})") from error
+    if saved.get("format", "flmm_model/1") == "flmm_model/1" and fields.get("instruction") is None:
+        fields["instruction"] = _FORMAT_1_INSTRUCTION
+    fields.update({key: value for key, value in replace.items() if value is not None})
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), fields))
+
+
+def read_weights(directory: str | Path, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The trainable weights of a model directory (its single safetensors file), on `device`."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{directory}: expected exactly one *.safetensors file, found {len(files)}")
+    return load_file(str(files[0]), device=str(device))
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -115,14 +176,15 @@ def _fsync_tree(path: Path) -> None:
             os.close(dir_fd)
 
 
-def save_checkpoint(*, root: str | Path, step: int, model: Any, trainer_state: dict[str, Any], config_yaml: str,
-                    keep_last: int) -> Path:
+def save_checkpoint(*, root: str | Path, step: int, weights: dict[str, torch.Tensor], model_config: dict[str, Any],
+                    trainer_state: dict[str, Any], config_yaml: str, keep_last: int) -> Path:
     """Write checkpoint `root/step_<step>` atomically and delete all but the newest `keep_last` checkpoints.
 
     Args:
         root: the run's `checkpoints/` directory (created if needed).
         step: optimizer steps done.
-        model: the unwrapped FrozenQwenSAM (its `save_pretrained` writes the trainable weights and model config).
+        weights: the trainable tensors (`FrozenQwenSAM.trainable_state_dict()`), saved as the model files...
+        model_config: ...with the model config they belong to (`FrozenQwenSAM.build_config`).
         trainer_state: optimizer / scheduler / data position / RNG states (a plain dict of tensors and numbers).
         config_yaml: the resolved experiment config.
         keep_last: how many checkpoints to keep.
@@ -136,7 +198,7 @@ def save_checkpoint(*, root: str | Path, step: int, model: Any, trainer_state: d
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
-    model.save_pretrained(tmp)
+    save_pretrained(tmp, weights=weights, model_config=model_config)
     torch.save(trainer_state, tmp / TRAINER_STATE)
     (tmp / CONFIG_FILE).write_text(config_yaml)
     _fsync_tree(tmp)
@@ -163,11 +225,3 @@ def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; {checkpoint} is not a training checkpoint (it cannot be resumed)")
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_trainable_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """The trainable weights a checkpoint holds (the single safetensors file `save_pretrained` wrote)."""
-    files = sorted(Path(checkpoint).glob("*.safetensors"))
-    if len(files) != 1:
-        raise FileNotFoundError(f"{checkpoint}: expected exactly one *.safetensors file, found {len(files)}")
-    return load_file(str(files[0]))

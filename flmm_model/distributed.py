@@ -1,4 +1,5 @@
-"""torchrun support: process group from the environment, DDP over the trainable parameters only, sharded samplers.
+"""Devices and torchrun: device names, bf16 autocast, the process group from the environment, DDP over the trainable
+parameters only, sharded samplers.
 
 Design: the whole FrozenQwenSAM is wrapped in DistributedDataParallel, with every frozen parameter and buffer
 (the Qwen model, the SAM image encoder, anything else with `requires_grad=False`) registered as ignored. DDP then
@@ -10,6 +11,7 @@ ignored too: they are constants built identically on every rank, so DDP never br
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Iterator
@@ -48,6 +50,16 @@ def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
     if name == "cuda":
         return torch.device(f"cuda:{local_rank}")
     return torch.device(name)
+
+
+def autocast_context(device: torch.device, precision: str) -> Any:
+    """bf16 autocast on CUDA for precision `auto` or `bf16`; bf16 on CPU only when asked; otherwise fp32.
+
+    The returned context manager is reusable (enter it around every forward)."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

@@ -1,13 +1,10 @@
 """`evaluate(cfg)`: score a checkpoint on `data.test` (RefCOCO / RefCOCO+ / RefCOCOg cIoU and gIoU, PNG Average
-Recall), sharded over torchrun processes with the metric sums reduced; prints a table and writes `eval.json`.
-
-Also home of what training's validation shares with it: building datasets from their configs, DataLoaders, autocast,
-and scoring one dataset.
+Recall, each dataset with the metric its registry entry names), sharded over torchrun processes with the metric
+sums reduced; prints a table and writes `eval.json`. `score_dataset` is also training's validation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -16,112 +13,31 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from flmm_model.checkpoint import atomic_write_text
-from flmm_model.config import (
-    REFCOCO_TYPES,
-    DatasetConfig,
-    ExperimentConfig,
-    ModelConfig,
-    check_model_paths,
-    dataset_label,
-    dataset_seed,
+from flmm_model.build import check_model_paths, prompt_settings
+from flmm_model.checkpoint import atomic_write_text, read_model_config, resolve_checkpoint
+from flmm_model.config import ExperimentConfig
+from flmm_model.data.collate import make_loader
+from flmm_model.data.registry import build_datasets
+from flmm_model.distributed import (
+    ShardedSampler,
+    all_reduce_sum,
+    autocast_context,
+    init_distributed,
+    shutdown_distributed,
 )
-from flmm_model.distributed import ShardedSampler, all_reduce_sum, init_distributed, shutdown_distributed
-
-
-def autocast_context(device: torch.device, precision: str) -> Any:
-    """bf16 autocast on CUDA for precision `auto` or `bf16`; bf16 on CPU only when asked; otherwise fp32.
-
-    The returned context manager is reusable (enter it around every forward)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-class EpochSubset(torch.utils.data.Subset):
-    """`torch.utils.data.Subset` that forwards `set_epoch` to the dataset it wraps, so a training set cut down with
-    `max_samples` still draws new random choices (e.g. RefCOCO's sentence per ref) every epoch."""
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-
-def build_dataset(ds: DatasetConfig, *, cfg: ExperimentConfig, tokenizer: Any, image_processor: Any,
-                  train: bool) -> torch.utils.data.Dataset:
-    """One dataset from its config entry (paths default to the layout under `data.root`)."""
-    from flmm_model import data as flmm_data
-
-    root = ds.root or cfg.data.root
-    prompt = {"instruction": cfg.model.instruction} if cfg.model.instruction is not None else {}
-    common = dict(tokenizer=tokenizer, image_processor=image_processor, **prompt)
-    if ds.type in REFCOCO_TYPES:
-        dataset = flmm_data.RefCocoDataset(root, ds.type, ds.split, split_by=ds.split_by, image_dir=ds.image_dir,
-                                           protocol=ds.protocol, train=train, seed=dataset_seed(ds),
-                                           on_error=cfg.data.on_error, **common)
-    elif ds.type == "png":
-        dataset = flmm_data.PngDataset(root, ds.split, image_dir=ds.image_dir, ann_dir=ds.ann_dir,
-                                       on_error=cfg.data.on_error, **common)
-    elif ds.type == "synthetic":
-        shape_options = {"image_size": tuple(ds.image_size) if ds.image_size else None,
-                         "max_objects": ds.max_objects,
-                         "object_size": tuple(ds.object_size) if ds.object_size else None}
-        dataset = flmm_data.SyntheticDataset(length=ds.length, seed=dataset_seed(ds), **common,
-                                             **{k: v for k, v in shape_options.items() if v is not None})
-    else:  # the schema's choices make this unreachable
-        raise ValueError(f"dataset type {ds.type!r}")
-    if ds.max_samples is not None and ds.max_samples < len(dataset):
-        dataset = EpochSubset(dataset, range(ds.max_samples))
-    return dataset
-
-
-def build_datasets(entries: list[DatasetConfig], *, cfg: ExperimentConfig, tokenizer: Any, image_processor: Any,
-                   train: bool) -> list[tuple[str, torch.utils.data.Dataset]]:
-    """(label, dataset) for each config entry, in order."""
-    return [(dataset_label(ds), build_dataset(ds, cfg=cfg, tokenizer=tokenizer, image_processor=image_processor,
-                                              train=train)) for ds in entries]
-
-
-def make_loader(dataset: torch.utils.data.Dataset, *, sampler: ShardedSampler, batch_size: int,
-                cfg: ExperimentConfig) -> torch.utils.data.DataLoader:
-    """A DataLoader with the project's collate. It draws its worker seeds from a private generator, so creating an
-    iterator never advances the global torch RNG (exact resume depends on that)."""
-    from flmm_model.data import Collator
-
-    tokenizer_pad = _pad_token_id(cfg.model)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-        collate_fn=Collator(pad_token_id=tokenizer_pad, padding_side=cfg.data.padding_side),
-        generator=torch.Generator().manual_seed(0), pin_memory=False,
-    )
-
-
-_PAD_IDS: dict[str | None, int] = {}
-
-
-def _pad_token_id(model_cfg: ModelConfig) -> int:
-    if model_cfg.tokenizer not in _PAD_IDS:
-        from flmm_model.build import load_tokenizer
-
-        _PAD_IDS[model_cfg.tokenizer] = load_tokenizer(model_cfg.tokenizer).pad_token_id
-    return _PAD_IDS[model_cfg.tokenizer]
-
-
-def dataset_kind(ds: DatasetConfig) -> str:
-    """How a dataset is scored (the `kind` of `score_dataset`): "png" (Average Recall) or "refer" (cIoU / gIoU)."""
-    return "png" if ds.type == "png" else "refer"
+from flmm_model.model import FrozenQwenSAM
 
 
 @torch.no_grad()
-def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, kind: str, autocast: Any,
+def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, metric: type, autocast: Any,
                   baselines: bool = False, progress: bool = True, desc: str = "eval") -> dict[str, float]:
     """Predict every sample of this process's shard and return the metrics reduced over all processes.
 
     Args:
         model: the unwrapped FrozenQwenSAM in eval mode.
         loader: batches of this process's shard.
-        kind: "refer" (cIoU / gIoU) or "png" (Average Recall all / things / stuff / singulars / plurals).
+        metric: the metric class of the dataset (its registry entry's), e.g. `ReferSegMetric` (cIoU / gIoU) or
+            `PngRecallMetric` (Average Recall all / things / stuff / singulars / plurals).
         autocast: context manager entered around the prediction.
         baselines: also score the all-foreground and the empty mask (keys `baseline_full/...`, `baseline_empty/...`).
         progress: show a progress bar (rank 0).
@@ -130,12 +46,9 @@ def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, kind: str,
         Metric name -> value (percent), plus the counts: `count...` (objects scored, from the metric) and
         `count_skipped` (samples the dataset dropped as bad data under `data.on_error=skip`, over all processes).
     """
-    from flmm_model.metrics import PngRecallMetric, ReferSegMetric
-
-    make_metric = PngRecallMetric if kind == "png" else ReferSegMetric
-    metrics = {"": make_metric()}
+    metrics = {"": metric()}
     if baselines:
-        metrics.update({"baseline_full/": make_metric(), "baseline_empty/": make_metric()})
+        metrics.update({"baseline_full/": metric(), "baseline_empty/": metric()})
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     skipped = 0  # samples of this process's shard the dataset dropped (data.on_error=skip)
     for batch in tqdm(loader, desc=desc, disable=not (progress and rank0), dynamic_ncols=True, leave=False):
@@ -150,11 +63,7 @@ def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, kind: str,
                 candidates["baseline_full/"] = torch.ones_like(gt, dtype=torch.bool)
                 candidates["baseline_empty/"] = torch.zeros_like(gt, dtype=torch.bool)
             for prefix, mask in candidates.items():
-                if kind == "png":
-                    meta = batch["metas"][index]
-                    metrics[prefix].update(mask, gt, isthing=meta["isthing"], plural=meta["plural"])
-                else:
-                    metrics[prefix].update(mask, gt)
+                metrics[prefix].update(mask, gt, batch["metas"][index])
     results: dict[str, float] = {}
     for prefix, metric in metrics.items():
         results.update({f"{prefix}{name}": float(value) for name, value in metric.compute().items()})
@@ -180,44 +89,12 @@ def print_table(scores: dict[str, dict[str, float]], *, title: str) -> str:
     return text
 
 
-def checkpoint_model_config(checkpoint: str | Path, model_cfg: ModelConfig) -> ModelConfig:
-    """The model config a checkpoint was trained with, with the local paths (`qwen`, `sam`, and `tokenizer` when
-    set) taken from `model_cfg`: evaluation must use the training run's pixel budget, prompt and head sizes."""
-    from omegaconf import OmegaConf
-
-    from flmm_model.model import CONFIG_NAME
-
-    saved = json.loads((Path(checkpoint) / CONFIG_NAME).read_text())["model"]
-    saved.update(qwen=model_cfg.qwen, sam=model_cfg.sam)
-    if model_cfg.tokenizer is not None:
-        saved["tokenizer"] = model_cfg.tokenizer
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved))
-
-
-def load_model_for_inference(model_cfg: ModelConfig, checkpoint: str | Path, device: torch.device) -> Any:
-    """FrozenQwenSAM with the trainable weights of `checkpoint` (a checkpoint dir or a run dir), in eval mode.
-
-    Everything but the local paths comes from the checkpoint (see `checkpoint_model_config`); the frozen parts
-    load from `model_cfg.qwen` / `model_cfg.sam` (the user's local paths or presets)."""
-    from flmm_model.checkpoint import resolve_checkpoint
-    from flmm_model.model import FrozenQwenSAM
-
-    path = resolve_checkpoint(checkpoint)
-    tokenizer = {"tokenizer": model_cfg.tokenizer} if model_cfg.tokenizer is not None else {}
-    model = FrozenQwenSAM.from_pretrained(str(path), qwen_path=model_cfg.qwen, sam_path=model_cfg.sam,
-                                          device=str(device), **tokenizer)
-    return model.eval()
-
-
 def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
     """Score `eval.checkpoint` on every `data.test` dataset.
 
     Returns:
         dict with `checkpoint`, `results` (label -> metric -> value in percent) and `eval_json` (path).
     """
-    from flmm_model.build import load_image_processor, load_tokenizer
-    from flmm_model.checkpoint import resolve_checkpoint
-
     ec = cfg.eval
     if ec.checkpoint is None:
         raise ValueError("eval.checkpoint: not set; pass --checkpoint DIR (a checkpoint or a run directory)")
@@ -226,28 +103,30 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
     check_model_paths(cfg.model)
     checkpoint = resolve_checkpoint(ec.checkpoint)
     # The run's own model settings (pixel budget, instruction) drive the data too; only the paths are this config's.
-    cfg = dataclasses.replace(cfg, model=checkpoint_model_config(checkpoint, cfg.model))
+    model_cfg = read_model_config(checkpoint, qwen=cfg.model.qwen, sam=cfg.model.sam, tokenizer=cfg.model.tokenizer)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
     info = init_distributed(ec.device)
     try:
         # Data first: missing files fail before the weights load.
-        tokenizer = load_tokenizer(cfg.model.tokenizer)
-        image_processor = load_image_processor(min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
-        datasets = [(dataset_label(ds), ds, build_dataset(ds, cfg=cfg, tokenizer=tokenizer,
-                                                          image_processor=image_processor, train=False))
-                    for ds in cfg.data.test]
-        model = load_model_for_inference(cfg.model, checkpoint, info.device)
+        prompt = prompt_settings(model_cfg)
+        datasets = build_datasets(cfg.data.test, data_root=cfg.data.root, prompt=prompt, train=False,
+                                  on_error=cfg.data.on_error)
+        model = FrozenQwenSAM.from_pretrained(str(checkpoint), qwen_path=model_cfg.qwen, sam_path=model_cfg.sam,
+                                              tokenizer_path=model_cfg.tokenizer, device=str(info.device)).eval()
         autocast = autocast_context(info.device, ec.precision)
         results: dict[str, dict[str, float]] = {}
-        for label, ds, dataset in datasets:
-            sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False,
+        for entry in datasets:
+            sampler = ShardedSampler(len(entry.dataset), rank=info.rank, world_size=info.world_size, shuffle=False,
                                      pad=False)
-            loader = make_loader(dataset, sampler=sampler, batch_size=ec.batch_size, cfg=cfg)
-            results[label] = score_dataset(model, loader, kind=dataset_kind(ds), autocast=autocast,
-                                           progress=ec.progress, desc=label)
+            loader = make_loader(entry.dataset, sampler=sampler, batch_size=ec.batch_size,
+                                 num_workers=cfg.data.num_workers, pad_token_id=prompt.tokenizer.pad_token_id,
+                                 padding_side=cfg.data.padding_side)
+            results[entry.label] = score_dataset(model, loader, metric=entry.metric, autocast=autocast,
+                                                 progress=ec.progress, desc=entry.label)
         out_dir = Path(ec.out_dir) if ec.out_dir else checkpoint
         eval_json = out_dir / "eval.json"
         if info.is_main:
-            protocols = {dataset_label(ds): ds.protocol for ds in cfg.data.test if ds.type in REFCOCO_TYPES}
+            protocols = {entry.label: ds.protocol for entry, ds in zip(datasets, cfg.data.test, strict=True)}
             print_table(results, title=f"evaluation of {checkpoint}")
             skipped = {label: metrics["count_skipped"] for label, metrics in results.items()}
             if cfg.data.on_error == "skip" or any(skipped.values()):

@@ -8,6 +8,8 @@ Conventions (state them with every number):
 - PNG Average Recall = area under recall(IoU >= t) for t in [0, 1]. For N objects this area is exactly the mean
   IoU: integral_0^1 #{i : IoU_i >= t} / N dt = (1/N) sum_i IoU_i. We compute it exactly that way; the PNG
   reference code integrates a 1e-5 threshold grid, which differs by at most 1e-5 (0.001 AR points).
+- Every metric has `update(pred_masks, gt_masks, meta)` (meta: the item's meta dict, for the per-object flags a
+  metric may need) and `compute()`, so scoring loops never switch on the dataset.
 - Metrics keep sums only; `compute()` all-reduces them across processes when torch.distributed is initialized
   (every rank must call it), without changing the local state, so it can be called repeatedly.
 """
@@ -81,12 +83,13 @@ class ReferSegMetric:
         # intersection sum, union sum, IoU sum, object count
         self._sums = torch.zeros(4, dtype=torch.float64)
 
-    def update(self, pred_masks: torch.Tensor, gt_masks: torch.Tensor) -> None:
+    def update(self, pred_masks: torch.Tensor, gt_masks: torch.Tensor, meta: dict | None = None) -> None:
         """Add one sample's objects.
 
         Args:
             pred_masks: (K, H, W) bool predictions at the ground-truth size.
             gt_masks: (K, H, W) bool ground truth.
+            meta: the item's meta dict (unused).
         """
         intersection, union = intersection_union(pred_masks, gt_masks)
         ious = iou_from_counts(intersection, union)
@@ -110,15 +113,15 @@ class PngRecallMetric:
     def reset(self) -> None:
         self._sums = torch.zeros(len(PNG_GROUPS), 2, dtype=torch.float64)  # (group, [IoU sum, count])
 
-    def update(self, pred_masks: torch.Tensor, gt_masks: torch.Tensor, isthing: list[bool], plural: list[bool]) -> None:
+    def update(self, pred_masks: torch.Tensor, gt_masks: torch.Tensor, meta: dict) -> None:
         """Add one narrative's objects.
 
         Args:
             pred_masks: (K, H, W) bool predictions at the ground-truth size.
             gt_masks: (K, H, W) bool ground truth.
-            isthing: K flags (item `meta["isthing"]`).
-            plural: K flags (item `meta["plural"]`).
+            meta: the item's meta dict with K flags each in `isthing` and `plural`.
         """
+        isthing, plural = meta["isthing"], meta["plural"]
         ious = mask_iou(pred_masks, gt_masks)  # (K,)
         if len(isthing) != ious.numel() or len(plural) != ious.numel():
             raise ValueError(f"PngRecallMetric.update: {ious.numel()} masks but {len(isthing)} isthing and "

@@ -1,36 +1,38 @@
-"""FrozenQwenSAM: F-LMM grounding on a frozen Qwen2.5-VL, with a U-Net mask head and a SAM refiner.
+"""FrozenQwenSAM: F-LMM grounding on a frozen Qwen-VL, with a U-Net mask head and a SAM refiner; and `build_model`.
 
-The forward path in three files: `qwen.py` (compact ids -> expanded inputs -> frozen forward -> attention maps and
-phrase hidden states), this file (mask head, text prompts, SAM, losses), `sam_refiner.py` (SAM prompts and
-decoding). Per batch: the LMM runs once for all images; the U-Net runs per image (grids differ); SAM embeds all
-images in one call and decodes each image's objects together.
+The forward path of a collated batch (`flmm_model.data.collate`) to the losses:
+- `lmm.py`: compact ids -> expanded inputs -> one frozen forward -> attention maps and phrase hidden states (the
+  backbone adapter in `backbones/` runs the family's vision tower and decoder; `attention.py` captures the maps);
+- `mask_head.py`: attention maps -> coarse mask logits (U-Net);
+- `sam_refiner.py`: phrase hidden states -> SAM prompt tokens; coarse logits + tokens -> refined logits;
+- `losses.py`: BCE + Dice on both masks; this file glues them.
+Per batch: the LMM runs once for all images; the U-Net runs per image (grids differ); SAM embeds all images in one
+call and decodes each image's objects together. Inference on PIL images: `predictor.py`; model files:
+`checkpoint.py`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import SamModel
 from transformers.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
-from flmm_model.checkpoint import atomic_write_text
-from flmm_model.data.images import image_tensor, qwen_image_inputs, to_rgb
-from flmm_model.data.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, encode_grounded, expression_parts
+from flmm_model.build import build_qwen, build_sam, prompt_settings
+from flmm_model.checkpoint import read_model_config, read_weights, resolve_checkpoint
+from flmm_model.checkpoint import save_pretrained as save_model_files
+from flmm_model.config import DEFAULT_INSTRUCTION, ModelConfig
+from flmm_model.data.prompts import DEFAULT_SYSTEM
 from flmm_model.losses import mask_loss_terms, resize_gt_masks
 from flmm_model.mask_head import UNetMaskHead
+from flmm_model.predictor import GroundingPredictor
 from flmm_model.qwen import FrozenQwenLMM, LMMOutput
-from flmm_model.sam_refiner import SamRefiner
-from flmm_model.text_prompts import TextPromptProjector
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "flmm_config.json"
+from flmm_model.sam_refiner import SamRefiner, TextPromptProjector
 
 
 class FrozenQwenSAM(nn.Module):
@@ -49,7 +51,7 @@ class FrozenQwenSAM(nn.Module):
         mask_head_size: longest side of the attention maps fed to the U-Net.
         coarse_threshold: logit threshold of the coarse mask for SAM's box prompt.
         bce_weight: weight of both BCE terms. dice_weight: weight of both Dice terms.
-        instruction, system: the prompt `segment` builds (the same as the datasets').
+        instruction, system: the prompt `segment` builds (the same as the datasets'; the model config's).
         max_length: longest compact token sequence `segment` accepts.
         build_config: the builder's config (a plain dict), saved with the weights so `from_pretrained` can rebuild.
     """
@@ -68,7 +70,7 @@ class FrozenQwenSAM(nn.Module):
         bce_weight: float = 1.0,
         dice_weight: float = 1.0,
         instruction: str = DEFAULT_INSTRUCTION,
-        system: str = DEFAULT_SYSTEM,
+        system: str | None = DEFAULT_SYSTEM,
         max_length: int = 2048,
         build_config: dict[str, Any] | None = None,
     ) -> None:
@@ -234,73 +236,68 @@ class FrozenQwenSAM(nn.Module):
     def segment(self, image: Image.Image, phrases: str | Sequence[str]) -> torch.Tensor:
         """Masks for one or more phrases in a PIL image: (K, H, W) bool at the original size, on CPU.
 
-        Builds the training prompt (phrases joined in the assistant turn), tokenizes it, processes the image with
-        the model's own tokenizer and image processor, and runs the model once.
-
-        Raises:
-            ValueError: an empty phrase (naming its index), no phrase, or a text longer than `max_length` tokens.
+        A convenience over `GroundingPredictor(self).segment` (see `flmm_model.predictor`).
         """
-        if self.tokenizer is None or self.image_processor is None:
-            raise ValueError("segment() needs the model's tokenizer and image processor: build the model with "
-                             "`build_model` / `from_pretrained`, or pass tokenizer= and image_processor=")
-        phrase_list = [phrases] if isinstance(phrases, str) else list(phrases)
-        if not phrase_list:
-            raise ValueError("segment(): expected at least one phrase, found none")
-        input_ids, mask_ids = encode_grounded(self.tokenizer, expression_parts(phrase_list),
-                                              instruction=self.instruction, system=self.system,
-                                              max_length=self.max_length)
-        image = to_rgb(image)
-        pixel_values, image_grid_thw = qwen_image_inputs(image, self.image_processor)
-        batch = dict(input_ids=input_ids[None], attention_mask=torch.ones_like(input_ids)[None],
-                     mask_ids=mask_ids[None], pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                     images=[image_tensor(image)])
-        return self.predict_masks(batch)[0].cpu()
+        return GroundingPredictor(self).segment(image, phrases)
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ model files (format: checkpoint.py)
 
     def save_pretrained(self, directory: str) -> None:
-        """Write the trainable weights (`model.safetensors`) and the build config (`flmm_config.json`).
-
-        Files are written under temporary names and renamed, so an interrupted save never leaves a torn file.
-        """
-        os.makedirs(directory, exist_ok=True)
-        weights = {name: t.contiguous().cpu() for name, t in self.trainable_state_dict().items()}
-        weights_path = os.path.join(directory, WEIGHTS_NAME)
-        save_file(weights, weights_path + ".tmp", metadata={"format": "pt"})
-        os.replace(weights_path + ".tmp", weights_path)
-        atomic_write_text(os.path.join(directory, CONFIG_NAME),
-                          json.dumps({"model": self.build_config, "format": "flmm_model/1"}, indent=2))
+        """Write the trainable weights and the build config (`flmm_model.checkpoint.save_pretrained`)."""
+        save_model_files(directory, weights=self.trainable_state_dict(), model_config=self.build_config)
 
     @classmethod
     def from_pretrained(
-        cls, directory: str, *, qwen_path: str | None = None, sam_path: str | None = None, device: str | None = None,
-        **overrides: Any,
+        cls, path: str, *, qwen_path: str | None = None, sam_path: str | None = None,
+        tokenizer_path: str | None = None, device: str | None = None, **overrides: Any,
     ) -> FrozenQwenSAM:
-        """Rebuild from `save_pretrained` output and load the trainable weights strictly.
+        """Rebuild a saved model and load its trainable weights strictly.
 
         Args:
-            directory: folder with `model.safetensors` and `flmm_config.json`.
-            qwen_path: local Qwen2.5-VL checkpoint (or preset name); default: the one recorded at save time.
+            path: a directory written by `save_pretrained`, a training checkpoint, or a run directory (its newest
+                checkpoint).
+            qwen_path: local Qwen checkpoint (or preset name); default: the one recorded at save time.
             sam_path: local SAM directory (transformers layout) or preset name; default: the recorded one.
+            tokenizer_path: tokenizer directory; default: the recorded one.
             device: where to put the model (default: CPU).
-            overrides: other build-config fields to change (e.g. dtype="bfloat16").
+            overrides: other model-config fields to change (e.g. dtype="bfloat16").
         """
-        from flmm_model.build import build_model  # the builder imports this module
-
-        config_path = os.path.join(directory, CONFIG_NAME)
-        weights_path = os.path.join(directory, WEIGHTS_NAME)
-        for path in (config_path, weights_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"from_pretrained: {path} not found (expected the output of save_pretrained)")
-        with open(config_path) as f:
-            build_config = dict(json.load(f)["model"])
-        if qwen_path is not None:
-            build_config["qwen"] = qwen_path
-        if sam_path is not None:
-            build_config["sam"] = sam_path
-        build_config.update(overrides)
-        model = build_model(build_config)
+        directory = resolve_checkpoint(path)
+        model_cfg = read_model_config(directory, qwen=qwen_path, sam=sam_path, tokenizer=tokenizer_path, **overrides)
+        model = build_model(model_cfg)
         if device is not None:
             model.to(device)
-        model.load_trainable_state_dict(load_file(weights_path, device=str(model.device)), strict=True)
+        model.load_trainable_state_dict(read_weights(directory, device=model.device), strict=True)
         return model
+
+
+def build_model(model_cfg: ModelConfig | dict[str, Any]) -> FrozenQwenSAM:
+    """FrozenQwenSAM from a `ModelConfig` (or a dict / DictConfig with its fields): the one place that reads it.
+
+    The frozen parts (Qwen, SAM's image encoder) get `model_cfg.dtype`; the trainable heads (U-Net, text projector,
+    SAM prompt encoder and mask decoder) stay float32 (autocast handles mixed precision in training). Unknown keys and
+    wrong types raise before anything is built.
+    """
+    schema = OmegaConf.structured(ModelConfig)
+    cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(schema, model_cfg))
+    dtype = getattr(torch, cfg.dtype)
+    qwen = build_qwen(cfg.qwen, dtype=dtype, attn_implementation="sdpa", seed=cfg.seed)
+    sam = build_sam(cfg.sam, dtype=torch.float32, seed=cfg.seed)
+    sam.vision_encoder.to(dtype)
+    prompt = prompt_settings(cfg)
+    torch.manual_seed(cfg.seed)  # the heads' initialization
+    return FrozenQwenSAM(
+        qwen=qwen,
+        sam=sam,
+        tokenizer=prompt.tokenizer,
+        image_processor=prompt.image_processor,
+        attn_capture=cfg.attn_capture,
+        mask_head_widths=tuple(cfg.mask_head_widths),
+        mask_head_size=cfg.mask_head_size,
+        bce_weight=cfg.bce_weight,
+        dice_weight=cfg.dice_weight,
+        instruction=prompt.instruction,
+        system=prompt.system,
+        max_length=prompt.max_length,
+        build_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+    )

@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from flmm_model.config import ModelConfig, check_model_paths
-from flmm_model.data import load_rgb
+from flmm_model.build import check_model_paths
+from flmm_model.config import ModelConfig
+from flmm_model.data.images import load_rgb
 from flmm_model.distributed import resolve_device
+from flmm_model.model import FrozenQwenSAM
 
 # Distinct, colour-blind-friendly colours (Okabe-Ito), cycled for more phrases.
 PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
@@ -99,14 +101,14 @@ def predict(model_cfg: ModelConfig, *, checkpoint: str, image: str, phrases: lis
     Returns:
         dict with `masks` (file paths), `overlay` (file path) and `areas` (foreground pixels per phrase).
     """
-    from flmm_model.evaluate import load_model_for_inference
-
     if not phrases:
         raise ValueError("predict: give at least one phrase (--text)")
     check_model_paths(model_cfg)
     picture = load_image(image)  # fails before any weights load
     if model is None:
-        model = load_model_for_inference(model_cfg, checkpoint, resolve_device(device))
+        model = FrozenQwenSAM.from_pretrained(checkpoint, qwen_path=model_cfg.qwen, sam_path=model_cfg.sam,
+                                              tokenizer_path=model_cfg.tokenizer,
+                                              device=str(resolve_device(device))).eval()
     with torch.no_grad():
         masks = model.segment(picture, list(phrases)).cpu().numpy().astype(bool)  # (K, H, W)
     out = Path(out_dir)

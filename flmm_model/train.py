@@ -26,35 +26,34 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from flmm_model.build import check_model_paths, prompt_settings
 from flmm_model.checkpoint import (
     atomic_write_text,
     capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
-    load_trainable_weights,
     load_trainer_state,
+    read_weights,
     resolve_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from flmm_model.config import ExperimentConfig, check_model_paths, config_to_yaml
+from flmm_model.config import ExperimentConfig
+from flmm_model.config_loader import config_to_yaml
+from flmm_model.data.collate import make_loader
+from flmm_model.data.registry import NamedDataset, build_datasets
 from flmm_model.distributed import (
     ShardedSampler,
     all_gather_objects,
     all_reduce_sum,
+    autocast_context,
     barrier,
     init_distributed,
     shutdown_distributed,
     wrap_ddp,
 )
-from flmm_model.evaluate import (
-    autocast_context,
-    build_datasets,
-    dataset_kind,
-    make_loader,
-    print_table,
-    score_dataset,
-)
+from flmm_model.evaluate import print_table, score_dataset
+from flmm_model.model import build_model
 
 LOSS_KEYS = ("loss", "loss_mask_bce", "loss_mask_dice", "loss_sam_bce", "loss_sam_dice")
 
@@ -144,18 +143,19 @@ def versus_baselines(scores: dict[str, dict[str, float]]) -> dict[str, dict[str,
     return rows
 
 
-def validate(model: torch.nn.Module, val_sets: list[tuple[str, str, Any]], *, cfg: ExperimentConfig, info: Any,
-             autocast: Any) -> dict[str, dict[str, float]]:
-    """Score every validation dataset (sharded over ranks, metric sums reduced), with the trivial baselines.
-
-    `val_sets` holds (label, kind, dataset) triples; kind is how the dataset is scored ("refer": cIoU / gIoU,
-    "png": Average Recall; see `flmm_model.evaluate.dataset_kind`)."""
+def validate(model: torch.nn.Module, val_sets: list[NamedDataset], *, cfg: ExperimentConfig, info: Any,
+             autocast: Any, pad_token_id: int) -> dict[str, dict[str, float]]:
+    """Score every validation dataset with its own metric (sharded over ranks, metric sums reduced), with the
+    trivial baselines."""
     scores: dict[str, dict[str, float]] = {}
-    for label, kind, dataset in val_sets:
-        sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False, pad=False)
-        loader = make_loader(dataset, sampler=sampler, batch_size=cfg.eval.batch_size, cfg=cfg)
-        scores[label] = score_dataset(model, loader, kind=kind, autocast=autocast, baselines=True,
-                                      progress=False, desc=f"val {label}")
+    for entry in val_sets:
+        sampler = ShardedSampler(len(entry.dataset), rank=info.rank, world_size=info.world_size, shuffle=False,
+                                 pad=False)
+        loader = make_loader(entry.dataset, sampler=sampler, batch_size=cfg.eval.batch_size,
+                             num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
+                             padding_side=cfg.data.padding_side)
+        scores[entry.label] = score_dataset(model, loader, metric=entry.metric, autocast=autocast, baselines=True,
+                                            progress=False, desc=f"val {entry.label}")
     return scores
 
 
@@ -190,8 +190,6 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         dict with `out_dir`, `steps`, `checkpoint` (newest checkpoint dir), `stopped_early`, `last_loss`,
         `val` (label -> metrics of the model, and of the all-foreground / empty baselines) and `model`.
     """
-    from flmm_model.build import build_model, load_image_processor, load_tokenizer
-
     tc = cfg.train
     check_model_paths(cfg.model)
     info = init_distributed(tc.device)
@@ -207,18 +205,17 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         # ---- Data first: missing files or an empty split fail before any weights load.
         if not cfg.data.train:
             raise ValueError("data.train: no training dataset configured")
-        tokenizer = load_tokenizer(cfg.model.tokenizer)
-        image_processor = load_image_processor(min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+        prompt = prompt_settings(cfg.model)
+        data_options = dict(data_root=cfg.data.root, prompt=prompt, on_error=cfg.data.on_error)
         train_set = torch.utils.data.ConcatDataset(
-            [ds for _, ds in build_datasets(cfg.data.train, cfg=cfg, tokenizer=tokenizer,
-                                            image_processor=image_processor, train=True)])
-        val_datasets = build_datasets(cfg.data.val, cfg=cfg, tokenizer=tokenizer, image_processor=image_processor,
-                                      train=False)
-        val_sets = [(label, dataset_kind(ds), dataset)  # each scored as its kind says (RefCOCO cIoU, PNG AR)
-                    for ds, (label, dataset) in zip(cfg.data.val, val_datasets, strict=True)]
+            [entry.dataset for entry in build_datasets(cfg.data.train, train=True, **data_options)])
+        val_sets = build_datasets(cfg.data.val, train=False, **data_options)  # each scored with its own metric
+        pad_token_id = prompt.tokenizer.pad_token_id
         sampler = ShardedSampler(len(train_set), rank=info.rank, world_size=info.world_size, shuffle=True,
                                  seed=tc.seed, pad=True)
-        loader = make_loader(train_set, sampler=sampler, batch_size=cfg.data.batch_size, cfg=cfg)
+        loader = make_loader(train_set, sampler=sampler, batch_size=cfg.data.batch_size,
+                             num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
+                             padding_side=cfg.data.padding_side)
         micro_per_epoch = math.ceil(sampler.shard_size() / cfg.data.batch_size)
         steps_per_epoch = micro_per_epoch // tc.grad_accum
         if steps_per_epoch < 1:
@@ -262,7 +259,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         step, epoch, micro_done = 0, 0, 0
         if resume_from is not None:
             state = resume_state  # checked against this run's setup before the model was built
-            model.load_trainable_state_dict(load_trainable_weights(resume_from), strict=True)
+            model.load_trainable_state_dict(read_weights(resume_from), strict=True)
             model.to(info.device)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -291,7 +288,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
         def run_validation() -> dict[str, dict[str, float]]:
             model.eval()
-            scores = validate(model, val_sets, cfg=cfg, info=info, autocast=autocast)
+            scores = validate(model, val_sets, cfg=cfg, info=info, autocast=autocast, pad_token_id=pad_token_id)
             model.train()
             record: dict[str, Any] = {"kind": "val", "step": step}
             for label, metrics in scores.items():
@@ -312,7 +309,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             }
             path = ckpt_root / f"step_{step:07d}"
             if info.is_main:
-                path = save_checkpoint(root=ckpt_root, step=step, model=model, trainer_state=trainer_state,
+                path = save_checkpoint(root=ckpt_root, step=step, weights=model.trainable_state_dict(),
+                                       model_config=model.build_config, trainer_state=trainer_state,
                                        config_yaml=config_to_yaml(cfg), keep_last=tc.keep_last)
             barrier()
             return path

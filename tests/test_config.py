@@ -6,17 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from flmm_model.config import (
-    ConfigError,
-    DatasetConfig,
-    ExperimentConfig,
-    check_model_paths,
-    config_to_yaml,
-    dataset_seed,
-    describe_schema,
-    load_config,
-    parse_override_value,
-)
+from flmm_model.build import check_model_paths
+from flmm_model.config import ConfigError, DatasetConfig, ExperimentConfig
+from flmm_model.config_loader import config_to_yaml, describe_schema, load_config, parse_override_value
+from flmm_model.data.registry import dataset_seed
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

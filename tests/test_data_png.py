@@ -87,7 +87,7 @@ def test_png_segment_missing_from_png_raises_or_skips(tmp_path, photos, tokenize
     with pytest.raises(DataError, match=r"segment id 7777 .* absent from the panoptic PNG .*000000000285.png"):
         dataset[0]
     skipping = _dataset(tmp_path, tokenizer, image_processor, on_error="skip")
-    assert skipping[0] is None and skipping.skipped == 1
+    assert skipping[0] is None and skipping.skips.count == 1
 
 
 def test_png_size_mismatch_raises(tmp_path, photos, tokenizer, image_processor):

@@ -82,20 +82,36 @@ def test_refcoco_per_sentence_gives_one_sample_per_sentence(refer_root, tokenize
     assert items[3]["phrases"] == ["orange tabby"]
 
 
-def test_refcoco_training_sentence_draw_is_seeded_per_epoch(refer_root, tokenizer, image_processor):
-    def draws(seed: int, epochs: range) -> list[list[int]]:
-        dataset = _dataset(refer_root, tokenizer, image_processor, split="train", train=True, seed=seed)
+@pytest.mark.parametrize("sentence_draw", ["once", "per_epoch"])
+def test_refcoco_training_sentence_draw_is_seeded_once_or_per_epoch(refer_root, tokenizer, image_processor,
+                                                                    sentence_draw):
+    def draws(seed: int, epochs: range) -> list[tuple[int, ...]]:
+        dataset = _dataset(refer_root, tokenizer, image_processor, split="train", train=True, seed=seed,
+                           sentence_draw=sentence_draw)
         result = []
         for epoch in epochs:
             dataset.set_epoch(epoch)
-            result.append(dataset[0]["meta"]["sent_ids"])
+            result.append(tuple(dataset[0]["meta"]["sent_ids"]))
         return result
 
     first = draws(0, range(8))
     assert first == draws(0, range(8))  # same (seed, epoch, index) -> same sentences
-    assert len({tuple(ids) for ids in first}) > 1  # sentences change across epochs
     assert all(ids[0] in (1001, 1002) and ids[1] in (1003, 1004, 1005) for ids in first)
-    assert first != draws(1, range(8))
+    if sentence_draw == "once":  # F-LMM: one draw per ref when the dataset is built, kept for every epoch
+        assert len(set(first)) == 1
+        assert len({draws(seed, range(1))[0] for seed in range(8)}) > 1  # but the seed decides it
+    else:
+        assert len(set(first)) > 1  # sentences change across epochs
+        assert first != draws(1, range(8))
+
+
+@pytest.mark.parametrize("sentence, expected", [
+    ("raw_lower", "the cup on the left"), ("sent", "the cup on the left"), ("raw", "The cup on the left"),
+])
+def test_refcoco_sentence_field_choice(refer_root, tokenizer, image_processor, sentence, expected):
+    # The fixture's `raw` is the capitalised `sent`; F-LMM reads raw.lower().
+    dataset = _dataset(refer_root, tokenizer, image_processor, split="train", sentence=sentence)
+    assert dataset[0]["phrases"][0] == expected
 
 
 def test_refcoco_split_by_defaults_and_google(tmp_path, photos, tokenizer, image_processor):
@@ -119,7 +135,7 @@ def test_refcoco_missing_image_raises_or_skips(tmp_path, photos, tokenizer, imag
         dataset[1]
     skipping = _dataset(tmp_path, tokenizer, image_processor, on_error="skip")
     assert skipping[1] is None and skipping[0] is not None
-    assert skipping.skipped == 1 and "COCO_train2014_000000000003.jpg" in skipping.skip_report()
+    assert skipping.skips.count == 1 and "COCO_train2014_000000000003.jpg" in skipping.skips.report()
     batch = Collator(pad_token_id=tokenizer.pad_token_id)([skipping[0], skipping[1]])
     assert batch["num_skipped"] == 1 and batch["input_ids"].shape[0] == 1
 
@@ -144,7 +160,7 @@ def test_refcoco_ref_with_missing_annotation_raises_or_is_skipped(tmp_path, phot
     with pytest.raises(DataError, match=r"refs\(unc\).p: ref 999 .*annotation 4242 is missing from .*instances.json"):
         _dataset(tmp_path, tokenizer, image_processor)
     dataset = _dataset(tmp_path, tokenizer, image_processor, on_error="skip")
-    assert dataset.skipped == 1 and len(dataset) == 2
+    assert dataset.skips.count == 1 and len(dataset) == 2
     assert all("ghost" not in dataset[i]["phrases"] for i in range(len(dataset)))
 
 
@@ -158,7 +174,7 @@ def test_refcoco_too_long_sample_is_bad_data(refer_root, tokenizer, image_proces
     with pytest.raises(DataError, match=r"sample 0 .*tokens .*max_length is 20"):
         dataset[0]
     skipping = _dataset(refer_root, tokenizer, image_processor, max_length=20, on_error="skip")
-    assert skipping[0] is None and skipping.skipped == 1
+    assert skipping[0] is None and skipping.skips.count == 1
 
 
 def test_decode_segmentation_rejects_malformed_records():

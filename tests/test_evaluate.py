@@ -9,11 +9,13 @@ import pytest
 from dataset_files import write_png, write_refer
 
 import run
-from flmm_model.build import build_model
-from flmm_model.config import ModelConfig, load_config
+from flmm_model.build import prompt_settings
+from flmm_model.config import ModelConfig
+from flmm_model.config_loader import load_config
 from flmm_model.data import RefCocoDataset, load_rgb
-from flmm_model.evaluate import EpochSubset, build_dataset
+from flmm_model.data.registry import EpochSubset, build_dataset
 from flmm_model.metrics import ReferSegMetric
+from flmm_model.model import build_model
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 SMALL_MODEL = dict(mask_head_widths=[8, 16, 32, 64], mask_head_size=32, max_pixels=12544)
@@ -41,7 +43,8 @@ def test_eval_scores_refcoco_protocols_and_png_and_writes_eval_json(checkpoint, 
     tests = ("data.test=[{type: refcoco, split: val}, {type: refcoco, split: val, protocol: per_sentence}, "
              "{type: png, split: val}]")
     result = run.main(["eval", "--config", DEMO, "--checkpoint", str(directory), f"data.root={data_root}", tests,
-                       f"eval.out_dir={tmp_path}", "eval.progress=false"])  # pixel budget: the checkpoint's
+                       f"eval.out_dir={tmp_path}", "eval.progress=false",
+                       "eval.batch_size=1"])  # pixel budget: the checkpoint's; one image per batch, as segment()
     results = result["results"]
     assert set(results) == {"refcoco_val", "refcoco_val_per_sentence", "png_val"}
     assert results["refcoco_val"]["count"] == 3  # first sentence of each of the 3 val refs
@@ -54,7 +57,8 @@ def test_eval_scores_refcoco_protocols_and_png_and_writes_eval_json(checkpoint, 
 
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written["results"] == json.loads(json.dumps(results))
-    assert written["protocols"] == {"refcoco_val": "flmm", "refcoco_val_per_sentence": "per_sentence"}
+    assert written["protocols"] == {"refcoco_val": "flmm", "refcoco_val_per_sentence": "per_sentence",
+                                    "png_val": "flmm"}
     printed = capsys.readouterr().out
     assert "refcoco_val_per_sentence" in printed and "AR_all" in printed
 
@@ -87,7 +91,7 @@ def test_eval_missing_data_files_fail_before_weights_load(checkpoint, tmp_path, 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights must not load when the data is missing")
 
-    monkeypatch.setattr(evaluate_module, "load_model_for_inference", no_weights)
+    monkeypatch.setattr(evaluate_module.FrozenQwenSAM, "from_pretrained", no_weights)
     with pytest.raises(Exception, match="refs"):
         run.main(["eval", "--config", DEMO, "--checkpoint", str(checkpoint[0]), f"data.root={tmp_path}",
                   "data.test=[{type: refcoco, split: val}]"])
@@ -112,19 +116,21 @@ def test_synthetic_splits_without_a_seed_hold_different_samples(tokenizer, image
     entries = ("data.test=[{type: synthetic, split: train, length: 3}, {type: synthetic, split: val, length: 3}, "
                "{type: synthetic, split: val, length: 3, seed: 0}]")
     cfg = load_config(DEMO, [entries])
-    train, val, seeded = [build_dataset(ds, cfg=cfg, tokenizer=tokenizer, image_processor=image_processor,
-                                        train=False) for ds in cfg.data.test]
+    prompt = prompt_settings(cfg.model)
+    train, val, seeded = [build_dataset(ds, data_root="", prompt=prompt, train=False, on_error="raise")
+                          for ds in cfg.data.test]
     assert train.seed != val.seed and seeded.seed == 0  # an explicit seed keeps its meaning
     for index in range(3):  # the old behaviour: the val split was the first samples of the train split
         assert train.scene(index).image.tobytes() != val.scene(index).image.tobytes()
 
 
 def test_max_samples_keeps_the_epoch_draw_of_a_training_set(data_root, tokenizer, image_processor):
-    cfg = load_config(DEMO, [f"data.root={data_root}", "data.train=[{type: refcoco, split: val, max_samples: 1}]"])
-    subset = build_dataset(cfg.data.train[0], cfg=cfg, tokenizer=tokenizer, image_processor=image_processor,
-                           train=True)
+    cfg = load_config(DEMO, [f"data.root={data_root}",
+                             "data.train=[{type: refcoco, split: val, max_samples: 1, sentence_draw: per_epoch}]"])
+    subset = build_dataset(cfg.data.train[0], data_root=cfg.data.root, prompt=prompt_settings(cfg.model), train=True,
+                           on_error="raise")
     full = RefCocoDataset(str(data_root), "refcoco", "val", tokenizer=tokenizer, image_processor=image_processor,
-                          train=True, seed=subset.dataset.seed)
+                          train=True, seed=subset.dataset.seed, sentence_draw="per_epoch")
     assert isinstance(subset, EpochSubset) and len(subset) == 1 < len(full)
     draws = []
     for epoch in range(8):  # sample 0: image 2, one ref with two sentences, one drawn per epoch

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flmm_model.mask_head import UNetMaskHead
-from flmm_model.text_prompts import TextPromptProjector
+from flmm_model.sam_refiner import TextPromptProjector
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def test_metrics_reject_logits_and_size_mismatch():
 def test_png_recall_metric_groups_hand_computed():
     metric = PngRecallMetric()
     # IoUs 0.4 (thing, plural), 0.0 (stuff, singular), 1.0 (thing, singular)
-    metric.update(PRED, GT, isthing=[True, False, True], plural=[True, False, False])
+    metric.update(PRED, GT, {"isthing": [True, False, True], "plural": [True, False, False]})
     result = metric.compute()
     assert result["AR_all"] == pytest.approx(100 * 1.4 / 3) and result["count_all"] == 3
     assert result["AR_things"] == pytest.approx(100 * 1.4 / 2) and result["count_things"] == 2
@@ -68,7 +68,7 @@ def test_png_recall_metric_groups_hand_computed():
     assert result["AR_singulars"] == pytest.approx(50.0) and result["count_singulars"] == 2
     assert result["AR_plurals"] == pytest.approx(40.0) and result["count_plurals"] == 1
     with pytest.raises(ValueError, match="3 masks but 2 isthing"):
-        metric.update(PRED, GT, isthing=[True, False], plural=[True, False, False])
+        metric.update(PRED, GT, {"isthing": [True, False], "plural": [True, False, False]})
     assert math.isnan(PngRecallMetric().compute()["AR_plurals"])
 
 
@@ -93,7 +93,7 @@ def test_metrics_sum_across_processes(tmp_path, monkeypatch):
     # ... and a simulated second rank with the same objects doubles the sums.
     monkeypatch.setattr(metrics, "all_reduce_sum", lambda values: values * 2)
     png = PngRecallMetric()
-    png.update(PRED, GT, isthing=[True, False, True], plural=[True, False, False])
+    png.update(PRED, GT, {"isthing": [True, False, True], "plural": [True, False, False]})
     assert png.compute()["count_all"] == 6 and png.compute()["AR_all"] == pytest.approx(100 * 1.4 / 3)
     refer = ReferSegMetric()
     refer.update(PRED, GT)

@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from flmm_model.build import build_model
+from flmm_model.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from flmm_model.data import collate, image_tensor, qwen_image_inputs
 from flmm_model.data.prompts import encode_grounded, expression_parts
-from flmm_model.model import CONFIG_NAME, WEIGHTS_NAME, FrozenQwenSAM
+from flmm_model.model import FrozenQwenSAM, build_model
 
 PHRASES = [["the cup of coffee", "the saucer"], ["a man in a space suit"], ["the cat", "its left ear", "the wall"]]
 MODEL_CFG = dict(qwen="tiny", sam="tiny", max_pixels=224 * 224, seed=0)

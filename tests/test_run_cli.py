@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import flmm_model.train
 import run
 from flmm_model.config import ConfigError
 
@@ -42,12 +43,10 @@ def test_no_command_and_unknown_command_raise_usage_error():
 
 
 def test_config_typo_fails_before_weights_load(monkeypatch, tmp_path):
-    import flmm_model.build as build
-
     def no_weights(*args, **kwargs):
         raise AssertionError("weights must not load for a bad config")
 
-    monkeypatch.setattr(build, "build_model", no_weights)
+    monkeypatch.setattr(flmm_model.train, "build_model", no_weights)
     with pytest.raises(ConfigError, match=r"train\.lrr: unknown key; did you mean 'lr'"):
         run.main(["train", "train.lrr=1", f"train.out_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"data\.batch_size: expected int, found str 'four'"):

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import random
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from flmm_model import checkpoint
 from flmm_model.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
-    load_trainable_weights,
     load_trainer_state,
+    read_weights,
     resolve_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -23,24 +22,10 @@ from flmm_model.checkpoint import (
 from flmm_model.train import WarmupCosine, plot_metrics, warmup_cosine
 
 
-class FakeModel:
-    """Writes what FrozenQwenSAM.save_pretrained writes; can fail half-way like a killed process."""
-
-    def __init__(self, value: float, *, fail: bool = False) -> None:
-        self.value = value
-        self.fail = fail
-
-    def save_pretrained(self, directory) -> None:
-        save_file({"head.weight": torch.full((2, 2), self.value)}, f"{directory}/model.safetensors")
-        if self.fail:
-            raise RuntimeError("killed while writing")
-        (directory / "flmm_config.json").write_text(json.dumps({"model": {}}))
-
-
-def _save(root, step, value, *, fail=False):
+def _save(root, step, value, *, keep_last=2):
     state = {"step": step, "optimizer": {"state": {}, "param_groups": []}, "rng": [capture_rng_state()]}
-    return save_checkpoint(root=root, step=step, model=FakeModel(value, fail=fail), trainer_state=state,
-                           config_yaml="train: {}\n", keep_last=2)
+    return save_checkpoint(root=root, step=step, weights={"head.weight": torch.full((2, 2), value)}, model_config={},
+                           trainer_state=state, config_yaml="train: {}\n", keep_last=keep_last)
 
 
 def test_checkpoints_keep_last_k_and_resolve_from_run_dir(tmp_path):
@@ -51,17 +36,23 @@ def test_checkpoints_keep_last_k_and_resolve_from_run_dir(tmp_path):
     latest = latest_checkpoint(root)
     assert resolve_checkpoint(tmp_path / "run") == latest == resolve_checkpoint(latest)
     assert load_trainer_state(latest)["step"] == 30
-    assert load_trainable_weights(latest)["head.weight"][0, 0] == 30.0
+    assert read_weights(latest)["head.weight"][0, 0] == 30.0
     assert (latest / "config.yaml").read_text() == "train: {}\n"
 
 
-def test_crash_while_writing_leaves_previous_checkpoint_intact(tmp_path):
+def test_crash_while_writing_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
     _save(root, 10, 1.0)
-    with pytest.raises(RuntimeError, match="killed"):
-        _save(root, 20, 2.0, fail=True)
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while writing")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "atomic_write_text", killed)  # after the weights, before the model config
+        with pytest.raises(RuntimeError, match="killed"):
+            _save(root, 20, 2.0)
     assert [p.name for p in list_checkpoints(root)] == ["step_0000010"]  # no torn step_0000020
-    assert load_trainable_weights(latest_checkpoint(root))["head.weight"][0, 0] == 1.0
+    assert read_weights(latest_checkpoint(root))["head.weight"][0, 0] == 1.0
     _save(root, 20, 2.0)  # the next save sweeps the leftover temporary directory
     assert not list(root.glob(".tmp-*"))
     assert latest_checkpoint(root).name == "step_0000020"
@@ -71,7 +62,7 @@ def test_rewriting_same_step_replaces_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     _save(root, 10, 1.0)
     _save(root, 10, 5.0)
-    assert load_trainable_weights(latest_checkpoint(root))["head.weight"][0, 0] == 5.0
+    assert read_weights(latest_checkpoint(root))["head.weight"][0, 0] == 5.0
 
 
 def test_resolve_checkpoint_errors_name_the_path(tmp_path):

@@ -1,4 +1,5 @@
-"""Batching items of different image sizes and text lengths (see `flmm_model.data.item` for the item dict)."""
+"""Batching items of different image sizes and text lengths (see `flmm_model.data.item` for the item dict), and the
+DataLoader every training, validation and evaluation loop uses."""
 
 from __future__ import annotations
 
@@ -88,3 +89,14 @@ class Collator:
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
         return collate(items, pad_token_id=self.pad_token_id, padding_side=self.padding_side)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, *, sampler: torch.utils.data.Sampler, batch_size: int,
+                num_workers: int, pad_token_id: int, padding_side: str = "right") -> torch.utils.data.DataLoader:
+    """A DataLoader with the project's collate. It draws its worker seeds from a private generator, so creating an
+    iterator never advances the global torch RNG (exact resume depends on that)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        collate_fn=Collator(pad_token_id=pad_token_id, padding_side=padding_side),
+        generator=torch.Generator().manual_seed(0), pin_memory=False,
+    )

@@ -3,10 +3,11 @@
 A dataset built with `on_error="raise"` (the default) lets every `DataError` propagate: the message names the file
 and the sample. With `on_error="skip"`, a sample that fails in `__getitem__` comes back as `None` (the `Collator`
 drops it and counts it in the batch's `num_skipped`), and bad annotation records found while loading are left out
-of the index; both are counted in `dataset.skipped` and listed, one line each, by `dataset.skip_report()`.
+of the index. Every dataset keeps one `SkipLog` as `dataset.skips` and routes both through it: `skips.guard` wraps
+`__getitem__`, `skips.handle` the records; `skips.count` counts them and `skips.report()` lists them.
 
 Counts made inside DataLoader worker processes stay in those processes: in the main process, sum the batches'
-`num_skipped` instead (the count `dataset.skipped` is complete only with `num_workers=0`).
+`num_skipped` instead (`dataset.skips.count` is complete only with `num_workers=0`).
 
 `load_json` reads annotation files with the same kind of error.
 """
@@ -16,11 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
 ON_ERROR_CHOICES = ("raise", "skip")
+Item = TypeVar("Item")
 
 
 class DataError(ValueError):
@@ -53,6 +56,14 @@ class SkipLog:
             raise error
         self.reasons.append(str(error))
         logger.warning("%s: skipped (%d so far): %s", self.dataset, len(self.reasons), error)
+
+    def guard(self, build: Callable[[int], Item], index: int) -> Item | None:
+        """`build(index)`, or None when it raises DataError and the policy is "skip" (the one skip guard)."""
+        try:
+            return build(index)
+        except DataError as error:
+            self.handle(error)
+            return None
 
     @property
     def count(self) -> int:

@@ -13,6 +13,7 @@ Keys (K objects, L compact tokens, original image H x W):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,18 @@ from transformers import PreTrainedTokenizerBase
 from flmm_model.data.errors import DataError
 from flmm_model.data.images import image_tensor, qwen_image_inputs
 from flmm_model.data.prompts import DEFAULT_SYSTEM, encode_grounded, phrases_of
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How items are encoded for a model: its tokenizer, image processor and prompt (`build.prompt_settings` makes
+    it from a model config, so datasets encode exactly what the model will read)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: Any
+    instruction: str
+    system: str | None
+    max_length: int | None
 
 
 def make_item(

@@ -87,7 +87,7 @@ class PngDataset(torch.utils.data.Dataset):
         self.narratives_path = os.path.join(ann_dir, f"png_coco_{split}2017.json")
         self.panoptic_path = os.path.join(ann_dir, f"panoptic_{split}2017.json")
         self.panoptic_dir = os.path.join(ann_dir, f"panoptic_{split}2017")
-        self._skips = SkipLog(on_error=on_error, dataset=f"png/{split}")
+        self.skips = SkipLog(on_error=on_error, dataset=f"png/{split}")
 
         narratives = load_json(self.narratives_path)
         panoptic = load_json(self.panoptic_path)
@@ -108,12 +108,12 @@ class PngDataset(torch.utils.data.Dataset):
             try:
                 self._narratives.append(self._check_narrative(file_index, narrative, images, panoptic_anns, isthing))
             except DataError as error:
-                self._skips.handle(error)
+                self.skips.handle(error)
         logger.info("png/%s: dropped %d of %d narratives without any grounded segment", split, self.num_ungrounded,
                     len(narratives))
         if not self._narratives:
             raise DataError(f"{self.narratives_path}: split {split!r} has no usable narrative ({len(narratives)} in "
-                            f"the file, {self.num_ungrounded} without grounded segments, {self._skips.count} skipped)")
+                            f"the file, {self.num_ungrounded} without grounded segments, {self.skips.count} skipped)")
 
     def _check_narrative(
         self, file_index: int, narrative: dict, images: dict, panoptic_anns: dict, category_isthing: dict
@@ -164,21 +164,9 @@ class PngDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         """No per-epoch randomness in PNG; present so training code can call it on every dataset."""
 
-    @property
-    def skipped(self) -> int:
-        """Records and samples skipped so far in this process (see `flmm_model.data.errors`)."""
-        return self._skips.count
-
-    def skip_report(self) -> str:
-        return self._skips.report()
-
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         """The item dict of narrative `index`, or None when it is bad data and on_error="skip"."""
-        try:
-            return self._build(index)
-        except DataError as error:
-            self._skips.handle(error)
-            return None
+        return self.skips.guard(self._build, index)
 
     def _build(self, index: int) -> dict[str, Any]:
         narrative = self._narratives[index]

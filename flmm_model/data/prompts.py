@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
-DEFAULT_INSTRUCTION = "Please briefly describe the image."
+from flmm_model.config import DEFAULT_INSTRUCTION
+
+DEFAULT_SYSTEM = "You are a helpful assistant."  # Qwen2-VL's and Qwen2.5-VL's chat-template default
 
 IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
@@ -64,10 +65,12 @@ def phrases_of(parts: list[tuple[str, int]]) -> list[str]:
     return [text.strip() for text in texts]
 
 
-def chat_prefix(*, instruction: str = DEFAULT_INSTRUCTION, system: str = DEFAULT_SYSTEM) -> str:
-    """The Qwen2.5-VL chat text up to the assistant's answer, with one compact image placeholder."""
-    return (f"<|im_start|>system\n{system}<|im_end|>\n"
-            f"<|im_start|>user\n{IMAGE_BLOCK}{instruction}<|im_end|>\n"
+def chat_prefix(*, instruction: str = DEFAULT_INSTRUCTION, system: str | None = DEFAULT_SYSTEM) -> str:
+    """The Qwen-VL chat text up to the assistant's answer, with one compact image placeholder (what the chat template
+    renders for one user turn holding the image and then the instruction). `system=None`: no system turn (Qwen3-VL's
+    template default)."""
+    system_turn = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+    return (f"{system_turn}<|im_start|>user\n{IMAGE_BLOCK}{instruction}<|im_end|>\n"
             f"<|im_start|>assistant\n")
 
 
@@ -76,7 +79,7 @@ def encode_grounded(
     parts: list[tuple[str, int]],
     *,
     instruction: str = DEFAULT_INSTRUCTION,
-    system: str = DEFAULT_SYSTEM,
+    system: str | None = DEFAULT_SYSTEM,
     max_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize the chat with a grounded answer and mark each object's tokens.
@@ -90,7 +93,7 @@ def encode_grounded(
         parts: `(text, k)` pieces of the answer; the k >= 0 must be exactly 0..K-1 (K >= 1), each with non-space
             text. An object may span several parts.
         instruction: the user's text after the image.
-        system: the system prompt.
+        system: the system prompt (None: no system turn).
         max_length: if given, the longest allowed sequence (counted with the single compact `<|image_pad|>`).
 
     Returns:
@@ -103,7 +106,8 @@ def encode_grounded(
     """
     num_objects = _check_parts(parts)
     special_texts = [added.content for added in tokenizer.added_tokens_decoder.values()]
-    _reject_special_tokens(special_texts, system, "system prompt")
+    if system is not None:
+        _reject_special_tokens(special_texts, system, "system prompt")
     _reject_special_tokens(special_texts, instruction, "instruction")
     for index, (text, k) in enumerate(parts):
         _reject_special_tokens(special_texts, text, f"part {index} (object {k})")

@@ -4,12 +4,17 @@ Layout (every path configurable): `<root>/<name>/refs(<split_by>).p`, `<root>/<n
 `<root>/train2014/COCO_train2014_%012d.jpg` (the `file_name` of instances.json when present).
 
 Samples:
-    protocol="flmm": one sample per image holding all of the image's refs of the split, one sentence per ref
-        joined "s0. s1. s2." (F-LMM). With train=True the sentence of each ref is drawn at random, deterministic
-        in (seed, epoch, index); call `set_epoch(epoch)` every epoch. With train=False it is the first sentence
-        (F-LMM's evaluation protocol).
+    protocol="flmm": one sample per image holding all of the image's refs of the split, in refs-file order, one
+        sentence per ref joined "s0. s1. s2." (F-LMM). With train=True the sentence of each ref is drawn at random:
+        by default once for the whole run (`sentence_draw="once"`, deterministic in (seed, index), as F-LMM draws
+        when its dataset is built), or anew every epoch (`sentence_draw="per_epoch"`, deterministic in (seed,
+        epoch, index); call `set_epoch(epoch)` every epoch). With train=False it is the first sentence (F-LMM's
+        evaluation protocol).
     protocol="per_sentence": one sample per (ref, sentence) with a single object (LISA's evaluation protocol);
         `train` has no effect.
+
+Sentence text (`sentence`): "raw_lower" (default, F-LMM: REFER's `raw` field lower-cased, as mmdet's
+RefCocoDataset gives it to F-LMM), "sent" (REFER's normalised text) or "raw".
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from flmm_model.data.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, express
 
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 PROTOCOLS = ("flmm", "per_sentence")
+SENTENCE_FIELDS = ("raw_lower", "sent", "raw")
+SENTENCE_DRAWS = ("once", "per_epoch")
 
 
 @dataclass(frozen=True)
@@ -55,11 +62,12 @@ class RefCocoDataset(torch.utils.data.Dataset):
         protocol: "flmm" (all refs of an image in one sample) or "per_sentence" (one sample per sentence).
         train: draw one random sentence per ref (protocol "flmm"); False = the first sentence.
         seed: seed of the sentence draw.
+        sentence: "raw_lower" (F-LMM), "sent" or "raw": which REFER field gives the text (see the module doc).
+        sentence_draw: "once" (F-LMM: one draw per ref for the whole run) or "per_epoch".
         instruction: user instruction after the image.
         system: system prompt.
         on_error: "raise" or "skip" (see `flmm_model.data.errors`); an empty split always raises.
         max_length: longest allowed compact sequence; longer samples are bad data (raise or skip).
-        sentence_key: which REFER sentence field to use: "sent" (normalised, lower case) or "raw".
 
     Meta keys: `dataset` (name), `split`, `split_by`, `image_id`, `file_name`, `ref_ids`, `ann_ids`, `sent_ids`
     (lists of length K, in object order).
@@ -78,11 +86,12 @@ class RefCocoDataset(torch.utils.data.Dataset):
         protocol: str = "flmm",
         train: bool,
         seed: int = 0,
+        sentence: str = "raw_lower",
+        sentence_draw: str = "once",
         instruction: str = DEFAULT_INSTRUCTION,
         system: str = DEFAULT_SYSTEM,
         on_error: str = "raise",
         max_length: int | None = None,
-        sentence_key: str = "sent",
     ) -> None:
         if split_by is None:
             if name not in DEFAULT_SPLIT_BY:
@@ -91,6 +100,11 @@ class RefCocoDataset(torch.utils.data.Dataset):
             split_by = DEFAULT_SPLIT_BY[name]
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol: expected one of {PROTOCOLS}, found {protocol!r}")
+        if sentence not in SENTENCE_FIELDS:
+            raise ValueError(f"sentence: expected one of {SENTENCE_FIELDS}, found {sentence!r}")
+        if sentence_draw not in SENTENCE_DRAWS:
+            raise ValueError(f"sentence_draw: expected one of {SENTENCE_DRAWS}, found {sentence_draw!r}")
+        self.sentence, self.sentence_draw = sentence, sentence_draw
         self.name, self.split, self.split_by, self.protocol = name, split, split_by, protocol
         self.train, self.seed, self.epoch = train, seed, 0
         self.tokenizer, self.image_processor = tokenizer, image_processor
@@ -98,7 +112,7 @@ class RefCocoDataset(torch.utils.data.Dataset):
         self.image_dir = image_dir if image_dir is not None else os.path.join(root, "train2014")
         self.refs_path = os.path.join(root, name, f"refs({split_by}).p")
         self.instances_path = os.path.join(root, name, "instances.json")
-        self._skips = SkipLog(on_error=on_error, dataset=f"{name}({split_by})/{split}")
+        self.skips = SkipLog(on_error=on_error, dataset=f"{name}({split_by})/{split}")
 
         refs = _load_refs(self.refs_path)
         instances = load_json(self.instances_path)
@@ -114,11 +128,11 @@ class RefCocoDataset(torch.utils.data.Dataset):
         self._images: dict[int, tuple[str, int, int]] = {}  # image_id -> (file_name, height, width)
         for ref in split_refs:
             try:
-                self._refs.append(self._check_ref(ref, images, annotations, sentence_key))
+                self._refs.append(self._check_ref(ref, images, annotations))
             except DataError as error:
-                self._skips.handle(error)
+                self.skips.handle(error)
         if not self._refs:
-            raise DataError(f"{self.refs_path}: split {split!r} has no usable ref ({self._skips.count} skipped)")
+            raise DataError(f"{self.refs_path}: split {split!r} has no usable ref ({self.skips.count} skipped)")
 
         # Sample index: (image_id, ref indices, sentence index or None = chosen by protocol / train).
         self._samples: list[tuple[int, tuple[int, ...], int | None]] = []
@@ -132,7 +146,7 @@ class RefCocoDataset(torch.utils.data.Dataset):
                 by_image.setdefault(ref.image_id, []).append(ref_index)
             self._samples = [(image_id, tuple(indices), None) for image_id, indices in by_image.items()]
 
-    def _check_ref(self, ref: dict, images: dict, annotations: dict, sentence_key: str) -> _Ref:
+    def _check_ref(self, ref: dict, images: dict, annotations: dict) -> _Ref:
         """Validate one REFER record against instances.json and keep what the samples need."""
         where = f"{self.refs_path}: ref {ref.get('ref_id')} (split {self.split})"
         ann_id, image_id = ref.get("ann_id"), ref.get("image_id")
@@ -143,12 +157,14 @@ class RefCocoDataset(torch.utils.data.Dataset):
         if annotations[ann_id].get("image_id") != image_id:
             raise DataError(f"{where}: annotation {ann_id} belongs to image {annotations[ann_id].get('image_id')}, "
                             f"not to the ref's image {image_id}")
+        field = "sent" if self.sentence == "sent" else "raw"
         sentences = []
         for sentence in ref.get("sentences", []):
-            if sentence_key not in sentence:
-                raise DataError(f"{where}: sentence {sentence.get('sent_id')} has no {sentence_key!r} field")
-            text = " ".join(str(sentence[sentence_key]).split())
-            if text:
+            if field not in sentence:
+                raise DataError(f"{where}: sentence {sentence.get('sent_id')} has no {field!r} field")
+            text = str(sentence[field])
+            text = text.lower() if self.sentence == "raw_lower" else text
+            if text.strip():
                 sentences.append((sentence.get("sent_id"), text))
         if not sentences:
             raise DataError(f"{where}: no non-empty sentence")
@@ -162,24 +178,12 @@ class RefCocoDataset(torch.utils.data.Dataset):
         return len(self._samples)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch of the training sentence draw (deterministic per (seed, epoch, index))."""
+        """Select the epoch of the training sentence draw (used with `sentence_draw="per_epoch"`)."""
         self.epoch = epoch
-
-    @property
-    def skipped(self) -> int:
-        """Records and samples skipped so far in this process (see `flmm_model.data.errors`)."""
-        return self._skips.count
-
-    def skip_report(self) -> str:
-        return self._skips.report()
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         """The item dict of sample `index`, or None when it is bad data and on_error="skip"."""
-        try:
-            return self._build(index)
-        except DataError as error:
-            self._skips.handle(error)
-            return None
+        return self.skips.guard(self._build, index)
 
     def _build(self, index: int) -> dict[str, Any]:
         image_id, ref_indices, sent_index = self._samples[index]
@@ -189,7 +193,8 @@ class RefCocoDataset(torch.utils.data.Dataset):
         if sent_index is not None:
             choices = [sent_index]
         elif self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            key = [self.seed, index] if self.sentence_draw == "once" else [self.seed, self.epoch, index]
+            rng = np.random.default_rng(key)
             choices = [int(rng.integers(len(ref.sentences))) for ref in refs]
         else:
             choices = [0] * len(refs)

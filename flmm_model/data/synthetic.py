@@ -210,7 +210,6 @@ class SyntheticDataset(torch.utils.data.Dataset):
         self.image_size, self.max_objects, self.object_size = image_size, max_objects, object_size
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.instruction, self.system, self.max_length = instruction, system, max_length
-        self.skipped = 0  # never skips; present for the same interface as the file datasets
 
     def __len__(self) -> int:
         return self.length

@@ -1,0 +1,160 @@
+"""Which datasets exist: one `DatasetSpec` per config `type`, the only place a dataset type is named.
+
+A new dataset is one module in `flmm_model/data/` plus one entry in `DATASETS`: how to build it from its config
+entry, how it is scored (its metric class), and which config checks it needs. Training, validation and `run.py eval`
+go through `build_dataset` and `DatasetSpec.metric`; nothing else switches on a dataset type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flmm_model.config import ConfigError, DataConfig, DatasetConfig
+from flmm_model.data.item import PromptSettings
+from flmm_model.data.png import PngDataset
+from flmm_model.data.refcoco import RefCocoDataset
+from flmm_model.data.synthetic import SyntheticDataset
+from flmm_model.metrics import PngRecallMetric, ReferSegMetric
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset type.
+
+    Attributes:
+        build: (config entry, data root, prompt settings, train, on_error) -> the dataset.
+        metric: class whose instances score predictions (`update(pred_masks, gt_masks, meta)`, `compute()`).
+        needs_root: the dataset reads files under a data root (`data.root` or the entry's `root`).
+        check: extra checks of a config entry, raising ConfigError naming `key` (None = no extra checks).
+    """
+
+    build: Callable[..., torch.utils.data.Dataset]
+    metric: type
+    needs_root: bool = True
+    check: Callable[[DatasetConfig, str], None] | None = None
+
+
+def _build_refcoco(ds: DatasetConfig, *, root: str, prompt: PromptSettings, train: bool,
+                   on_error: str) -> RefCocoDataset:
+    return RefCocoDataset(root, ds.type, ds.split, split_by=ds.split_by, image_dir=ds.image_dir,
+                          protocol=ds.protocol, train=train, seed=dataset_seed(ds), sentence=ds.sentence,
+                          sentence_draw=ds.sentence_draw, on_error=on_error, **_prompt_kwargs(prompt))
+
+
+def _build_png(ds: DatasetConfig, *, root: str, prompt: PromptSettings, train: bool, on_error: str) -> PngDataset:
+    return PngDataset(root, ds.split, image_dir=ds.image_dir, ann_dir=ds.ann_dir, on_error=on_error,
+                      **_prompt_kwargs(prompt))
+
+
+def _build_synthetic(ds: DatasetConfig, *, root: str, prompt: PromptSettings, train: bool,
+                     on_error: str) -> SyntheticDataset:
+    shape_options = {"image_size": tuple(ds.image_size) if ds.image_size else None, "max_objects": ds.max_objects,
+                     "object_size": tuple(ds.object_size) if ds.object_size else None}
+    return SyntheticDataset(length=ds.length, seed=dataset_seed(ds), **_prompt_kwargs(prompt),
+                            **{k: v for k, v in shape_options.items() if v is not None})
+
+
+def _check_synthetic(ds: DatasetConfig, key: str) -> None:
+    if ds.length < 1:
+        raise ConfigError(f"{key}.length: a synthetic dataset needs length >= 1, found {ds.length}")
+
+
+def _prompt_kwargs(prompt: PromptSettings) -> dict[str, Any]:
+    return dict(tokenizer=prompt.tokenizer, image_processor=prompt.image_processor, instruction=prompt.instruction,
+                system=prompt.system, max_length=prompt.max_length)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "refcoco": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric),
+    "refcoco+": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric),
+    "refcocog": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric),
+    "png": DatasetSpec(build=_build_png, metric=PngRecallMetric),
+    "synthetic": DatasetSpec(build=_build_synthetic, metric=ReferSegMetric, needs_root=False,
+                             check=_check_synthetic),
+}
+
+
+def dataset_spec(ds: DatasetConfig) -> DatasetSpec:
+    """The registry entry of a config entry's type (ValueError listing the known types otherwise)."""
+    if ds.type not in DATASETS:
+        raise ValueError(f"dataset type {ds.type!r}: expected one of {sorted(DATASETS)}")
+    return DATASETS[ds.type]
+
+
+def check_dataset_configs(data: DataConfig) -> None:
+    """Config checks of every dataset entry (type known, data root set where needed, the type's own checks)."""
+    for section in ("train", "val", "test"):
+        for index, ds in enumerate(getattr(data, section)):
+            key = f"data.{section}.{index}"
+            if ds.type not in DATASETS:
+                raise ConfigError(f"{key}.type: expected one of {sorted(DATASETS)}, found {ds.type!r}")
+            spec = DATASETS[ds.type]
+            if spec.needs_root and not (ds.root or data.root):
+                raise ConfigError(f"{key}.root: {ds.type} needs a data root; set data.root=/path/to/data "
+                                  f"(or {key}.root)")
+            if spec.check is not None:
+                spec.check(ds, key)
+
+
+def dataset_seed(ds: DatasetConfig) -> int:
+    """The seed a dataset is built with: `ds.seed` when set (used as is), else one derived from the split name.
+
+    The derived seed is a stable hash (SHA-256, not Python's per-process salted `hash()`), the same in every process
+    and run, and different for different split names: a synthetic `val` split without a seed is not a copy of the
+    first samples of the `train` split. Two entries with the same explicit seed draw the same samples, whatever
+    their splits.
+    """
+    if ds.seed is not None:
+        return ds.seed
+    digest = hashlib.sha256(f"split:{ds.split}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def dataset_label(ds: DatasetConfig) -> str:
+    """Name of a dataset split in logs and tables: `ds.name`, else `<type>_<split>` (+ `_<protocol>` when the
+    protocol is not the default F-LMM one)."""
+    if ds.name:
+        return ds.name
+    suffix = f"_{ds.protocol}" if ds.protocol != "flmm" else ""
+    return f"{ds.type}_{ds.split}{suffix}"
+
+
+class EpochSubset(torch.utils.data.Subset):
+    """`torch.utils.data.Subset` that forwards `set_epoch` to the dataset it wraps, so a training set cut down with
+    `max_samples` still draws new random choices every epoch when its dataset does."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
+def build_dataset(ds: DatasetConfig, *, data_root: str, prompt: PromptSettings, train: bool,
+                  on_error: str) -> torch.utils.data.Dataset:
+    """One dataset from its config entry (paths default to the layout under `ds.root` or `data_root`)."""
+    dataset = dataset_spec(ds).build(ds, root=ds.root or data_root, prompt=prompt, train=train, on_error=on_error)
+    if ds.max_samples is not None and ds.max_samples < len(dataset):
+        dataset = EpochSubset(dataset, range(ds.max_samples))
+    return dataset
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    """A built dataset with its table label and its scoring metric class."""
+
+    label: str
+    dataset: torch.utils.data.Dataset
+    metric: type
+
+
+def build_datasets(entries: list[DatasetConfig], *, data_root: str, prompt: PromptSettings, train: bool,
+                   on_error: str) -> list[NamedDataset]:
+    """Every config entry built, in order (a missing file fails here, before any weights load)."""
+    return [NamedDataset(label=dataset_label(ds), metric=dataset_spec(ds).metric,
+                         dataset=build_dataset(ds, data_root=data_root, prompt=prompt, train=train,
+                                               on_error=on_error))
+            for ds in entries]
