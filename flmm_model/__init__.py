@@ -8,8 +8,8 @@ Public API:
 """
 
 from flmm_model.build import build_model, build_qwen, build_sam, load_image_processor, load_tokenizer
+from flmm_model.lmm import LMMOutput
 from flmm_model.model import FrozenQwenSAM
-from flmm_model.qwen import LMMOutput
 
 __all__ = [
     "FrozenQwenSAM",

@@ -1,6 +1,6 @@
 """FrozenQwenSAM: F-LMM grounding on a frozen Qwen2.5-VL, with a U-Net mask head and a SAM refiner.
 
-The forward path in three files: `qwen.py` (compact ids -> expanded inputs -> frozen forward -> attention maps and
+The forward path in three files: `lmm.py` (compact ids -> expanded inputs -> frozen forward -> attention maps and
 phrase hidden states), this file (mask head, text prompts, SAM, losses), `sam_refiner.py` (SAM prompts and
 decoding). Per batch: the LMM runs once for all images; the U-Net runs per image (grids differ); SAM embeds all
 images in one call and decodes each image's objects together.
@@ -18,14 +18,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import SamModel
-from transformers.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
+from flmm_model.backbones import QwenVLModel
 from flmm_model.checkpoint import atomic_write_text
 from flmm_model.data.images import image_tensor, qwen_image_inputs, to_rgb
 from flmm_model.data.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, encode_grounded, expression_parts
+from flmm_model.lmm import FrozenQwenLMM, LMMOutput
 from flmm_model.losses import mask_loss_terms, resize_gt_masks
 from flmm_model.mask_head import UNetMaskHead
-from flmm_model.qwen import FrozenQwenLMM, LMMOutput
 from flmm_model.sam_refiner import SamRefiner
 from flmm_model.text_prompts import TextPromptProjector
 
@@ -40,7 +40,8 @@ class FrozenQwenSAM(nn.Module):
     and mask decoder. Frozen (no grad, eval, run under no_grad): Qwen2.5-VL and SAM's image encoder.
 
     Args:
-        qwen: Qwen2.5-VL (weights untouched; its text attention is routed through the capture functions).
+        qwen: Qwen2-VL, Qwen2.5-VL or Qwen3-VL (weights untouched; its text attention is routed through the capture
+            functions).
         sam: transformers SamModel, or None for the LMM + U-Net stage alone (coarse masks only).
         tokenizer: Qwen tokenizer, used by `segment` (and kept so the model is self-contained).
         image_processor: Qwen2-VL image processor, used by `segment`.
@@ -57,7 +58,7 @@ class FrozenQwenSAM(nn.Module):
     def __init__(
         self,
         *,
-        qwen: Qwen2_5_VLForConditionalGeneration,
+        qwen: QwenVLModel,
         sam: SamModel | None,
         tokenizer=None,
         image_processor=None,
@@ -95,7 +96,7 @@ class FrozenQwenSAM(nn.Module):
     # ------------------------------------------------------------------ frozen / trainable bookkeeping
 
     @property
-    def qwen(self) -> Qwen2_5_VLForConditionalGeneration:
+    def qwen(self) -> QwenVLModel:
         return self.lmm.qwen
 
     @property
