@@ -1,5 +1,8 @@
 """Wall time and peak memory of `lmm_forward` per attention-capture mode, against the F-LMM-style baseline.
 
+Any Qwen-VL preset works (`--arch`, all families: see `flmm_model.backbones.PRESETS`); the model is built with
+random weights from the preset's config.
+
 Modes, all on the same model and batch in one run:
   sdpa      the default: SDPA forward, softmax recomputed for the phrase-token query rows only
   eager     the reference mode: eager attention, each layer's phrase rows pooled and its full map freed
@@ -12,6 +15,7 @@ measure). Time is the median of `--repeats` calls after a warm-up. Examples:
 
     python benchmarks/lmm_forward.py --arch tiny --seq-len 256
     python benchmarks/lmm_forward.py --arch mid --seq-len 1024
+    python benchmarks/lmm_forward.py --arch qwen3_vl_tiny --seq-len 256
     python benchmarks/lmm_forward.py --arch qwen2_5_vl_7b --seq-len 1500 --device cuda --dtype bfloat16
 """
 
@@ -33,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from peak_memory import PeakMemory  # noqa: E402  (benchmarks/, the script's folder)
 
 from flmm_model.attention import CaptureState, PhraseQueries  # noqa: E402
-from flmm_model.build import QWEN_ARCHS, qwen_config  # noqa: E402
-from flmm_model.qwen import FrozenQwenLMM  # noqa: E402
+from flmm_model.backbones import PRESETS, adapter_for, qwen_config  # noqa: E402
+from flmm_model.lmm import FrozenQwenLMM  # noqa: E402
 
 MODES = ("baseline", "eager", "sdpa")
 
@@ -99,10 +103,8 @@ def run_mode(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     config = qwen_config(args.arch, attn_implementation="sdpa")
-    from transformers.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-
     with device:
-        qwen = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+        qwen = adapter_for(config).model_class(config).to(dtype).eval()
     batch, n_vision = make_batch(config, seq_len=args.seq_len, batch_size=args.batch_size, objects=args.objects,
                                  tokens_per_object=args.tokens_per_object,
                                  generator=torch.Generator().manual_seed(0))
@@ -125,7 +127,7 @@ def run_mode(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="tiny", choices=sorted(QWEN_ARCHS))
+    parser.add_argument("--arch", default="tiny", choices=sorted(PRESETS), help="a Qwen-VL preset of any family")
     parser.add_argument("--seq-len", type=int, default=256, help="expanded sequence length (vision + text tokens)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--objects", type=int, default=3)
@@ -156,8 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
             maps[mode] = torch.load(maps_file)
 
     text = qwen_config(args.arch).text_config
-    print(f"arch={args.arch} layers={text.num_hidden_layers} heads={text.num_attention_heads} "
-          f"kv_heads={text.num_key_value_heads} hidden={text.hidden_size} batch={args.batch_size} "
+    print(f"arch={args.arch} ({PRESETS[args.arch][0]}) layers={text.num_hidden_layers} "
+          f"heads={text.num_attention_heads} kv_heads={text.num_key_value_heads} hidden={text.hidden_size} "
+          f"batch={args.batch_size} "
           f"seq_len={seq_len} vision_tokens={n_vision} objects={args.objects} device={args.device} "
           f"dtype={args.dtype} repeats={args.repeats}")
     print(f"{'mode':<10}{'time_s':>10}{'peak_MiB':>12}{'max|maps - baseline|':>24}")

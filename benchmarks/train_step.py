@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = build_model(model_cfg)
     model.to(device).train()
     tokenizer = load_tokenizer(model_cfg.tokenizer)
-    image_processor = load_image_processor(min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels)
+    image_processor = load_image_processor(min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels,
+                                           backbone=model_cfg.qwen)
     dataset = SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=args.batch_size,
                                image_size=(side, side), max_objects=args.objects)
     batch = Collator(pad_token_id=tokenizer.pad_token_id)([dataset[i] for i in range(args.batch_size)])

@@ -9,9 +9,9 @@ Public API:
 """
 
 from flmm_model.build import build_qwen, build_sam, load_image_processor, load_tokenizer
+from flmm_model.lmm import LMMOutput
 from flmm_model.model import FrozenQwenSAM, build_model
 from flmm_model.predictor import GroundingPredictor
-from flmm_model.qwen import LMMOutput
 
 __all__ = [
     "FrozenQwenSAM",

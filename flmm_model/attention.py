@@ -1,4 +1,4 @@
-"""Text-to-image attention capture for the frozen Qwen2.5-VL text decoder.
+"""Text-to-image attention capture for the frozen Qwen-VL text decoder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 
 F-LMM reads, for every object k, the post-softmax attention weights from k's phrase tokens to the image tokens,
 in every layer and head. Running the model with eager attention and `output_attentions=True` keeps every layer's
@@ -13,6 +13,11 @@ the attention call, layer by layer, through two functions registered with transf
 
 Both read a `CaptureState` passed as the `flmm_capture` keyword of the text model's forward (transformers hands
 unknown keywords down to every attention call). Without it they behave exactly like plain sdpa / eager attention.
+
+The three families call the attention function the same way: `(module, query, key, value, attention_mask,
+dropout=..., scaling=..., **kwargs)` with query (B, heads, L, d) and key / value (B, kv_heads, L, d) after RoPE
+(Qwen3-VL applies its q/k RMS norms before RoPE, so the capture sees exactly the q/k its softmax uses). Qwen2-VL
+also passes `sliding_window` and `position_ids`; they stay in `kwargs`.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
 CAPTURE_IMPLEMENTATIONS = {"sdpa": "flmm_sdpa", "eager": "flmm_eager"}
 
@@ -117,6 +122,34 @@ def _phrase_weight_rows(
         return torch.softmax(scores, dim=-1)
 
 
+def eager_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, *, scaling: float, dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with its full weights: softmax(q k^T * scale + mask) in fp32, cast back, times v.
+
+    The computation that each family's modeling file defines as its own `eager_attention_forward` (the same in
+    qwen2_vl, qwen2_5_vl and qwen3_vl), written once here so the capture is not tied to one family's module.
+
+    Args:
+        query: (B, heads, L, d). key, value: (B, kv_heads, L, d); kv head h serves query heads h*rep..(h+1)*rep-1.
+        attention_mask: (B, 1, L, L) additive float mask (0 or the dtype's min), or None.
+
+    Returns:
+        output (B, L, heads, d) and weights (B, heads, L, L) post-softmax in the query dtype.
+    """
+    repeats = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(repeats, dim=1)  # (B, heads, L, d)
+    value = value.repeat_interleave(repeats, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, heads, L, L)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, L, heads, d)
+    return output, weights
+
+
 def capture_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA for the layer output; phrase-row weights recomputed for the capture (see module docstring)."""
     capture: CaptureState | None = kwargs.pop("flmm_capture", None)
@@ -133,9 +166,7 @@ def capture_eager_attention(module, query, key, value, attention_mask, scaling=N
     """Eager attention (full weights of this layer, F-LMM style); the phrase rows are pooled, the rest is freed."""
     capture: CaptureState | None = kwargs.pop("flmm_capture", None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    output, weights = eager_attention_forward(
-        module, query, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs
-    )
+    output, weights = eager_attention(module, query, key, value, attention_mask, scaling=scale, dropout=dropout)
     if capture is not None:
         batch, heads, num_queries = weights.shape[0], weights.shape[1], capture.queries.query_index.shape[1]
         row_index = capture.queries.query_index[:, None, :, None].expand(batch, heads, num_queries, weights.shape[-1])

@@ -1,11 +1,12 @@
-"""Builders for the frozen pieces: Qwen2.5-VL, SAM, the Qwen tokenizer and image processor (the whole model:
-`flmm_model.model.build_model`).
+"""Builders for the frozen pieces: the Qwen-VL backbone, SAM, the Qwen tokenizer and image processor (the whole
+model: `flmm_model.model.build_model`).
 
 Only builders read paths and architecture names; modules receive what these functions return. An architecture is
-either a local checkpoint directory (real weights, the user's download) or one of the named presets below, which
-instantiate the real transformers classes with random weights: `tiny` for tests and the demo, `mid` for CPU
-benchmarks, and the exact shapes of the released checkpoints (`qwen2_5_vl_3b`, `qwen2_5_vl_7b`, `sam_vit_l`, ...)
-for speed and memory measurements without downloads.
+either a local checkpoint directory (real weights, the user's download) or a named preset, which instantiates the
+real transformers classes with random weights: `tiny` for tests and the demo, `mid` for CPU benchmarks, and the
+exact shapes of the released checkpoints (`qwen2_5_vl_3b`, `qwen3_vl_8b`, `sam_vit_l`, ...) for speed and memory
+measurements without downloads. The Qwen-VL part (all families, their presets and image processors) lives in
+`flmm_model.backbones`; the names below delegate to it.
 """
 
 from __future__ import annotations
@@ -16,50 +17,16 @@ from typing import Any
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, SamConfig, SamModel
-from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+import flmm_model.backbones as backbones
 from flmm_model.config import ConfigError, ModelConfig
 from flmm_model.data.item import PromptSettings
-from flmm_model.data.prompts import DEFAULT_SYSTEM
 
-QWEN_VOCAB_SIZE = 151936  # every released Qwen2.5-VL size; the tokenizer's ids stay below it
-
-_VISION_3B_7B = dict(
-    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
-    temporal_patch_size=2, tokens_per_second=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-)
-
-# Presets: keyword arguments for Qwen2_5_VLConfig's text and vision parts.
-QWEN_ARCHS: dict[str, dict[str, dict[str, Any]]] = {
-    # Tests and demo: 2 text layers x 4 heads (2 KV heads: GQA), windowed + full vision blocks. Init std 0.2
-    # instead of 0.02: at hidden size 64 the released init gives near-uniform attention (max weight ~1.03x the
-    # uniform one), so random text->image maps would carry no image content; 0.2 gives ~9x, content-dependent maps.
-    "tiny": dict(
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, mrope_section=[2, 3, 3], initializer_range=0.2),
-        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56,
-                    fullatt_block_indexes=[1], out_hidden_size=64, initializer_range=0.2),
-    ),
-    # CPU benchmarks: large enough that attention capture costs show, small enough for a minute on 2 cores.
-    "mid": dict(
-        text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=2, mrope_section=[8, 12, 12]),
-        vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, window_size=112,
-                    fullatt_block_indexes=[1, 3], out_hidden_size=512),
-    ),
-    # Shapes of the released checkpoints (random weights when built from the preset).
-    "qwen2_5_vl_3b": dict(
-        text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                  num_key_value_heads=2, mrope_section=[16, 24, 24], tie_word_embeddings=True),
-        vision=dict(_VISION_3B_7B, out_hidden_size=2048),
-    ),
-    "qwen2_5_vl_7b": dict(
-        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                  num_key_value_heads=4, mrope_section=[16, 24, 24]),
-        vision=dict(_VISION_3B_7B, out_hidden_size=3584),
-    ),
-}
+# Qwen-VL presets of every family (name -> (model_type, config builder)); see `flmm_model.backbones`.
+QWEN_ARCHS = backbones.PRESETS
+qwen_config = backbones.qwen_config
+build_qwen = backbones.build_qwen
 
 # SAM presets: keyword arguments for SamConfig's vision / prompt encoder / mask decoder parts.
 SAM_ARCHS: dict[str, dict[str, dict[str, Any]]] = {
@@ -81,39 +48,6 @@ SAM_ARCHS: dict[str, dict[str, dict[str, Any]]] = {
     "sam_vit_h": dict(vision=dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
                                   global_attn_indexes=[7, 15, 23, 31]), prompt={}, decoder={}),
 }
-
-
-def qwen_config(arch: str, *, attn_implementation: str = "sdpa") -> Qwen2_5_VLConfig:
-    """The Qwen2_5_VLConfig of a named preset (see `QWEN_ARCHS`)."""
-    if arch not in QWEN_ARCHS:
-        raise ValueError(f"qwen arch: expected a local checkpoint directory or one of {sorted(QWEN_ARCHS)}, "
-                         f"found {arch!r}")
-    preset = QWEN_ARCHS[arch]
-    text = dict(preset["text"])
-    mrope_section = text.pop("mrope_section")
-    tie = text.pop("tie_word_embeddings", False)
-    text_config = dict(
-        text, vocab_size=QWEN_VOCAB_SIZE, max_position_embeddings=32768, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section},
-    )
-    vision_config = dict(preset["vision"], spatial_merge_size=2, patch_size=14, temporal_patch_size=2)
-    config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, tie_word_embeddings=tie,
-                              initializer_range=text_config.get("initializer_range", 0.02))
-    config._attn_implementation = attn_implementation
-    return config
-
-
-def build_qwen(
-    path_or_arch: str, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", seed: int = 0
-) -> Qwen2_5_VLForConditionalGeneration:
-    """Qwen2.5-VL from a local checkpoint directory, or a named preset with random weights (seeded)."""
-    if os.path.isdir(path_or_arch):
-        return Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path_or_arch, dtype=dtype, attn_implementation=attn_implementation
-        )
-    config = qwen_config(path_or_arch, attn_implementation=attn_implementation)
-    torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(config).to(dtype)
 
 
 def sam_config(arch: str) -> SamConfig:
@@ -156,26 +90,29 @@ def load_tokenizer(path: str | None = None) -> PreTrainedTokenizerBase:
 
 
 def load_image_processor(
-    *, min_pixels: int = 56 * 56, max_pixels: int = 672 * 672
+    *, min_pixels: int = 56 * 56, max_pixels: int = 672 * 672, backbone: str = "qwen2_5_vl"
 ) -> Qwen2VLImageProcessorPil:
-    """Qwen2-VL image processor (PIL backend: no torchvision). The default caps an image at 576 vision tokens.
+    """The image processor of a backbone family (PIL backend: no torchvision); see `backbones.load_image_processor`.
 
-    The processor's settings (patch 14, merge 2, temporal patch 2, CLIP mean/std) are the same for every released
-    Qwen2.5-VL size, so no checkpoint file is read; only the pixel budget is a choice.
+    Args:
+        min_pixels, max_pixels: the pixel budget (the default caps an image at 576 vision tokens with 14-px patches).
+        backbone: a model_type ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), a preset name or a local checkpoint
+            directory (its config.json says the family). Qwen3-VL needs its own (16-pixel patches).
     """
-    if min_pixels > max_pixels:
-        raise ValueError(f"image processor: min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
-    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    model_type = backbone if backbone in backbones.ADAPTERS else backbones.model_type_of(backbone)
+    return backbones.load_image_processor(model_type, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 def prompt_settings(model_cfg: ModelConfig) -> PromptSettings:
     """The tokenizer, image processor and prompt a model config implies: what its datasets and its predictor encode
-    with (loads no weights)."""
+    with (loads no weights; the backbone family comes from the preset name or the checkpoint's config.json)."""
+    adapter = backbones.adapter_for(backbones.model_type_of(model_cfg.qwen))
     return PromptSettings(
         tokenizer=load_tokenizer(model_cfg.tokenizer),
-        image_processor=load_image_processor(min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels),
+        image_processor=load_image_processor(min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels,
+                                             backbone=model_cfg.qwen),
         instruction=model_cfg.instruction,
-        system=model_cfg.system if model_cfg.system is not None else DEFAULT_SYSTEM,
+        system=model_cfg.system if model_cfg.system is not None else adapter.default_system,
         max_length=model_cfg.max_length,
     )
 

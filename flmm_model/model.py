@@ -21,17 +21,17 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 from transformers import SamModel
-from transformers.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
+from flmm_model.backbones import QwenVLModel
 from flmm_model.build import build_qwen, build_sam, prompt_settings
 from flmm_model.checkpoint import read_model_config, read_weights, resolve_checkpoint
 from flmm_model.checkpoint import save_pretrained as save_model_files
 from flmm_model.config import DEFAULT_INSTRUCTION, ModelConfig
 from flmm_model.data.prompts import DEFAULT_SYSTEM
+from flmm_model.lmm import FrozenQwenLMM, LMMOutput
 from flmm_model.losses import mask_loss_terms, resize_gt_masks
 from flmm_model.mask_head import UNetMaskHead
 from flmm_model.predictor import GroundingPredictor
-from flmm_model.qwen import FrozenQwenLMM, LMMOutput
 from flmm_model.sam_refiner import SamRefiner, TextPromptProjector
 
 
@@ -42,7 +42,8 @@ class FrozenQwenSAM(nn.Module):
     and mask decoder. Frozen (no grad, eval, run under no_grad): Qwen2.5-VL and SAM's image encoder.
 
     Args:
-        qwen: Qwen2.5-VL (weights untouched; its text attention is routed through the capture functions).
+        qwen: Qwen2-VL, Qwen2.5-VL or Qwen3-VL (weights untouched; its text attention is routed through the capture
+            functions).
         sam: transformers SamModel, or None for the LMM + U-Net stage alone (coarse masks only).
         tokenizer: Qwen tokenizer, used by `segment` (and kept so the model is self-contained).
         image_processor: Qwen2-VL image processor, used by `segment`.
@@ -59,7 +60,7 @@ class FrozenQwenSAM(nn.Module):
     def __init__(
         self,
         *,
-        qwen: Qwen2_5_VLForConditionalGeneration,
+        qwen: QwenVLModel,
         sam: SamModel | None,
         tokenizer=None,
         image_processor=None,
@@ -97,7 +98,7 @@ class FrozenQwenSAM(nn.Module):
     # ------------------------------------------------------------------ frozen / trainable bookkeeping
 
     @property
-    def qwen(self) -> Qwen2_5_VLForConditionalGeneration:
+    def qwen(self) -> QwenVLModel:
         return self.lmm.qwen
 
     @property

@@ -1,8 +1,9 @@
-"""The LMM stage against the HF reference path.
+"""The LMM stage against the HF reference path, for each backbone family (one tiny random model per family).
 
 Reference: the chat text with `<|image_pad|>` repeated N times BEFORE tokenization (what the HF processor does),
-tokenized with padding by the tokenizer itself, run through `Qwen2_5_VLModel` with `mm_token_type_ids` so that HF
-computes the M-RoPE positions itself; attention maps are pooled by hand from eager `output_attentions`.
+tokenized with padding by the tokenizer itself, run through the family's own `...VLModel` with `mm_token_type_ids`
+so that HF computes the M-RoPE positions (and, for Qwen3-VL, the deepstack inputs) itself; attention maps are
+pooled by hand from eager `output_attentions`.
 """
 
 from __future__ import annotations
@@ -10,17 +11,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flmm_model.backbones import PRESETS, adapter_for, load_image_processor
 from flmm_model.build import build_qwen
-from flmm_model.qwen import FrozenQwenLMM
+from flmm_model.lmm import FrozenQwenLMM
 
-IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+FAMILY_PRESETS = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny"]  # Qwen2-VL, Qwen2.5-VL, Qwen3-VL
 PHRASES = [["the cup of coffee", "the saucer"], ["a man", "the flag", "his helmet"], ["the cat"]]
 
 
-def chat(phrases: list[str], image_block: str = IMAGE_BLOCK) -> tuple[str, list[tuple[int, int]]]:
-    """Chat text with the phrases joined in the assistant turn, and each phrase's character span."""
-    text = f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{image_block}" \
-           "Please describe the image.<|im_end|>\n<|im_start|>assistant\n"
+def chat(phrases: list[str], *, image_block: str, system: str | None) -> tuple[str, list[tuple[int, int]]]:
+    """Chat text with the phrases joined in the assistant turn, and each phrase's character span.
+
+    `system` None leaves the system turn out (Qwen3-VL's template when the conversation has none).
+    """
+    text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+    text += f"<|im_start|>user\n{image_block}Please describe the image.<|im_end|>\n<|im_start|>assistant\n"
     spans = []
     for k, phrase in enumerate(phrases):
         if k:
@@ -45,28 +50,45 @@ def encode(tokenizer, texts, spans, padding_side):
     return enc["input_ids"], enc["attention_mask"], mask_ids
 
 
-@pytest.fixture(scope="module")
-def batch(tokenizer, image_processor, photos):
-    images = photos[:3]
-    vision = image_processor(images=images, return_tensors="pt")
+def make_batch(adapter, photos) -> dict:
+    """Three photos of different sizes through the family's image processor; compact and expanded chat texts."""
+    image_processor = load_image_processor(adapter, min_pixels=56 * 56, max_pixels=224 * 224)
+    vision = image_processor(images=photos[:3], return_tensors="pt")
     grid = vision["image_grid_thw"]
     assert len({tuple(g) for g in grid.tolist()}) == 3, "the test needs three different image sizes"
     compact, expanded = [], []
     for phrases, (t, h, w) in zip(PHRASES, grid.tolist(), strict=True):
-        compact.append(chat(phrases))
-        expanded.append(chat(phrases, "<|vision_start|>" + "<|image_pad|>" * (t * h * w // 4) + "<|vision_end|>"))
+        pads = "<|image_pad|>" * (t * h * w // adapter.merge_size**2)
+        compact.append(chat(phrases, image_block=adapter.image_block, system=adapter.default_system))
+        expanded.append(chat(phrases, image_block=adapter.image_block.replace("<|image_pad|>", pads),
+                             system=adapter.default_system))
     return dict(compact=compact, expanded=expanded, pixel_values=vision["pixel_values"], image_grid_thw=grid)
 
 
+@pytest.fixture(scope="module", params=FAMILY_PRESETS)
+def preset(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference_models():
+def adapter(preset):
+    return adapter_for(PRESETS[preset][0])
+
+
+@pytest.fixture(scope="module")
+def batch(adapter, photos):
+    return make_batch(adapter, photos)
+
+
+@pytest.fixture(scope="module")
+def reference_models(preset):
     """Two copies of the tiny model's weights: sdpa (hidden states) and eager (attention weights)."""
-    return build_qwen("tiny", attn_implementation="sdpa").eval(), build_qwen("tiny", attn_implementation="eager").eval()
+    return build_qwen(preset, attn_implementation="sdpa").eval(), build_qwen(preset, attn_implementation="eager").eval()
 
 
 @pytest.fixture(scope="module")
-def lmm():
-    return FrozenQwenLMM(qwen=build_qwen("tiny"), attn_capture="sdpa")
+def lmm(preset):
+    return FrozenQwenLMM(qwen=build_qwen(preset), attn_capture="sdpa")
 
 
 def reference(models, tokenizer, batch, padding_side):
@@ -84,8 +106,9 @@ def reference(models, tokenizer, batch, padding_side):
         )
     assert len(attentions) == sdpa_model.config.text_config.num_hidden_layers
     maps = []
+    merge = sdpa_model.config.vision_config.spatial_merge_size
     for b in range(ids.shape[0]):
-        _, h, w = (batch["image_grid_thw"][b] // torch.tensor([1, 2, 2])).tolist()
+        _, h, w = (batch["image_grid_thw"][b] // torch.tensor([1, merge, merge])).tolist()
         image_positions = image_mask[b].nonzero().flatten()
         per_object = []
         for k in range(int(mask_ids[b].max()) + 1):
@@ -125,9 +148,9 @@ def test_lmm_forward_matches_hf_reference(lmm, reference_models, tokenizer, batc
             torch.testing.assert_close(states, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_sdpa_and_eager_capture_agree(tokenizer, batch):
-    sdpa = run_lmm(FrozenQwenLMM(qwen=build_qwen("tiny"), attn_capture="sdpa"), tokenizer, batch, "left")
-    eager = run_lmm(FrozenQwenLMM(qwen=build_qwen("tiny"), attn_capture="eager"), tokenizer, batch, "left")
+def test_sdpa_and_eager_capture_agree(preset, tokenizer, batch):
+    sdpa = run_lmm(FrozenQwenLMM(qwen=build_qwen(preset), attn_capture="sdpa"), tokenizer, batch, "left")
+    eager = run_lmm(FrozenQwenLMM(qwen=build_qwen(preset), attn_capture="eager"), tokenizer, batch, "left")
     for a, b in zip(sdpa.attention_maps, eager.attention_maps, strict=True):
         assert (a - b).abs().max() <= 1e-5
     valid = sdpa.attention_mask.bool()
@@ -137,8 +160,10 @@ def test_sdpa_and_eager_capture_agree(tokenizer, batch):
 def test_attention_maps_layout(lmm, tokenizer, batch):
     out = run_lmm(lmm, tokenizer, batch, "right")
     config = lmm.qwen.config.text_config
+    merge = lmm.merge_size
     for maps, phrases, (_, h, w) in zip(out.attention_maps, PHRASES, batch["image_grid_thw"].tolist(), strict=True):
-        assert maps.shape == (len(phrases), config.num_hidden_layers * config.num_attention_heads, h // 2, w // 2)
+        assert maps.shape == (len(phrases), config.num_hidden_layers * config.num_attention_heads, h // merge,
+                              w // merge)
         assert maps.dtype == torch.float32
         assert torch.all(maps.flatten(2).sum(-1) <= 1 + 1e-5)  # a share of a softmax row
 
@@ -150,9 +175,9 @@ def test_qwen_is_frozen(lmm):
     assert not any(p.requires_grad for p in lmm.qwen.parameters())
 
 
-def test_unknown_capture_mode_is_rejected():
+def test_unknown_capture_mode_is_rejected(lmm):
     with pytest.raises(ValueError, match="attn_capture"):
-        FrozenQwenLMM(qwen=build_qwen("tiny"), attn_capture="flash")
+        FrozenQwenLMM(qwen=lmm.qwen, attn_capture="flash")
 
 
 # ---------------------------------------------------------------- bad input: ValueError before the model runs
@@ -194,11 +219,12 @@ def test_bad_input_several_placeholders(lmm, good):
         call_with(lmm, good, input_ids=ids)
 
 
-def test_bad_input_wrong_pad_count(lmm, tokenizer, batch):
-    text, spans = chat(PHRASES[0], "<|vision_start|>" + "<|image_pad|>" * 3 + "<|vision_end|>")
+def test_bad_input_wrong_pad_count(lmm, adapter, tokenizer, batch):
+    text, spans = chat(PHRASES[0], image_block=adapter.image_block.replace("<|image_pad|>", "<|image_pad|>" * 3),
+                       system=adapter.default_system)
     ids, attn, mask_ids = encode(tokenizer, [text], [spans], "right")
     grid = batch["image_grid_thw"][:1]
-    n = int(grid.prod()) // 4
+    n = int(grid.prod()) // lmm.merge_size**2
     with pytest.raises(ValueError, match=rf"sample 0: found 3 <\|image_pad\|> tokens, expected 1 \(compact\) or {n}"):
         lmm(ids, attn, batch["pixel_values"][: int(grid.prod())], grid, mask_ids)
 
@@ -214,15 +240,17 @@ def test_bad_input_pixel_rows(lmm, good):
         call_with(lmm, good, pixel_values=good["pixel_values"][:-4])
 
 
-def test_bad_input_pixel_patch_size(lmm, good):
-    with pytest.raises(ValueError, match="pixel_values: expected 1176 values per patch"):
-        call_with(lmm, good, pixel_values=good["pixel_values"][:, :588])
+def test_bad_input_pixel_patch_size(lmm, adapter, good):
+    assert lmm.patch_dim == adapter.patch_dim  # 1176 for 14-pixel patches, 1536 for 16-pixel ones
+    with pytest.raises(ValueError, match=f"pixel_values: expected {adapter.patch_dim} values per patch"):
+        call_with(lmm, good, pixel_values=good["pixel_values"][:, : adapter.patch_dim // 2])
 
 
 def test_bad_input_grid_not_divisible_by_merge(lmm, good):
     grid = good["image_grid_thw"].clone()
     grid[1, 2] += 1
-    with pytest.raises(ValueError, match="sample 1: image_grid_thw .* divisible by the spatial merge size 2"):
+    merge = lmm.merge_size
+    with pytest.raises(ValueError, match=f"sample 1: image_grid_thw .* divisible by the spatial merge size {merge}"):
         call_with(lmm, good, image_grid_thw=grid)
 
 
@@ -282,3 +310,26 @@ def test_capture_stays_fp32_under_autocast(lmm, tokenizer, batch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = run_lmm(lmm, tokenizer, batch, "right")
     assert all(maps.dtype == torch.float32 for maps in out.attention_maps)
+
+
+def test_qwen3_vl_hidden_states_depend_on_deepstack_inputs(tokenizer, photos):
+    """Qwen3-VL's decoder runs without its deepstack inputs too, silently computing something else: the equivalence
+    above can only pass if `run_decoder` passes them, because leaving them out moves the hidden states far."""
+    qwen = build_qwen("qwen3_vl_tiny")
+    lmm = FrozenQwenLMM(qwen=qwen)
+    batch = make_batch(lmm.adapter, photos)
+    out = run_lmm(lmm, tokenizer, batch, "left")
+
+    vision = lmm.adapter.encode_images(qwen, batch["pixel_values"], batch["image_grid_thw"])
+    assert len(vision.deepstack_embeds) == len(qwen.config.vision_config.deepstack_visual_indexes) == 2
+    image_mask = out.input_ids == lmm.image_token_id
+    embeds = qwen.model.get_input_embeddings()(out.input_ids).masked_scatter(image_mask[..., None], vision.image_embeds)
+    with torch.no_grad():
+        without_deepstack = qwen.model.language_model(
+            inputs_embeds=embeds, attention_mask=out.attention_mask, position_ids=out.position_ids, use_cache=False
+        ).last_hidden_state
+    valid = out.attention_mask.bool()
+    difference = (without_deepstack - out.last_hidden_state)[valid].abs()
+    assert difference.max() > 1e-2  # 1000x the equivalence tolerance
+    phrase_rows = out.mask_ids[valid] >= 0
+    assert difference[phrase_rows].max() > 1e-2  # the text tokens that read the image feel it too

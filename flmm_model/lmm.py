@@ -1,4 +1,8 @@
-"""The frozen Qwen2.5-VL stage: compact `input_ids` -> expanded inputs -> one teacher-forced forward -> captures.
+"""The frozen LMM stage: compact `input_ids` -> expanded inputs -> one teacher-forced forward -> captures.
+
+Works for every supported Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): what differs between them (vision
+forward, decoder call, positions, patch size) comes from the model's backbone adapter (`flmm_model.backbones`),
+chosen from `config.model_type`.
 
 Data pipelines tokenize the chat text with ONE `<|image_pad|>` per image (what the chat template emits). Qwen needs
 N = t * H * W / merge^2 pads per image, N depending on the image size. `FrozenQwenLMM` expands ids, attention mask
@@ -15,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
 from flmm_model.attention import CAPTURE_IMPLEMENTATIONS, CaptureState, PhraseQueries, register_capture_attention
+from flmm_model.backbones import QwenVLModel, adapter_for
 
 
 @dataclass
@@ -29,7 +33,7 @@ class LMMOutput:
         attention_mask: (B, L') long, 1 on real tokens.
         mask_ids: (B, L') long, object index k on phrase k's tokens, -1 elsewhere (image tokens included).
         position_ids: (3, B, L') long M-RoPE positions (rows t, h, w); 0 on padding.
-        last_hidden_state: (B, L', D) after the final norm, as `Qwen2_5_VLModel(...).last_hidden_state`.
+        last_hidden_state: (B, L', D) after the final norm, as the family's `...VLModel(...).last_hidden_state`.
         attention_maps: per sample, float32 (K_b, num_layers * num_heads, h_b, w_b): post-softmax weights from
             object k's tokens to the image tokens, averaged over k's tokens; channel = layer * num_heads + head;
             image tokens row-major on the merged grid (h_b = H / merge, w_b = W / merge).
@@ -49,19 +53,24 @@ class LMMOutput:
 
 
 class FrozenQwenLMM(nn.Module):
-    """A frozen Qwen2.5-VL that takes compact ids and returns `LMMOutput`.
+    """A frozen Qwen-VL (Qwen2-VL, Qwen2.5-VL or Qwen3-VL) that takes compact ids and returns `LMMOutput`.
 
     Frozen three ways: no parameter requires grad, `train()` keeps it in eval, and the forward runs under no_grad.
 
     Args:
-        qwen: the Qwen2.5-VL model (any dtype / device; weights untouched).
+        qwen: a `Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration` or
+            `Qwen3VLForConditionalGeneration` (any dtype / device; weights untouched).
         attn_capture: "sdpa" (default: SDPA forward, phrase rows recomputed) or "eager" (F-LMM reference).
+
+    Raises:
+        ValueError: an unknown `attn_capture`, or a model of an unsupported family.
     """
 
-    def __init__(self, *, qwen: Qwen2_5_VLForConditionalGeneration, attn_capture: str = "sdpa") -> None:
+    def __init__(self, *, qwen: QwenVLModel, attn_capture: str = "sdpa") -> None:
         super().__init__()
         if attn_capture not in CAPTURE_IMPLEMENTATIONS:
             raise ValueError(f"attn_capture: expected one of {sorted(CAPTURE_IMPLEMENTATIONS)}, found {attn_capture!r}")
+        self.adapter = adapter_for(qwen)  # everything family-specific: vision forward, decoder call, positions
         register_capture_attention()
         self.qwen = qwen.requires_grad_(False).eval()
         self.attn_capture = attn_capture
@@ -71,7 +80,7 @@ class FrozenQwenLMM(nn.Module):
         self.vision_end_token_id = config.vision_end_token_id
         self.merge_size = config.vision_config.spatial_merge_size
         vision = config.vision_config
-        self.patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2  # 1176
+        self.patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2  # 1176 or 1536
         self.num_layers = config.text_config.num_hidden_layers
         self.num_heads = config.text_config.num_attention_heads
         self.hidden_size = config.text_config.hidden_size
@@ -102,7 +111,7 @@ class FrozenQwenLMM(nn.Module):
         Args:
             input_ids: (B, L) long, compact (one `<|image_pad|>` per sample) or pre-expanded (N_b pads).
             attention_mask: (B, L), 1 on real tokens, a contiguous block (left or right padding).
-            pixel_values: (sum_b t*H*W, 3 * temporal_patch * patch^2) from the Qwen2-VL image processor.
+            pixel_values: (sum_b t*H*W, 3 * temporal_patch * patch^2) from the family's image processor.
             image_grid_thw: (B, 3) long, (t, H, W) in patches, one image per sample in sample order.
             mask_ids: (B, L) long, k >= 0 on the tokens of the sample's k-th phrase, -1 elsewhere.
 
@@ -124,15 +133,14 @@ class FrozenQwenLMM(nn.Module):
         )
         image_mask = (input_ids == self.image_token_id) & attention_mask.bool()  # (B, L')
         grid_hw = (image_grid_thw[:, 1:] // self.merge_size).tolist()
-        position_ids = mrope_position_ids(
+        position_ids = self.adapter.position_ids(
             image_mask=image_mask, attention_mask=attention_mask, grid_thw=image_grid_thw, merge_size=self.merge_size
         )
 
         # Embeddings with the image features scattered in, in (sample, position) order.
-        model = self.qwen.model
-        inputs_embeds = model.get_input_embeddings()(input_ids)  # (B, L', D)
-        image_features = model.get_image_features(pixel_values.to(device), image_grid_thw).pooler_output
-        image_features = torch.cat(image_features, dim=0).to(inputs_embeds.dtype)  # (sum_b N_b, D)
+        inputs_embeds = self.qwen.model.get_input_embeddings()(input_ids)  # (B, L', D)
+        vision = self.adapter.encode_images(self.qwen, pixel_values.to(device), image_grid_thw)
+        image_features = vision.image_embeds.to(inputs_embeds.dtype)  # (sum_b N_b, D)
         inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
 
         queries = PhraseQueries.build(
@@ -146,13 +154,18 @@ class FrozenQwenLMM(nn.Module):
             hidden = output[0] if isinstance(output, tuple) else output
             layer_rows.append(hidden.gather(1, row_index))
 
-        text_model = model.language_model
+        text_model = self.qwen.model.language_model
         hooks = [layer.register_forward_hook(keep_phrase_rows) for layer in text_model.layers[:-1]]
         try:
-            last_hidden_state = text_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=False, flmm_capture=capture,
-            ).last_hidden_state  # (B, L', D)
+            # Attention capture: every text attention layer looks up `config.text_config._attn_implementation`
+            # ("flmm_sdpa" / "flmm_eager", set in __init__) in transformers' ALL_ATTENTION_FUNCTIONS, where
+            # `register_capture_attention` put `attention.capture_sdpa_attention` / `attention.capture_eager_attention`.
+            # The adapter's decoder call passes `flmm_capture=capture` on to the text model, which hands unknown
+            # keywords down to every attention call: the capture functions pop it from their `**kwargs`.
+            last_hidden_state = self.adapter.run_decoder(
+                text_model, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                image_mask=image_mask, vision=vision, flmm_capture=capture,
+            )  # (B, L', D)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -213,7 +226,7 @@ def validate_lmm_inputs(
                          f"found shape {tuple(pixel_values.shape)}")
     if patch_dim is not None and pixel_values.shape[1] != patch_dim:
         raise ValueError(f"pixel_values: expected {patch_dim} values per patch (3 * temporal_patch_size * "
-                         f"patch_size^2, from the Qwen2-VL image processor), found {pixel_values.shape[1]}")
+                         f"patch_size^2, from this backbone's image processor), found {pixel_values.shape[1]}")
     num_vision_tokens = [t * h * w // merge_size**2 for t, h, w in grids]
 
     valid = attention_mask.bool()
@@ -255,7 +268,7 @@ def validate_lmm_inputs(
                              f"the image pads): was it truncated by max_length?")
         if start < 0 or int(row[start]) != vision_start_token_id or end - start - 1 != pads:
             raise ValueError(f"sample {b}: image pads must sit in one run between <|vision_start|> and "
-                             f"<|vision_end|>, as the Qwen2.5-VL chat template emits")
+                             f"<|vision_end|>, as the chat template emits")
         if pads not in (1, n):
             raise ValueError(f"sample {b}: found {pads} <|image_pad|> tokens, expected 1 (compact) or {n} "
                              f"(expanded for image_grid_thw {tuple(grids[b])})")
@@ -324,39 +337,6 @@ def expand_vision_tokens(
     new_mask_ids[sample, column] = mask_ids.flatten()[source]
     new_mask_ids[new_ids.eq(image_token_id)] = -1
     return new_ids, new_mask, new_mask_ids
-
-
-def mrope_position_ids(
-    *, image_mask: torch.Tensor, attention_mask: torch.Tensor, grid_thw: torch.Tensor, merge_size: int
-) -> torch.Tensor:
-    """3-D M-RoPE positions for one image block per sample, vectorized over the batch.
-
-    A text token at counter p gets (p, p, p) and advances p by 1. The image block starting at counter c with merged
-    grid (t, h, w) gives its token j (c + j // (h*w), c + (j // w) % h, c + j % w) and advances c by max(h, w).
-    Counters run over real tokens only; padding gets 0 (as `get_rope_index` does).
-
-    Args:
-        image_mask: (B, L') bool, True on the image tokens of real positions.
-        attention_mask: (B, L'), 1 on real tokens.
-        grid_thw: (B, 3) long, (t, H, W) in patches.
-
-    Returns:
-        (3, B, L') long.
-    """
-    valid = attention_mask.bool()
-    h = (grid_thw[:, 1] // merge_size)[:, None]  # (B, 1)
-    w = (grid_thw[:, 2] // merge_size)[:, None]
-    image_rank = image_mask.long().cumsum(1) - 1  # (B, L'), j for image tokens
-    is_last_image = image_mask & (image_rank == image_mask.sum(1, keepdim=True) - 1)
-    # How far each token moves the counter: text 1, the block's last image token max(h, w), other image tokens 0.
-    advance = torch.where(image_mask, torch.where(is_last_image, torch.maximum(h, w), 0), 1) * valid
-    start = advance.cumsum(1) - advance  # (B, L'), the counter before each token
-    j = image_rank.clamp(min=0)
-    temporal = torch.where(image_mask, start + j // (h * w), start)
-    height = torch.where(image_mask, start + (j // w) % h, start)
-    width = torch.where(image_mask, start + j % w, start)
-    positions = torch.stack([temporal, height, width])  # (3, B, L')
-    return positions * valid
 
 
 def _split_maps(

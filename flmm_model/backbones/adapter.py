@@ -1,0 +1,84 @@
+"""What a backbone adapter is: the data and the few functions in which the Qwen-VL families differ.
+
+The frozen LMM stage (`flmm_model/lmm.py`) is written once for every family; it asks the adapter of the loaded
+model (chosen from `config.model_type`) for everything family-specific:
+
+- builders and presets: the transformers config and model classes, and named configs (random weights);
+- the image processor: patch, merge and temporal patch sizes, normalization mean / std;
+- the chat template: the image block and the default system prompt;
+- the vision forward: `pixel_values` -> merged image features (plus Qwen3-VL's deepstack features);
+- the decoder call: how the text model is run on `inputs_embeds` (Qwen3-VL also takes its deepstack inputs);
+- the M-RoPE positions: one shared function today (`mrope.py`), referenced by each adapter.
+
+An adapter is a frozen dataclass instance per family (`qwen2_vl.ADAPTER`, ...); its function fields are plain
+functions of that family's module. Nothing inherits from anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+@dataclass
+class VisionFeatures:
+    """What the vision tower gives the text decoder, for all images of a batch in sample order.
+
+    Attributes:
+        image_embeds: (sum_b N_b, D) merged image features, one row per image token, scattered into the
+            embeddings at the image-token positions in (sample, position) order.
+        deepstack_embeds: Qwen3-VL only (empty for the other families): one (sum_b N_b, D) tensor per deepstack
+            layer of the vision tower, added to the image-token hidden states after text layer i (i = 0, 1, ...).
+    """
+
+    image_embeds: torch.Tensor
+    deepstack_embeds: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BackboneAdapter:
+    """One Qwen-VL family: its classes, presets, image processor settings, chat template and forward calls.
+
+    Attributes:
+        model_type: `config.model_type` of the family ("qwen2_vl", "qwen2_5_vl", "qwen3_vl").
+        name: how people write it ("Qwen2.5-VL"), for messages.
+        config_class: the family's top-level transformers config class.
+        model_class: the family's `...ForConditionalGeneration` class (what builders instantiate / load).
+        presets: preset name -> a function returning that preset's config (random weights when instantiated).
+        patch_size: pixels per patch side (14 for Qwen2/2.5-VL, 16 for Qwen3-VL).
+        merge_size: patches per merged image token side (2: one image token covers merge x merge patches).
+        temporal_patch_size: frames per patch (2; a still image is repeated).
+        image_mean, image_std: per-channel normalization of the image processor (RGB, values in [0, 1]).
+        image_block: the chat template's text for one image, with a single `<|image_pad|>`.
+        default_system: the system prompt the chat template adds when none is given, or None (no system turn).
+        encode_images: (model, pixel_values, image_grid_thw) -> `VisionFeatures`; runs the vision tower.
+        run_decoder: (text_model, *, inputs_embeds, attention_mask, position_ids, image_mask, vision,
+            **attention_kwargs) -> (B, L', D) last hidden state after the final norm; `attention_kwargs` reach
+            every attention call of the text decoder.
+        position_ids: (*, image_mask, attention_mask, grid_thw, merge_size) -> (3, B, L') M-RoPE positions.
+    """
+
+    model_type: str
+    name: str
+    config_class: type[PretrainedConfig]
+    model_class: type[PreTrainedModel]
+    presets: Mapping[str, Callable[[], PretrainedConfig]]
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    image_block: str
+    default_system: str | None
+    encode_images: Callable[[PreTrainedModel, torch.Tensor, torch.Tensor], VisionFeatures]
+    run_decoder: Callable[..., torch.Tensor]
+    position_ids: Callable[..., torch.Tensor]
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per row of `pixel_values`: 3 channels * temporal_patch_size * patch_size^2 (1176 or 1536)."""
+        return 3 * self.temporal_patch_size * self.patch_size**2
+

@@ -1,0 +1,96 @@
+"""Qwen2.5-VL: classes, presets, image processor settings, chat template, vision forward and decoder call.
+
+Vision tower: a ViT with windowed attention (full attention in `fullatt_block_indexes`) and an MLP merger to the
+text width (`out_hidden_size`). Text decoder: Qwen2 with M-RoPE. The image processor, the chat template, the
+vision call and the decoder call are Qwen2-VL's (`qwen2_vl.py`); only the classes and the shapes differ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from flmm_model.backbones import qwen2_vl
+from flmm_model.backbones.adapter import BackboneAdapter
+from flmm_model.backbones.mrope import mrope_position_ids
+
+
+def _config(
+    *, text: dict[str, Any], vision: dict[str, Any], vocab_size: int = 151936, tie_word_embeddings: bool = False
+) -> Qwen2_5_VLConfig:
+    """A Qwen2_5_VLConfig from the parts that differ between sizes (the rest as in every released checkpoint)."""
+    vision_config = dict(vision, spatial_merge_size=2, patch_size=14, temporal_patch_size=2)
+    return Qwen2_5_VLConfig(text_config=qwen2_vl.text_config(text, vocab_size=vocab_size), vision_config=vision_config,
+                            tie_word_embeddings=tie_word_embeddings,
+                            initializer_range=text.get("initializer_range", 0.02))
+
+
+def tiny() -> Qwen2_5_VLConfig:
+    """Tests and demo: 2 text layers x 4 heads (2 KV heads: GQA), windowed + full vision blocks.
+
+    Init std 0.2 instead of 0.02: at hidden size 64 the released init gives near-uniform attention (max weight
+    ~1.03x the uniform one), so random text->image maps would carry no image content; 0.2 gives ~9x,
+    content-dependent maps.
+    """
+    return _config(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[2, 3, 3], initializer_range=0.2),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56,
+                    fullatt_block_indexes=[1], out_hidden_size=64, initializer_range=0.2),
+    )
+
+
+def mid() -> Qwen2_5_VLConfig:
+    """CPU benchmarks: large enough that attention capture costs show, small enough for a minute on 2 cores."""
+    return _config(
+        text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, mrope_section=[8, 12, 12]),
+        vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, window_size=112,
+                    fullatt_block_indexes=[1, 3], out_hidden_size=512),
+    )
+
+
+# Released shapes: Qwen/Qwen2.5-VL-3B-Instruct and Qwen/Qwen2.5-VL-7B-Instruct config.json on the Hugging Face Hub.
+_VISION_3B_7B = dict(
+    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, tokens_per_second=2, window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+)
+
+
+def qwen2_5_vl_3b() -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-3B-Instruct: 36 layers, hidden 2048, 16 heads / 2 KV heads, tied embeddings."""
+    return _config(
+        text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                  num_key_value_heads=2, mrope_section=[16, 24, 24]),
+        vision=dict(_VISION_3B_7B, out_hidden_size=2048), tie_word_embeddings=True,
+    )
+
+
+def qwen2_5_vl_7b() -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-7B-Instruct: 28 layers, hidden 3584, 28 heads / 4 KV heads, vocabulary 152064."""
+    return _config(
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, mrope_section=[16, 24, 24]),
+        vision=dict(_VISION_3B_7B, out_hidden_size=3584), vocab_size=152064,
+    )
+
+
+ADAPTER = BackboneAdapter(
+    model_type="qwen2_5_vl",
+    name="Qwen2.5-VL",
+    config_class=Qwen2_5_VLConfig,
+    model_class=Qwen2_5_VLForConditionalGeneration,
+    presets={"tiny": tiny, "mid": mid, "qwen2_5_vl_3b": qwen2_5_vl_3b, "qwen2_5_vl_7b": qwen2_5_vl_7b},
+    patch_size=14,
+    merge_size=2,
+    temporal_patch_size=2,
+    image_mean=OPENAI_CLIP_MEAN,  # as the released preprocessor_config.json
+    image_std=OPENAI_CLIP_STD,
+    image_block=qwen2_vl.IMAGE_BLOCK,
+    default_system=qwen2_vl.DEFAULT_SYSTEM,
+    encode_images=qwen2_vl.encode_images,
+    run_decoder=qwen2_vl.run_decoder,
+    position_ids=mrope_position_ids,
+)

@@ -1,0 +1,134 @@
+"""Qwen3-VL: classes, presets, image processor settings, chat template, vision forward and decoder call.
+
+What differs from Qwen2/2.5-VL, and where it is handled:
+- 16-pixel patches (32-pixel merged tokens) and mean = std = 0.5 normalization: the image processor settings;
+- DeepStack: the vision tower also returns features of a few intermediate blocks (`deepstack_visual_indexes`),
+  and the text decoder adds the i-th of them to the image-token hidden states after its layer i. The decoder
+  takes them as `visual_pos_masks` + `deepstack_visual_embeds`; without them it runs without error but computes
+  something else (the released model was trained with them), so `run_decoder` always passes both;
+- q/k RMS norms in the text attention (applied before the attention function: the capture sees normed q/k) and
+  interleaved M-RoPE sections (inside the model, from the same (3, B, L) position ids);
+- the chat template adds no system turn when the conversation has none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+from flmm_model.backbones.adapter import BackboneAdapter, VisionFeatures
+from flmm_model.backbones.mrope import mrope_position_ids
+
+
+def encode_images(model: PreTrainedModel, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
+    """Vision tower: (sum_b t*H*W, patch_dim) -> (sum_b N_b, D) merged features and one such tensor per deepstack
+    block."""
+    out = model.model.get_image_features(pixel_values, image_grid_thw)
+    image_embeds = torch.cat(out.pooler_output, dim=0)  # (sum_b N_b, D)
+    deepstack_embeds = [torch.cat(per_image, dim=0) for per_image in out.deepstack_features]  # each (sum_b N_b, D)
+    return VisionFeatures(image_embeds=image_embeds, deepstack_embeds=deepstack_embeds)
+
+
+def run_decoder(
+    text_model: nn.Module,
+    *,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    image_mask: torch.Tensor,
+    vision: VisionFeatures,
+    **attention_kwargs: Any,
+) -> torch.Tensor:
+    """The text decoder with DeepStack: (B, L', D) after the final norm.
+
+    `image_mask` (B, L') marks the image tokens in (sample, position) order, the order of the rows of each deepstack
+    tensor. `attention_kwargs` (e.g. `flmm_capture`) are handed by the text model to every attention call.
+    """
+    return text_model(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+        visual_pos_masks=image_mask, deepstack_visual_embeds=vision.deepstack_embeds,
+        **attention_kwargs,
+    ).last_hidden_state
+
+
+def _config(*, text: dict[str, Any], vision: dict[str, Any], tie_word_embeddings: bool = False) -> Qwen3VLConfig:
+    """A Qwen3VLConfig from the parts that differ between sizes (the rest as in every released dense checkpoint)."""
+    text = dict(text)
+    mrope_section = text.pop("mrope_section", [24, 20, 20])
+    text_config = dict(
+        text, vocab_size=151936, max_position_embeddings=262144, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": mrope_section,
+                         "mrope_interleaved": True},
+    )
+    vision_config = dict(vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                         hidden_act="gelu_pytorch_tanh", out_hidden_size=text["hidden_size"])
+    return Qwen3VLConfig(text_config=text_config, vision_config=vision_config, tie_word_embeddings=tie_word_embeddings)
+
+
+def qwen3_vl_tiny() -> Qwen3VLConfig:
+    """Tests: 3 text layers x 4 heads (2 KV heads, head_dim 16), a 2-block ViT whose 2 blocks both feed DeepStack
+    (into text layers 0 and 1; layer 2 gets none). Init std 0.2 as Qwen2.5-VL's `tiny` (see there)."""
+    return _config(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, mrope_section=[2, 3, 3], initializer_range=0.2),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=256,
+                    deepstack_visual_indexes=[0, 1], initializer_range=0.2),
+    )
+
+
+# Released shapes: Qwen/Qwen3-VL-{2B,4B,8B}-Instruct config.json on the Hugging Face Hub (read through copies of
+# those files in public code; 8B also matches the GGUF metadata of ollama's qwen3-vl:8b-instruct).
+_VISION_2B_4B = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, num_position_embeddings=2304,
+                     deepstack_visual_indexes=[5, 11, 17])
+
+
+def qwen3_vl_2b() -> Qwen3VLConfig:
+    """Qwen3-VL-2B-Instruct: 28 layers, hidden 2048, 16 heads / 8 KV heads (head_dim 128), tied embeddings."""
+    return _config(
+        text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128),
+        vision=_VISION_2B_4B, tie_word_embeddings=True,
+    )
+
+
+def qwen3_vl_4b() -> Qwen3VLConfig:
+    """Qwen3-VL-4B-Instruct: 36 layers, hidden 2560, 32 heads / 8 KV heads (head_dim 128), tied embeddings."""
+    return _config(
+        text=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128),
+        vision=_VISION_2B_4B, tie_word_embeddings=True,
+    )
+
+
+def qwen3_vl_8b() -> Qwen3VLConfig:
+    """Qwen3-VL-8B-Instruct: 36 layers, hidden 4096, 32 heads / 8 KV heads (head_dim 128), a 27-block 1152-wide ViT."""
+    return _config(
+        text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24]),
+    )
+
+
+ADAPTER = BackboneAdapter(
+    model_type="qwen3_vl",
+    name="Qwen3-VL",
+    config_class=Qwen3VLConfig,
+    model_class=Qwen3VLForConditionalGeneration,
+    presets={"qwen3_vl_tiny": qwen3_vl_tiny, "qwen3_vl_2b": qwen3_vl_2b, "qwen3_vl_4b": qwen3_vl_4b,
+             "qwen3_vl_8b": qwen3_vl_8b},
+    patch_size=16,
+    merge_size=2,
+    temporal_patch_size=2,
+    image_mean=(0.5, 0.5, 0.5),  # the released preprocessor_config.json
+    image_std=(0.5, 0.5, 0.5),
+    image_block="<|vision_start|><|image_pad|><|vision_end|>",
+    default_system=None,  # the chat template emits no system turn unless the conversation has one
+    encode_images=encode_images,
+    run_decoder=run_decoder,
+    position_ids=mrope_position_ids,
+)
