@@ -33,7 +33,11 @@ class CheckpointError(UserError, ValueError):
     project, weights that do not fit the model, a resume that cannot continue the checkpoint's run."""
 
 
-class MissingCheckpointError(UserError, FileNotFoundError):
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the user named does not exist (an image, a checkpoint)."""
+
+
+class MissingCheckpointError(MissingFileError):
     """No checkpoint where the user pointed (no such directory, or a run directory without a complete one)."""
 
 
