@@ -24,8 +24,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from flmm_model.errors import UserError
-
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
 
@@ -207,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def describe_error(error: BaseException) -> tuple[int, str]:
     """The exit status and the one message for an exception that ended a command (see the module docstring)."""
+    from flmm_model.errors import UserError  # here, not at the top: `run.py --help` must not import torch
+
     if isinstance(error, KeyboardInterrupt):
         return 130, "interrupted"
     if isinstance(error, (UsageError, UserError)):
