@@ -6,14 +6,21 @@ Commands (a dict maps each name to a plain function returning a dict):
     predict      masks for phrases on one image: a PNG per phrase and an overlay
     convert-sam  convert an original segment-anything checkpoint (sam_vit_l_0b3195.pth) to the transformers layout
 
-`main(argv)` is the whole program and returns the command's dict; only the `__main__` block exits the process.
+`main(argv)` is the whole program and returns the command's dict (or raises); `cli(argv)` runs it as the command line
+does: every failure becomes one line `error: ...` on stderr and an exit status, 2 for a mistake the user can fix (a
+bad config, argument, path, input file, phrase or image; a full disk or a directory they cannot write; see
+`flmm_model.errors.UserError`), 1 for an internal failure (a bug), 130 for Ctrl-C. No traceback unless `--debug` is
+given (anywhere on the command line) or FLMM_DEBUG=1 is set. Only the `__main__` block exits the process.
 Each command imports its module when it runs, so `run.py --help` answers without loading torch and transformers.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +36,13 @@ overrides:
     data.train.0.max_samples=100  (list items by index)   model.mask_head_widths=[32,64,128,256]
   An unknown key, a wrong type or a value outside its choices stops the run before any weights load, naming the
   key (and the closest known keys for a typo). `run.py <command> --help` lists every key with its default.
+
+errors:
+  A failure prints one line `error: ...` and exits 2 for a mistake you can fix (config, arguments, paths, input
+  files, disk space), 1 for an internal error. Add --debug anywhere (or set FLMM_DEBUG=1) to see the traceback.
 """
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "FLMM_DEBUG"
 
 
 class UsageError(ValueError):
@@ -149,10 +162,12 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_convert_sam(args: argparse.Namespace) -> dict[str, Any]:
+    from flmm_model.checkpoint import prepare_output_dir
     from flmm_model.sam_convert import convert_sam_checkpoint
 
     if not Path(args.checkpoint).is_file():
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
+    prepare_output_dir(args.out, what="--out")
     out_dir = convert_sam_checkpoint(args.checkpoint, args.out, arch=args.arch)
     print(f"wrote {out_dir} (set model.sam={out_dir})")
     return {"out_dir": out_dir}
@@ -165,12 +180,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one command. Returns its dict; `{"command": "help", "text": ...}` when help was shown.
 
     Raises:
-        UsageError: bad command line. ConfigError: a config that does not fit the schema.
+        UsageError: bad command line. UserError (ConfigError, DataError, ...): anything else the user can fix.
+        Other exceptions: bugs. `cli` turns each into a message and an exit status.
     """
     parser = build_parser()
+    argv = [item for item in (sys.argv[1:] if argv is None else argv) if item != DEBUG_FLAG]  # read by `cli`
     try:
         # Overrides may sit before or after the options: collect the leftovers that are not options.
-        args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+        args, extra = parser.parse_known_args(argv)
     except _HelpShown as shown:
         return {"command": "help", "text": shown.text}
     unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
@@ -186,11 +203,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return {"command": args.command, **result}
 
 
-if __name__ == "__main__":
-    from flmm_model.config import ConfigError
+def describe_error(error: BaseException) -> tuple[int, str]:
+    """The exit status and the one message for an exception that ended a command (see the module docstring)."""
+    from flmm_model.errors import UserError  # here, not at the top: `run.py --help` must not import torch
 
+    if isinstance(error, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(error, (UsageError, UserError)):
+        return 2, str(error)
+    if isinstance(error, OSError):  # the file system said no: a path, a permission, the disk
+        where = " ".join(str(name) for name in (error.filename, error.filename2) if name)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return 2, f"no space left on the device ({where or 'writing'}): free disk space there, or write elsewhere"
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return 2, f"{where}: {error.strerror}; check its permissions, or choose a path you can read / write"
+        if error.errno is None or not where:
+            return 2, str(error)
+        return 2, f"{where}: {error.strerror}"
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return 1, (f"out of memory ({type(error).__name__}): lower data.batch_size / eval.batch_size or "
+                   f"model.max_pixels, or use a larger device")
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return 1, (f"internal error: {type(error).__name__}: {first_line}\n(a bug in flmm_model, not a problem with "
+               f"your input: rerun with {DEBUG_FLAG} for the traceback and report it)")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Run `main(argv)` as the command line does; returns the exit status (0, or see `describe_error`).
+
+    Failures print `error: <message>` on stderr, with the traceback only under `--debug` or FLMM_DEBUG=1.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        main()
-    except (UsageError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        main(argv)
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - the one place every failure is reported
+        status, message = describe_error(error)
+        if debug:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        return status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

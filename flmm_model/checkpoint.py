@@ -12,26 +12,46 @@ A training checkpoint is a directory `<out_dir>/checkpoints/step_<NNNNNNN>/` hol
   samples consumed in it) and the RNG states (python, numpy, torch, CUDA) of every rank;
 - `config.yaml`: the resolved experiment config.
 
-It is first written to a hidden temporary directory beside it and then renamed into place, so a crash at any moment
-leaves either the complete old state or the complete new one, never a half-written checkpoint.
+Crash safety: no kill at any point of saving, re-saving the same step, pruning or overwriting leaves the run without
+its newest complete checkpoint, and no incomplete directory is ever chosen.
+- A checkpoint is written into a hidden `.tmp-step_N-<pid>` directory, flushed, then renamed to `step_N`.
+- Re-saving an existing step (a resumed finished run does) moves the old one aside to `.old-step_N-<pid>` first; if a
+  kill comes between the two renames, that hidden copy stands in for `step_N` (`list_checkpoints` returns it) and the
+  next save renames it back instead of deleting it.
+- Deleting (keep_last pruning, `train.overwrite`) renames to `.trash-step_N-<pid>` first, so a half-deleted
+  checkpoint is never visible under a `step_N` name; the next save sweeps `.tmp-*` and `.trash-*` leftovers.
+- Only complete checkpoints (weights, model config and trainer state all present) are listed.
+
+Readers of a run that is being trained into (`eval`, `predict`) call `load_checkpoint`: it reads the config and the
+trainable weights into memory at once and, if keep_last deleted the chosen checkpoint meanwhile, picks the newest
+complete one again. Results of `eval` go to the run directory (`eval_results_path`), never into a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flmm_model.config import ModelConfig
+from flmm_model.errors import CheckpointError, MissingCheckpointError, StorageError, UserError, storage_error
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "flmm_config.json"
@@ -41,31 +61,49 @@ _FORMAT_1_INSTRUCTION = "Please briefly describe the image."
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"
+EVAL_DIR = "eval"
 _STEP_DIR = re.compile(r"step_(\d+)")
+_BACKUP_DIR = re.compile(r"\.(?:old|tmp-old)-(step_\d+)-\d+")  # `.tmp-old-` was the name before backups were kept
+_COMPLETE = (WEIGHTS_NAME, CONFIG_NAME, TRAINER_STATE)
+_LEFTOVERS = (".tmp-step_", ".trash-")  # prefixes of directories a crash may leave behind; never complete
+T = TypeVar("T")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path`: readers (and a crash) see the old
-    file or the new one, never a truncated one."""
+    file or the new one, never a truncated one. StorageError (naming the file) when writing fails."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise storage_error(error, path=path.parent, doing=f"writing {path.name}") from error
 
 
 def save_pretrained(directory: str | Path, *, weights: dict[str, torch.Tensor], model_config: dict[str, Any]) -> None:
     """Write model files (see the module docstring): trainable `weights` and the `model_config` they belong to.
 
     Each file is written under a temporary name and renamed, so an interrupted save never leaves a torn file.
+
+    Raises:
+        StorageError: writing failed (a full disk, no permission, a path that is a file).
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     weights_path = directory / WEIGHTS_NAME
     tmp = weights_path.with_name(f".{WEIGHTS_NAME}.tmp")
-    save_file({name: t.detach().contiguous().cpu() for name, t in weights.items()}, str(tmp),
-              metadata={"format": "pt"})
-    os.replace(tmp, weights_path)
-    atomic_write_text(directory / CONFIG_NAME, json.dumps({"format": FORMAT, "model": model_config}, indent=2))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({name: t.detach().contiguous().cpu() for name, t in weights.items()}, str(tmp),
+                  metadata={"format": "pt"})
+        os.replace(tmp, weights_path)
+        atomic_write_text(directory / CONFIG_NAME, json.dumps({"format": FORMAT, "model": model_config}, indent=2))
+    except (OSError, SafetensorError) as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise storage_error(error, path=directory, doing=f"writing the model files into {directory}") from error
 
 
 def read_model_config(directory: str | Path, **replace: Any) -> ModelConfig:
@@ -75,29 +113,53 @@ def read_model_config(directory: str | Path, **replace: Any) -> ModelConfig:
     everything else (pixel budget, prompt, head sizes) from the training run, so data and model see what training saw.
 
     Raises:
-        FileNotFoundError: no `flmm_config.json` in `directory`.
-        ValueError: a file that is not a model config of this project.
+        MissingCheckpointError (a FileNotFoundError): no `flmm_config.json` in `directory`.
+        CheckpointError (a ValueError): a file that is not a model config of this project.
     """
+    return model_config_from(read_model_fields(directory), **replace)
+
+
+def read_model_fields(directory: str | Path) -> dict[str, Any]:
+    """The saved ModelConfig fields of a model directory, as a plain dict (older formats brought up to date)."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (expected the output of save_pretrained)")
+        raise MissingCheckpointError(f"{path}: missing; {directory} is not a model directory of flmm_model (expected "
+                                     f"the output of save_pretrained or a training checkpoint)")
     try:
         saved = json.loads(path.read_text())
         fields = dict(saved["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not a model config written by flmm_model ({error})") from error
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: not a model config written by flmm_model ({type(error).__name__}: {error}); "
+                              f"the checkpoint is damaged: use another one") from error
     if saved.get("format", "flmm_model/1") == "flmm_model/1" and fields.get("instruction") is None:
         fields["instruction"] = _FORMAT_1_INSTRUCTION
-    fields.update({key: value for key, value in replace.items() if value is not None})
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), fields))
+    return fields
+
+
+def model_config_from(fields: dict[str, Any], **replace: Any) -> ModelConfig:
+    """A ModelConfig from saved fields, with the fields in `replace` that are not None changed."""
+    fields = {**fields, **{key: value for key, value in replace.items() if value is not None}}
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), fields))
+    except OmegaConfBaseException as error:
+        raise CheckpointError(f"{CONFIG_NAME}: saved model config does not fit this version's schema "
+                              f"({str(error).splitlines()[0]})") from error
 
 
 def read_weights(directory: str | Path, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The trainable weights of a model directory (its single safetensors file), on `device`."""
+    """The trainable weights of a model directory (its single safetensors file), on `device`.
+
+    Raises:
+        MissingCheckpointError: no (or more than one) safetensors file. CheckpointError: a damaged or truncated one.
+    """
     files = sorted(Path(directory).glob("*.safetensors"))
     if len(files) != 1:
-        raise FileNotFoundError(f"{directory}: expected exactly one *.safetensors file, found {len(files)}")
-    return load_file(str(files[0]), device=str(device))
+        raise MissingCheckpointError(f"{directory}: expected exactly one *.safetensors file, found {len(files)}")
+    try:
+        return load_file(str(files[0]), device=str(device))
+    except SafetensorError as error:
+        raise CheckpointError(f"{files[0]}: damaged or truncated ({error}); use another checkpoint (an older "
+                              f"step_*), or train again") from error
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -127,19 +189,48 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def step_of(path: Path) -> int:
-    match = _STEP_DIR.fullmatch(path.name)
-    if match is None:
-        raise ValueError(f"{path}: not a checkpoint directory (expected a name like step_0000100)")
-    return int(match.group(1))
+    """The step of a checkpoint directory (`step_N`, or its hidden copy `.old-step_N-<pid>`)."""
+    return int(checkpoint_name(path).split("_")[1])
+
+
+def checkpoint_name(path: str | Path) -> str:
+    """`step_NNNNNNN` of a checkpoint directory, also for its hidden copy during a re-save (ValueError otherwise)."""
+    name = Path(path).name
+    backup = _BACKUP_DIR.fullmatch(name)
+    if _STEP_DIR.fullmatch(name):
+        return name
+    if backup:
+        return backup.group(1)
+    raise ValueError(f"{path}: not a checkpoint directory (expected a name like step_0000100)")
+
+
+def is_complete(path: str | Path) -> bool:
+    """A training checkpoint with all its files: weights, model config and trainer state."""
+    return all((Path(path) / name).is_file() for name in _COMPLETE)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under `root` (the `checkpoints/` dir of a run), oldest first."""
+    """Complete checkpoints under `root` (the `checkpoints/` dir of a run), oldest first.
+
+    A `step_N` directory missing any file (e.g. left by an older version killed while deleting) is never listed. A
+    checkpoint moved aside during a re-save of its step (`.old-step_N-<pid>`) stands in for `step_N` while no
+    complete `step_N` exists, so a kill between the two renames loses nothing.
+    """
     root = Path(root)
-    if not root.is_dir():
+    try:
+        names = sorted(os.listdir(root))
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
-    return sorted(found, key=step_of)
+    visible: dict[int, Path] = {}
+    hidden: dict[int, Path] = {}
+    for name in names:
+        path = root / name
+        if _STEP_DIR.fullmatch(name) and is_complete(path):
+            visible[step_of(path)] = path
+        elif _BACKUP_DIR.fullmatch(name) and is_complete(path):
+            hidden[step_of(path)] = path
+    found = {**hidden, **visible}
+    return [found[step] for step in sorted(found)]
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -148,19 +239,89 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from what a user passes: the checkpoint itself, a run directory or its
-    `checkpoints/` folder (-> the newest checkpoint there). Raises FileNotFoundError with the path otherwise."""
+    """A checkpoint directory from what a user passes: the checkpoint itself (any directory holding a safetensors
+    file, e.g. the output of save_pretrained), a run directory or its `checkpoints/` folder (-> the newest complete
+    checkpoint there). Raises MissingCheckpointError (a FileNotFoundError) naming the path otherwise."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {str(path)!r}: no such directory")
+        what = "is a file, not a directory" if path.exists() else "no such directory"
+        raise MissingCheckpointError(f"checkpoint {str(path)!r}: {what} (expected a checkpoint directory or a run "
+                                     f"directory)")
     if any(path.glob("*.safetensors")):
         return path
     for root in (path / CHECKPOINTS, path):
         latest = latest_checkpoint(root)
         if latest is not None:
             return latest
-    raise FileNotFoundError(f"checkpoint {str(path)!r}: neither a checkpoint (no *.safetensors inside) nor a run "
-                            f"directory with {CHECKPOINTS}/step_*")
+    raise MissingCheckpointError(f"checkpoint {str(path)!r}: neither a checkpoint (no *.safetensors inside) nor a "
+                                 f"run directory with a complete {CHECKPOINTS}/step_*")
+
+
+def run_dir_of(checkpoint: str | Path) -> Path | None:
+    """The run directory a training checkpoint belongs to (`<run>/checkpoints/step_N` -> `<run>`), else None."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.parent.name == CHECKPOINTS:
+        try:
+            checkpoint_name(checkpoint)
+        except ValueError:
+            return None
+        return checkpoint.parent.parent
+    return None
+
+
+def eval_results_path(checkpoint: str | Path, out_dir: str | None) -> Path:
+    """Where `eval` writes its results for `checkpoint`: `<out_dir>/eval.json` when set, else the run directory's
+    `eval/step_NNNNNNN.json`. Never inside the checkpoint (keep_last would delete it with the checkpoint).
+
+    Raises:
+        UserError: no `out_dir` and a checkpoint outside a run directory (nowhere to put results).
+    """
+    if out_dir:
+        return Path(out_dir) / "eval.json"
+    run_dir = run_dir_of(checkpoint)
+    if run_dir is None:
+        raise UserError(f"eval.out_dir: not set, and {checkpoint} is not a checkpoint inside a run directory; set "
+                        f"eval.out_dir=DIR for the results (they are never written into a checkpoint)")
+    return run_dir / EVAL_DIR / f"{checkpoint_name(checkpoint)}.json"
+
+
+def prepare_output_dir(path: str | Path, *, what: str) -> Path:
+    """Create the output directory `path` (with its parents) and check that it is a writable directory.
+
+    Called before anything expensive, so a path that is a file, a read-only place or a full disk fails at once.
+
+    Args:
+        path: the directory.
+        what: how the user named it, for the message, e.g. "train.out_dir" or "--out".
+    Raises:
+        StorageError: naming `what`, the path and the reason.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{what} {path}: exists and is not a directory; choose a directory path",
+                           code=errno.ENOTDIR)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        raise StorageError(f"{what} {path}: cannot be created, a part of the path is a file ({error.filename})",
+                           code=errno.ENOTDIR) from error
+    except OSError as error:
+        raise storage_error(error, path=path, doing=f"creating {what} {path}") from error
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise storage_error(error, path=path, doing=f"writing into {what} {path}") from error
+    return path
+
+
+def _fsync_dir(path: str | Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -169,16 +330,60 @@ def _fsync_tree(path: Path) -> None:
         for filename in filenames:
             with open(os.path.join(dirpath, filename), "rb") as handle:
                 os.fsync(handle.fileno())
-        dir_fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(dirpath)
+
+
+def delete_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint directory so that it is never seen half-deleted: rename it to a hidden `.trash-` name
+    first (atomic), then delete that. Gone already: nothing to do."""
+    path = Path(path)
+    trash = path.with_name(f".trash-{checkpoint_name(path)}-{os.getpid()}")
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def delete_checkpoints(root: str | Path) -> None:
+    """Delete every checkpoint in `root` (`train.overwrite`), each one renamed away first (see `delete_checkpoint`)."""
+    recover_checkpoints(root)
+    for checkpoint in list_checkpoints(root):
+        delete_checkpoint(checkpoint)
+    for name in os.listdir(root) if Path(root).is_dir() else []:
+        if _STEP_DIR.fullmatch(name):  # incomplete ones too (left by an older version)
+            delete_checkpoint(Path(root) / name)
+
+
+def recover_checkpoints(root: str | Path) -> None:
+    """Finish what a killed save, re-save or deletion left in `root` (the run's `checkpoints/` directory).
+
+    A hidden copy of a re-saved step goes back to `step_N` unless a complete `step_N` exists (then it is deleted);
+    half-written `.tmp-` and half-deleted `.trash-` directories are deleted. Only the process that writes
+    checkpoints calls this (`save_checkpoint`, and training before it deletes anything).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for name in sorted(os.listdir(root)):
+        path = root / name
+        backup = _BACKUP_DIR.fullmatch(name)
+        if backup:
+            final = root / backup.group(1)
+            if is_complete(final) or not is_complete(path):
+                delete_checkpoint(path)
+            else:
+                if final.exists():  # an incomplete step_N (left by an older version): the copy is the real one
+                    delete_checkpoint(final)
+                os.rename(path, final)
+        elif name.startswith(_LEFTOVERS):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def save_checkpoint(*, root: str | Path, step: int, weights: dict[str, torch.Tensor], model_config: dict[str, Any],
                     trainer_state: dict[str, Any], config_yaml: str, keep_last: int) -> Path:
-    """Write checkpoint `root/step_<step>` atomically and delete all but the newest `keep_last` checkpoints.
+    """Write checkpoint `root/step_<step>` atomically and delete all but the newest `keep_last` checkpoints (never
+    the one just written). See the module docstring for what a kill at any point leaves.
 
     Args:
         root: the run's `checkpoints/` directory (created if needed).
@@ -190,38 +395,115 @@ def save_checkpoint(*, root: str | Path, step: int, weights: dict[str, torch.Ten
         keep_last: how many checkpoints to keep.
     Returns:
         The checkpoint directory.
+    Raises:
+        StorageError: writing failed (a full disk, no permission); the temporary directory is removed and the
+            earlier checkpoints are untouched.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # leftovers of a crash while writing
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    save_pretrained(tmp, weights=weights, model_config=model_config)
-    torch.save(trainer_state, tmp / TRAINER_STATE)
-    (tmp / CONFIG_FILE).write_text(config_yaml)
-    _fsync_tree(tmp)
-    if final.exists():  # the same step written again (a resumed run re-reaching it): swap, then delete the old one
-        old = root / f".tmp-old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        recover_checkpoints(root)
+        tmp.mkdir()
+        save_pretrained(tmp, weights=weights, model_config=model_config)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        _fsync_tree(tmp)
+    except StorageError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (OSError, RuntimeError, SafetensorError) as error:  # torch's zip writer: RuntimeError on a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise storage_error(error, path=root, doing=f"writing the checkpoint {final.name}") from error
+    if final.exists():  # the same step written again (a resumed run re-reaching it): swap, keeping the old visible
+        backup = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, backup)  # from here until the next rename, list_checkpoints returns the backup
         os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(root)
+        delete_checkpoint(backup)
     else:
         os.rename(tmp, final)
-    dir_fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(root)
     for old_checkpoint in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old_checkpoint, ignore_errors=True)
+        if old_checkpoint != final:
+            delete_checkpoint(old_checkpoint)
     return final
 
 
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint read into memory: once `load_checkpoint` returns, its files are not needed any more.
+
+    Attributes:
+        directory: where it was read from.
+        model_fields: the saved ModelConfig fields (`model_config()` builds the ModelConfig).
+        weights: the trainable tensors.
+        trainer_state: `trainer_state.pt` (with `trainer_state=True`), else None.
+    """
+
+    directory: Path
+    model_fields: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    trainer_state: dict[str, Any] | None = None
+
+    def model_config(self, **replace: Any) -> ModelConfig:
+        """The saved ModelConfig with the fields in `replace` that are not None changed (see `read_model_config`)."""
+        return model_config_from(self.model_fields, **replace)
+
+
+def load_checkpoint(path: str | Path, *, trainer_state: bool = False, device: str | torch.device = "cpu",
+                    attempts: int = 5) -> LoadedCheckpoint:
+    """Read a checkpoint (config, trainable weights and, if asked, the trainer state) into memory at once.
+
+    `path` is resolved as `resolve_checkpoint` does. A run being trained into deletes checkpoints (keep_last) at any
+    moment: if the chosen one vanishes while it is read and `path` named the run (not the checkpoint itself), the
+    newest complete checkpoint is chosen again, up to `attempts` times. A deleted checkpoint is never re-created.
+
+    Raises:
+        MissingCheckpointError: nothing to load, or an explicitly named checkpoint deleted while being read.
+        CheckpointError: a damaged file.
+    """
+    path = Path(path)
+
+    def read(directory: Path) -> LoadedCheckpoint:
+        state = load_trainer_state(directory) if trainer_state else None
+        return LoadedCheckpoint(directory=directory, model_fields=read_model_fields(directory),
+                                weights=read_weights(directory, device=device), trainer_state=state)
+
+    return _read_newest(path, read, attempts=attempts)
+
+
+def _read_newest(path: Path, read: Callable[[Path], T], *, attempts: int) -> T:
+    """`read(resolve_checkpoint(path))`, choosing again when the checkpoint vanished while being read."""
+    for _ in range(attempts):
+        directory = resolve_checkpoint(path)
+        try:
+            return read(directory)
+        except (FileNotFoundError, CheckpointError):
+            if directory.exists():
+                raise  # a file really missing or damaged in a checkpoint that is still there
+            if directory == path:
+                raise MissingCheckpointError(f"checkpoint {path} was deleted while being read (a training run pruning "
+                                             f"it with train.keep_last?); pass the run directory to load its newest "
+                                             f"checkpoint") from None
+    raise MissingCheckpointError(f"{path}: every checkpoint chosen was deleted while being read ({attempts} tries); "
+                                 f"is a training run with train.keep_last writing into it very often?")
+
+
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    """The `trainer_state.pt` dict of a checkpoint (tensors on CPU)."""
+    """The `trainer_state.pt` dict of a checkpoint (tensors on CPU).
+
+    Raises:
+        MissingCheckpointError: no trainer state (a model directory, not a training checkpoint).
+        CheckpointError: a damaged or truncated file.
+    """
     path = Path(checkpoint) / TRAINER_STATE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; {checkpoint} is not a training checkpoint (it cannot be resumed)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise MissingCheckpointError(f"{path}: missing; {checkpoint} is not a training checkpoint (it cannot be "
+                                     f"resumed)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{path}: damaged or truncated ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                              f"resume from another checkpoint (--resume DIR) or start a new run") from error

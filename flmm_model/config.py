@@ -12,10 +12,12 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from flmm_model.errors import UserError
+
 # F-LMM's user instruction after the image, in every one of its configs (the frozen LMM's attention depends on it).
 DEFAULT_INSTRUCTION = "Please give me a description of the image."
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or an override does not fit the schema. The message names the key."""
 
 
@@ -52,7 +54,7 @@ class ModelConfig:
     system: str | None = _field(None, help="system prompt; null = the backbone's chat-template default")
     max_length: int = _field(2048, help="longest compact token sequence (one token per image placeholder); a "
                                         "longer sample is bad data (raise or skip), a longer segment() text an "
-                                        "error")
+                                        "error. eval / predict take it from this config, not the checkpoint")
     seed: int = _field(0, help="seed for the random weights of presets and the trainable heads")
 
 
@@ -141,7 +143,8 @@ class EvalConfig:
     """Scoring `data.test` (`run.py eval`)."""
 
     checkpoint: str | None = _field(None, help="checkpoint dir (or a run dir: its newest checkpoint)")
-    out_dir: str | None = _field(None, help="where eval.json goes; null = the checkpoint dir")
+    out_dir: str | None = _field(None, help="where eval.json goes; null = <run dir>/eval/<checkpoint>.json (never "
+                                            "inside a checkpoint)")
     batch_size: int = _field(2, help="images per process and batch")
     device: str = _field("auto", help="auto | cpu | cuda | cuda:N")
     precision: str = _field("auto", help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16",

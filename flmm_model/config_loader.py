@@ -242,11 +242,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {str(path)!r} {what}")
         try:
             loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        except (yaml.YAMLError, OmegaConfBaseException) as err:
-            raise ConfigError(f"config file {str(path)!r}: not valid YAML ({err})") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r}: not a text file ({err.reason} at byte {err.start}); "
+                              f"expected a YAML config such as configs/demo.yaml") from err
+        except OSError as err:
+            raise ConfigError(f"config file {str(path)!r}: cannot be read ({err.strerror or err})") from err
+        except (yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
+            mark = getattr(err, "problem_mark", None)
+            reason = (f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}" if mark is not None
+                      else (str(err).strip().splitlines() or [""])[0])
+            raise ConfigError(f"config file {str(path)!r}: not valid YAML ({reason})") from err
         container = loaded if loaded is not None else {}
     try:
         apply_overrides(container, list(overrides or []))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
+
+from flmm_model.errors import InputError
 
 
 @dataclass
@@ -43,8 +46,29 @@ class DistInfo:
         return self.world_size > 1
 
 
+def check_device(name: str, *, key: str = "device") -> None:
+    """Raise InputError naming `key` unless `name` is auto, cpu, cuda or cuda:N and this machine has it.
+
+    Checked before any weights load: on a CPU-only torch, `cuda` would otherwise fail deep inside `.to()`.
+    """
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise InputError(f"{key}: expected auto | cpu | cuda | cuda:N, found {name!r}")
+    if not name.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        reason = ("this torch is built without CUDA" if torch.version.cuda is None else
+                  "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)")
+        raise InputError(f"{key}: {name} requested, but {reason}; use cpu (or auto, which picks a GPU when there "
+                         f"is one)")
+    if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise InputError(f"{key}: {name} requested, but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
 def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
-    """`auto` -> cuda:<local_rank> when CUDA is available, else cpu; anything else is passed to torch.device."""
+    """`auto` -> cuda:<local_rank> when CUDA is available, else cpu; `cuda` -> cuda:<local_rank>; cpu / cuda:N as
+    given. InputError for a name `check_device` refuses."""
+    check_device(name)
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name == "cuda":

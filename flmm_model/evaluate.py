@@ -1,27 +1,32 @@
 """`evaluate(cfg)`: score a checkpoint on `data.test` (RefCOCO / RefCOCO+ / RefCOCOg cIoU and gIoU, PNG Average
 Recall, each dataset with the metric its registry entry names), sharded over torchrun processes with the metric
-sums reduced; prints a table and writes `eval.json`. `score_dataset` is also training's validation.
+sums reduced; prints a table and writes the results into the run directory (`<run>/eval/step_N.json`) or
+`eval.out_dir` (`eval.json`), never into the checkpoint. `score_dataset` is also training's validation.
+
+Order: every cheap check first (config, device, the results directory, the checkpoint's config and trainable weights
+read into memory, the data files), then the frozen weights load. The checkpoint is read at once, so a training run
+pruning it meanwhile (keep_last) cannot make the evaluation fail (see `checkpoint.load_checkpoint`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from flmm_model.build import check_model_paths, prompt_settings
-from flmm_model.checkpoint import atomic_write_text, read_model_config, resolve_checkpoint
-from flmm_model.config import ExperimentConfig
+from flmm_model.checkpoint import atomic_write_text, eval_results_path, load_checkpoint, prepare_output_dir
+from flmm_model.config import ConfigError, ExperimentConfig
 from flmm_model.data.collate import make_loader
 from flmm_model.data.registry import build_datasets
 from flmm_model.distributed import (
     ShardedSampler,
     all_reduce_sum,
     autocast_context,
+    check_device,
     init_distributed,
     shutdown_distributed,
 )
@@ -93,26 +98,35 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
     """Score `eval.checkpoint` on every `data.test` dataset.
 
     Returns:
-        dict with `checkpoint`, `results` (label -> metric -> value in percent) and `eval_json` (path).
+        dict with `checkpoint`, `results` (label -> metric -> value in percent) and `eval_json` (path: `eval.json` in
+        `eval.out_dir`, else `<run dir>/eval/<checkpoint name>.json`).
     """
     ec = cfg.eval
     if ec.checkpoint is None:
-        raise ValueError("eval.checkpoint: not set; pass --checkpoint DIR (a checkpoint or a run directory)")
+        raise ConfigError("eval.checkpoint: not set; pass --checkpoint DIR (a checkpoint or a run directory)")
     if not cfg.data.test:
-        raise ValueError("data.test: no dataset to evaluate")
+        raise ConfigError("data.test: no dataset to evaluate")
     check_model_paths(cfg.model)
-    checkpoint = resolve_checkpoint(ec.checkpoint)
-    # The run's own model settings (pixel budget, instruction) drive the data too; only the paths are this config's.
-    model_cfg = read_model_config(checkpoint, qwen=cfg.model.qwen, sam=cfg.model.sam, tokenizer=cfg.model.tokenizer)
+    check_device(ec.device, key="eval.device")
+    loaded = load_checkpoint(ec.checkpoint)  # config + trainable weights, in memory
+    checkpoint = loaded.directory
+    eval_json = eval_results_path(checkpoint, ec.out_dir)
+    # The run's own model settings (pixel budget, instruction) drive the data too; only the paths and the length
+    # limit are this config's.
+    model_cfg = loaded.model_config(qwen=cfg.model.qwen, sam=cfg.model.sam, tokenizer=cfg.model.tokenizer,
+                                    max_length=cfg.model.max_length)
     cfg = dataclasses.replace(cfg, model=model_cfg)
     info = init_distributed(ec.device)
     try:
-        # Data first: missing files fail before the weights load.
+        if info.is_main:
+            prepare_output_dir(eval_json.parent, what="eval.out_dir" if ec.out_dir else "the results directory")
+        # Data first: missing files fail before the frozen weights load.
         prompt = prompt_settings(model_cfg)
         datasets = build_datasets(cfg.data.test, data_root=cfg.data.root, prompt=prompt, train=False,
                                   on_error=cfg.data.on_error)
-        model = FrozenQwenSAM.from_pretrained(str(checkpoint), qwen_path=model_cfg.qwen, sam_path=model_cfg.sam,
-                                              tokenizer_path=model_cfg.tokenizer, device=str(info.device)).eval()
+        model = FrozenQwenSAM.from_pretrained(loaded, qwen_path=model_cfg.qwen, sam_path=model_cfg.sam,
+                                              tokenizer_path=model_cfg.tokenizer, max_length=model_cfg.max_length,
+                                              device=str(info.device)).eval()
         autocast = autocast_context(info.device, ec.precision)
         results: dict[str, dict[str, float]] = {}
         for entry in datasets:
@@ -123,8 +137,6 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
                                  padding_side=cfg.data.padding_side)
             results[entry.label] = score_dataset(model, loader, metric=entry.metric, autocast=autocast,
                                                  progress=ec.progress, desc=entry.label)
-        out_dir = Path(ec.out_dir) if ec.out_dir else checkpoint
-        eval_json = out_dir / "eval.json"
         if info.is_main:
             protocols = {entry.label: ds.protocol for entry, ds in zip(datasets, cfg.data.test, strict=True)}
             print_table(results, title=f"evaluation of {checkpoint}")
@@ -132,7 +144,6 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
             if cfg.data.on_error == "skip" or any(skipped.values()):
                 print(f"samples skipped as bad data (data.on_error={cfg.data.on_error}; the warnings name them): "
                       + ", ".join(f"{label} {count}" for label, count in skipped.items()))
-            out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(eval_json, json.dumps({"checkpoint": str(checkpoint), "protocols": protocols,
                                                      "results": results}, indent=2) + "\n")
             print(f"wrote {eval_json}")

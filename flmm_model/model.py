@@ -24,10 +24,11 @@ from transformers import SamModel
 
 from flmm_model.backbones import QwenVLModel
 from flmm_model.build import build_qwen, build_sam, prompt_settings
-from flmm_model.checkpoint import read_model_config, read_weights, resolve_checkpoint
+from flmm_model.checkpoint import LoadedCheckpoint, load_checkpoint
 from flmm_model.checkpoint import save_pretrained as save_model_files
 from flmm_model.config import DEFAULT_INSTRUCTION, ModelConfig
 from flmm_model.data.prompts import DEFAULT_SYSTEM
+from flmm_model.errors import CheckpointError
 from flmm_model.lmm import FrozenQwenLMM, LMMOutput
 from flmm_model.losses import mask_loss_terms, resize_gt_masks
 from flmm_model.mask_head import UNetMaskHead
@@ -114,21 +115,23 @@ class FrozenQwenSAM(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load trainable weights; with `strict`, missing or unexpected keys (or shapes) raise ValueError."""
+        """Load trainable weights; with `strict`, missing or unexpected keys (or shapes) raise CheckpointError (a
+        ValueError): the weights were trained around another backbone or with other head sizes."""
         own = dict((name, p) for name, p in self.named_parameters() if p.requires_grad)
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if strict and (missing or unexpected):
-            raise ValueError(f"trainable weights do not match the model: missing {missing[:8]}"
-                             f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                             f"{' ...' if len(unexpected) > 8 else ''}")
+            raise CheckpointError(f"trainable weights do not match the model: missing {missing[:8]}"
+                                  f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                                  f"{' ...' if len(unexpected) > 8 else ''}")
         with torch.no_grad():
             for name, value in state.items():
                 if name not in own:
                     continue
                 if own[name].shape != value.shape:
-                    raise ValueError(f"trainable weight {name}: expected shape {tuple(own[name].shape)}, found "
-                                     f"{tuple(value.shape)}")
+                    raise CheckpointError(f"trainable weight {name}: expected shape {tuple(own[name].shape)}, found "
+                                          f"{tuple(value.shape)} (a checkpoint of another backbone size? check "
+                                          f"model.qwen)")
                 own[name].copy_(value)
 
     def parameter_summary(self) -> dict[str, tuple[int, int]]:
@@ -249,26 +252,26 @@ class FrozenQwenSAM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str, *, qwen_path: str | None = None, sam_path: str | None = None,
+        cls, path: str | LoadedCheckpoint, *, qwen_path: str | None = None, sam_path: str | None = None,
         tokenizer_path: str | None = None, device: str | None = None, **overrides: Any,
     ) -> FrozenQwenSAM:
         """Rebuild a saved model and load its trainable weights strictly.
 
         Args:
             path: a directory written by `save_pretrained`, a training checkpoint, or a run directory (its newest
-                checkpoint).
+                complete checkpoint, read at once: see `checkpoint.load_checkpoint`); or a checkpoint already read.
             qwen_path: local Qwen checkpoint (or preset name); default: the one recorded at save time.
             sam_path: local SAM directory (transformers layout) or preset name; default: the recorded one.
             tokenizer_path: tokenizer directory; default: the recorded one.
             device: where to put the model (default: CPU).
             overrides: other model-config fields to change (e.g. dtype="bfloat16").
         """
-        directory = resolve_checkpoint(path)
-        model_cfg = read_model_config(directory, qwen=qwen_path, sam=sam_path, tokenizer=tokenizer_path, **overrides)
+        loaded = path if isinstance(path, LoadedCheckpoint) else load_checkpoint(path)
+        model_cfg = loaded.model_config(qwen=qwen_path, sam=sam_path, tokenizer=tokenizer_path, **overrides)
         model = build_model(model_cfg)
         if device is not None:
             model.to(device)
-        model.load_trainable_state_dict(read_weights(directory, device=model.device), strict=True)
+        model.load_trainable_state_dict(loaded.weights, strict=True)
         return model
 
 

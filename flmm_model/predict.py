@@ -1,4 +1,9 @@
-"""`predict(...)`: masks for phrases on one image: one PNG per phrase plus an overlay with contours and labels."""
+"""`predict(...)`: masks for phrases on one image: one PNG per phrase plus an overlay with contours and labels.
+
+Every cheap check runs before the frozen weights load: the phrases, the device, the image (read, size limits), the
+checkpoint's config and trainable weights (read into memory), the phrases encoded with the checkpoint's prompt
+(control tokens, `model.max_length`), and the output directory (created, checked writable).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from flmm_model.build import check_model_paths
+from flmm_model.build import check_model_paths, prompt_settings
+from flmm_model.checkpoint import load_checkpoint, prepare_output_dir
 from flmm_model.config import ModelConfig
 from flmm_model.data.images import load_rgb
-from flmm_model.distributed import resolve_device
+from flmm_model.data.prompts import encode_grounded, expression_parts
+from flmm_model.distributed import check_device, resolve_device
+from flmm_model.errors import InputError, MissingFileError
 from flmm_model.model import FrozenQwenSAM
 
 # Distinct, colour-blind-friendly colours (Okabe-Ito), cycled for more phrases.
@@ -82,7 +90,9 @@ def load_image(path: str | Path) -> Image.Image:
     orientation applied, transparency composited on white), so a prediction sees the pixels training saw."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r}: no such file")
+        if path.is_dir():
+            raise InputError(f"image {str(path)!r}: is a directory, not an image file")
+        raise MissingFileError(f"image {str(path)!r}: no such file")
     return load_rgb(str(path))
 
 
@@ -91,7 +101,8 @@ def predict(model_cfg: ModelConfig, *, checkpoint: str, image: str, phrases: lis
     """Segment `phrases` in `image` with the checkpoint's model and write the results into `out_dir`.
 
     Args:
-        model_cfg: where the frozen parts come from (`model.qwen`, `model.sam`; the user's paths or presets).
+        model_cfg: where the frozen parts come from (`model.qwen`, `model.sam`; the user's paths or presets) and the
+            longest text (`model.max_length`); everything else comes from the checkpoint.
         checkpoint: checkpoint dir, or a run dir (its newest checkpoint).
         image: image file path.
         phrases: one or more referring phrases.
@@ -102,17 +113,34 @@ def predict(model_cfg: ModelConfig, *, checkpoint: str, image: str, phrases: lis
         dict with `masks` (file paths), `overlay` (file path) and `areas` (foreground pixels per phrase).
     """
     if not phrases:
-        raise ValueError("predict: give at least one phrase (--text)")
-    check_model_paths(model_cfg)
-    picture = load_image(image)  # fails before any weights load
+        raise InputError("predict: give at least one phrase (--text)")
+    try:
+        parts = expression_parts(list(phrases))
+    except InputError as error:
+        raise InputError(f"--text: {error}") from error
+    check_device(device, key="--device")
+    picture = load_image(image)
     if model is None:
-        model = FrozenQwenSAM.from_pretrained(checkpoint, qwen_path=model_cfg.qwen, sam_path=model_cfg.sam,
-                                              tokenizer_path=model_cfg.tokenizer,
+        check_model_paths(model_cfg)
+        loaded = load_checkpoint(checkpoint)  # config + trainable weights, in memory
+        run_cfg = loaded.model_config(qwen=model_cfg.qwen, sam=model_cfg.sam, tokenizer=model_cfg.tokenizer,
+                                      max_length=model_cfg.max_length)
+        prompt = prompt_settings(run_cfg)
+        instruction, system, max_length, tokenizer = (prompt.instruction, prompt.system, prompt.max_length,
+                                                      prompt.tokenizer)
+    else:
+        instruction, system, max_length, tokenizer = model.instruction, model.system, model.max_length, model.tokenizer
+    try:  # the very encoding segment() will do: a control token or a too long text fails here
+        encode_grounded(tokenizer, parts, instruction=instruction, system=system, max_length=max_length)
+    except InputError as error:
+        raise InputError(f"--text {list(phrases)}: {error}") from error
+    out = prepare_output_dir(out_dir, what="--out")
+    if model is None:
+        model = FrozenQwenSAM.from_pretrained(loaded, qwen_path=run_cfg.qwen, sam_path=run_cfg.sam,
+                                              tokenizer_path=run_cfg.tokenizer, max_length=run_cfg.max_length,
                                               device=str(resolve_device(device))).eval()
     with torch.no_grad():
         masks = model.segment(picture, list(phrases)).cpu().numpy().astype(bool)  # (K, H, W)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     mask_paths = []
     for k, (mask, phrase) in enumerate(zip(masks, phrases, strict=True)):
         path = out / f"mask_{k:02d}_{slugify(phrase)}.png"

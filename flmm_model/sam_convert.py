@@ -31,7 +31,9 @@ be SAM's standard values (the ones `SamRefiner.preprocess` uses) and dropped.
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 
 import torch
@@ -39,6 +41,7 @@ from torch import Tensor
 from transformers import SamModel
 
 from flmm_model.build import sam_config
+from flmm_model.errors import InputError
 from flmm_model.sam_refiner import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 _WB = r"(weight|bias)"
@@ -104,7 +107,7 @@ def _convert_with_sources(sa_state: Mapping[str, Tensor]) -> tuple[dict[str, Ten
         elif key in _PIXEL_STATS:
             expected = torch.tensor(_PIXEL_STATS[key], dtype=torch.float32)
             if tensor.numel() != 3 or not torch.allclose(tensor.float().flatten(), expected):
-                raise ValueError(f"convert_sam_state_dict: {key} is {tensor.flatten().tolist()}, expected SAM's "
+                raise InputError(f"convert_sam_state_dict: {key} is {tensor.flatten().tolist()}, expected SAM's "
                                  f"standard {list(_PIXEL_STATS[key])} (SamRefiner normalizes with those)")
             continue
         elif match := _MLP.fullmatch(key):
@@ -123,7 +126,7 @@ def _convert_with_sources(sa_state: Mapping[str, Tensor]) -> tuple[dict[str, Ten
             converted[new_key] = tensor
             sources[new_key] = key
     if unmapped:
-        raise ValueError(f"convert_sam_state_dict: {len(unmapped)} segment-anything keys have no transformers "
+        raise InputError(f"convert_sam_state_dict: {len(unmapped)} segment-anything keys have no transformers "
                          f"counterpart: {sorted(unmapped)}")
     return converted, sources
 
@@ -146,11 +149,16 @@ def convert_sam_state_dict(sa_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _load_original(pth_path: str) -> dict[str, Tensor]:
-    state = torch.load(pth_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(pth_path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise InputError(f"convert_sam_checkpoint: {pth_path} is not a readable PyTorch checkpoint "
+                         f"({type(error).__name__}: {str(error).splitlines()[0]}); expected segment-anything's "
+                         f"sam_vit_*.pth") from error
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]  # training checkpoints wrap the weights
     if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
-        raise ValueError(f"convert_sam_checkpoint: {pth_path} does not hold a state dict of tensors")
+        raise InputError(f"convert_sam_checkpoint: {pth_path} does not hold a state dict of tensors")
     return dict(state)
 
 
@@ -178,11 +186,11 @@ def validate_sam_state_dict(hf_state: Mapping[str, Tensor], *, arch: str, source
     missing = sorted(set(expected) - set(hf_state))
     unexpected = sorted(set(hf_state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"SAM checkpoint does not match arch {arch!r}: missing {missing}, unexpected {unexpected}")
+        raise InputError(f"SAM checkpoint does not match arch {arch!r}: missing {missing}, unexpected {unexpected}")
     for key, reference in expected.items():
         if tuple(hf_state[key].shape) != tuple(reference.shape):
             origin = f"{sources[key]} (-> {key})" if sources and key in sources else key
-            raise ValueError(f"SAM checkpoint: {origin} has shape {tuple(hf_state[key].shape)}, arch {arch!r} "
+            raise InputError(f"SAM checkpoint: {origin} has shape {tuple(hf_state[key].shape)}, arch {arch!r} "
                              f"expects {tuple(reference.shape)}")
     return model
 
@@ -200,8 +208,8 @@ def convert_sam_checkpoint(pth_path: str, out_dir: str, *, arch: str) -> str:
         `out_dir`.
 
     Raises:
-        ValueError: on unmapped keys, keys missing for `arch`, or a shape that does not match `arch` (naming the
-            key, the expected and the found shape).
+        InputError (a ValueError): a file that is not a PyTorch checkpoint, unmapped keys, keys missing for `arch`,
+            or a shape that does not match `arch` (naming the key, the expected and the found shape).
     """
     converted, sources = _convert_with_sources(_load_original(pth_path))
     model = validate_sam_state_dict(converted, arch=arch, sources=sources)

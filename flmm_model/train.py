@@ -17,8 +17,8 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +30,14 @@ from flmm_model.build import check_model_paths, prompt_settings
 from flmm_model.checkpoint import (
     atomic_write_text,
     capture_rng_state,
+    delete_checkpoints,
     latest_checkpoint,
-    list_checkpoints,
-    load_trainer_state,
-    read_weights,
-    resolve_checkpoint,
+    load_checkpoint,
+    prepare_output_dir,
     restore_rng_state,
     save_checkpoint,
 )
-from flmm_model.config import ExperimentConfig
+from flmm_model.config import ConfigError, ExperimentConfig
 from flmm_model.config_loader import config_to_yaml
 from flmm_model.data.collate import make_loader
 from flmm_model.data.registry import NamedDataset, build_datasets
@@ -48,10 +47,12 @@ from flmm_model.distributed import (
     all_reduce_sum,
     autocast_context,
     barrier,
+    check_device,
     init_distributed,
     shutdown_distributed,
     wrap_ddp,
 )
+from flmm_model.errors import CheckpointError, UserError
 from flmm_model.evaluate import print_table, score_dataset
 from flmm_model.model import build_model
 
@@ -85,11 +86,32 @@ def seed_everything(seed: int) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a `metrics.jsonl` file (empty list if it does not exist)."""
+    """The records of a `metrics.jsonl` file (empty list if it does not exist).
+
+    A torn last line (a kill while appending) is dropped with a warning; resume rewrites the file without it. Any
+    other undecodable line is damage the user must look at: UserError naming the file and the line.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                warnings.warn(f"{path}: line {number} is torn (a run killed while writing it?); dropped: {line[:80]!r}",
+                              stacklevel=2)
+                continue
+            raise UserError(f"{path}: line {number} is not JSON ({error}); fix or delete that line (each line is one "
+                            f"record) and run again") from error
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: line {number} is not a JSON record ({line[:80]!r}); fix or delete that line")
+        records.append(record)
+    return records
 
 
 def plot_metrics(records: list[dict[str, Any]], out_png: str | Path) -> None:
@@ -161,7 +183,8 @@ def validate(model: torch.nn.Module, val_sets: list[NamedDataset], *, cfg: Exper
 
 def check_resume_setup(state: dict[str, Any], *, checkpoint: str | Path, world_size: int, batch_size: int,
                        grad_accum: int, total_steps: int) -> None:
-    """Raise ValueError (naming the saved and the current values) when this run cannot continue the checkpoint's.
+    """Raise CheckpointError (a ValueError naming the saved and the current values) when this run cannot continue
+    the checkpoint's.
 
     The data position (`micro_in_epoch`) counts micro-batches of `batch_size` samples per process, so it means other
     samples under another world size, batch size or accumulation; the LR schedule spans `total_steps`, so another
@@ -173,14 +196,15 @@ def check_resume_setup(state: dict[str, Any], *, checkpoint: str | Path, world_s
     differ = [f"{name} {state[key]} in the checkpoint, {value} now" for key, (name, value) in current.items()
               if key in state and state[key] != value]
     if differ:
-        raise ValueError(f"train.resume: {checkpoint} was written by a run with another setup ({'; '.join(differ)}); "
-                         f"its position in the data would point at other samples. Resume with the same number of "
-                         f"processes, data.batch_size and train.grad_accum, or start a new run")
+        raise CheckpointError(f"train.resume: {checkpoint} was written by a run with another setup "
+                              f"({'; '.join(differ)}); its position in the data would point at other samples. Resume "
+                              f"with the same number of processes, data.batch_size and train.grad_accum, or start a "
+                              f"new run")
     if state["total_steps"] != total_steps:
-        raise ValueError(f"train.resume: {checkpoint} was written for {state['total_steps']} steps, this run has "
-                         f"{total_steps} (from train.max_steps, or train.epochs and the data); its LR schedule "
-                         f"cannot span both. Resume with the settings that give {state['total_steps']} steps, or "
-                         f"start a new run")
+        raise CheckpointError(f"train.resume: {checkpoint} was written for {state['total_steps']} steps, this run "
+                              f"has {total_steps} (from train.max_steps, or train.epochs and the data); its LR "
+                              f"schedule cannot span both. Resume with the settings that give "
+                              f"{state['total_steps']} steps, or start a new run")
 
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -192,6 +216,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     """
     tc = cfg.train
     check_model_paths(cfg.model)
+    check_device(tc.device, key="train.device")
     info = init_distributed(tc.device)
     try:
         if tc.num_threads:
@@ -201,10 +226,12 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         ckpt_root = out_dir / "checkpoints"
         metrics_path = out_dir / "metrics.jsonl"
         log = print if info.is_main else (lambda *args, **kwargs: None)
+        if info.is_main:  # a run directory that is a file or read-only fails now, not after the model is built
+            prepare_output_dir(out_dir, what="train.out_dir")
 
         # ---- Data first: missing files or an empty split fail before any weights load.
         if not cfg.data.train:
-            raise ValueError("data.train: no training dataset configured")
+            raise ConfigError("data.train: no training dataset configured")
         prompt = prompt_settings(cfg.model)
         data_options = dict(data_root=cfg.data.root, prompt=prompt, on_error=cfg.data.on_error)
         train_set = torch.utils.data.ConcatDataset(
@@ -219,23 +246,24 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         micro_per_epoch = math.ceil(sampler.shard_size() / cfg.data.batch_size)
         steps_per_epoch = micro_per_epoch // tc.grad_accum
         if steps_per_epoch < 1:
-            raise ValueError(f"train.grad_accum: {tc.grad_accum} micro-batches per step, but an epoch has only "
+            raise ConfigError(f"train.grad_accum: {tc.grad_accum} micro-batches per step, but an epoch has only "
                              f"{micro_per_epoch} per process")
         total_steps = tc.max_steps or steps_per_epoch * tc.epochs
         warmup_steps = max(1, round(tc.warmup_ratio * total_steps)) if tc.warmup_ratio > 0 else 0
 
         # ---- Which checkpoint to resume from (or refuse to overwrite one), still before any weights load.
-        resume_from = None
+        # Everything is read into memory now: the checkpoint may be re-saved or pruned later in this run.
+        resume = None
         if tc.resume == "latest":
-            resume_from = latest_checkpoint(ckpt_root)
-            if resume_from is None:
+            if latest_checkpoint(ckpt_root) is None:
                 log(f"train.resume=latest: no checkpoint in {ckpt_root}; starting from scratch")
+            else:
+                resume = load_checkpoint(ckpt_root, trainer_state=True)
         elif tc.resume:
-            resume_from = resolve_checkpoint(tc.resume)
-        resume_state = None
-        if resume_from is not None:
-            resume_state = load_trainer_state(resume_from)
-            check_resume_setup(resume_state, checkpoint=resume_from, world_size=info.world_size,
+            resume = load_checkpoint(tc.resume, trainer_state=True)
+        resume_from = resume.directory if resume is not None else None
+        if resume is not None:
+            check_resume_setup(resume.trainer_state, checkpoint=resume_from, world_size=info.world_size,
                                batch_size=cfg.data.batch_size, grad_accum=tc.grad_accum, total_steps=total_steps)
         if resume_from is None and latest_checkpoint(ckpt_root) is not None:
             if not tc.overwrite:
@@ -244,8 +272,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             barrier()  # every rank has looked before rank 0 deletes
             if info.is_main:
                 log(f"train.overwrite: deleting the earlier run's checkpoints in {ckpt_root}")
-                for old in list_checkpoints(ckpt_root):
-                    shutil.rmtree(old)
+                delete_checkpoints(ckpt_root)
 
         # ---- Model, optimizer (trainable parameters only), schedule.
         model = build_model(cfg.model).to(info.device)
@@ -257,9 +284,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
         # ---- Resume: weights, optimizer, scheduler, RNG states and the position in the data.
         step, epoch, micro_done = 0, 0, 0
-        if resume_from is not None:
-            state = resume_state  # checked against this run's setup before the model was built
-            model.load_trainable_state_dict(read_weights(resume_from), strict=True)
+        if resume is not None:
+            state = resume.trainer_state  # checked against this run's setup before the model was built
+            model.load_trainable_state_dict(resume.weights, strict=True)
             model.to(info.device)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -267,10 +294,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             restore_rng_state(state["rng"][info.rank])  # same world size (checked): each rank its own streams
             log(f"resumed from {resume_from} at step {step} (epoch {epoch}, micro-batch {micro_done})")
         if info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out_dir / "config.yaml", config_to_yaml(cfg))
             # Records after the resumed step belong to the interrupted run's lost tail.
-            kept = [r for r in read_metrics(metrics_path) if r["step"] <= step]
+            kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
             atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
             summary = model.parameter_summary()
             log("parameters (trainable / frozen): " + ", ".join(f"{part} {t:,} / {f:,}" for part, (t, f)
@@ -332,7 +358,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 for micro in range(tc.grad_accum):
                     batch = next(batches)
                     if len(batch["images"]) == 0:
-                        raise ValueError(f"epoch {epoch}: a batch with no usable sample (all skipped as bad data)")
+                        raise UserError(f"epoch {epoch}: a batch with no usable sample (all skipped as bad data, "
+                                        f"data.on_error=skip); see the warnings that name them")
                     last_micro = micro == tc.grad_accum - 1
                     # DDP: all-reduce gradients only on the last micro-batch of the step.
                     sync = contextlib.nullcontext() if last_micro or ddp_model is model else ddp_model.no_sync()

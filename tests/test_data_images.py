@@ -135,3 +135,50 @@ def test_image_tensor_and_qwen_inputs_shapes(photos, image_processor):
     t, h, w = grid[0].tolist()
     assert t == 1 and h % 2 == 0 and w % 2 == 0 and h * w * 14 * 14 <= 224 * 224
     assert pixel_values.dtype == torch.float32 and pixel_values.shape == (t * h * w, 1176)
+
+
+def test_load_rgb_refuses_a_decompression_bomb_with_a_clear_message(tmp_path):
+    path = tmp_path / "huge.png"
+    Image.new("1", (16000, 12000)).save(path)  # 192 megapixels, a 1-bit PNG of a few kB
+    with pytest.raises(DataError, match=r"huge.png .*too large to decode safely: .*192000000 pixels.* Downscale it"):
+        load_rgb(str(path))
+    with pytest.raises(DataError, match=r"huge.png \(sample 2\) is too large"):
+        load_rgb(str(path), expected_hw=(12000, 16000), sample="sample 2")
+
+
+def test_check_image_size_names_the_image_and_the_limits():
+    from flmm_model.data.images import check_image_size
+
+    with pytest.raises(DataError, match=r"upload: the image is 16000x12000 \(W x H\), 192 megapixels, over the 179 "
+                                        r"megapixels PIL decodes"):
+        check_image_size(16000, 12000, where="upload")
+    with pytest.raises(DataError, match=r"upload: the image is 3000x10 \(W x H\), aspect ratio 300:1, beyond the "
+                                        r"200:1 the Qwen image processor accepts"):
+        check_image_size(3000, 10, where="upload")
+    check_image_size(3000, 10, where="upload", aspect_ratio=False)  # to be letterboxed: fine
+    check_image_size(2000, 10, where="upload")  # 200:1 exactly is what the processor still takes
+
+
+def test_dataset_image_beyond_the_qwen_aspect_ratio_is_bad_data(tmp_path, image_processor):
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (3000, 10), (9, 9, 9)).save(path)
+    with pytest.raises(DataError, match=r"strip.png \(sample 5\): the image is 3000x10 .* aspect ratio 300:1"):
+        load_rgb(str(path), expected_hw=(10, 3000), sample="sample 5")
+    assert load_rgb(str(path)).size == (3000, 10)  # a user's image loads; the predictor letterboxes it
+
+
+@pytest.mark.parametrize("size, padded", [((3000, 10), (3000, 15)), ((10, 3000), (15, 3000)),
+                                          ((2000, 10), (2000, 10)), ((640, 480), (640, 480))])
+def test_letterbox_pads_bottom_or_right_to_the_processor_limit(size, padded, image_processor):
+    from flmm_model.data.images import letterbox
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    boxed = letterbox(image)
+    assert boxed.size == padded
+    if padded == size:
+        assert boxed is image
+    canvas = np.asarray(boxed)
+    np.testing.assert_array_equal(canvas[: size[1], : size[0]], np.asarray(image))  # original pixels in place
+    assert not canvas[size[1]:].any() and not canvas[:, size[0]:].any()  # black padding
+    qwen_image_inputs(boxed, image_processor)  # the processor takes it

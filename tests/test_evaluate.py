@@ -10,10 +10,12 @@ from dataset_files import write_png, write_refer
 
 import run
 from flmm_model.build import prompt_settings
+from flmm_model.checkpoint import save_checkpoint
 from flmm_model.config import ModelConfig
 from flmm_model.config_loader import load_config
 from flmm_model.data import RefCocoDataset, load_rgb
 from flmm_model.data.registry import EpochSubset, build_dataset
+from flmm_model.errors import UserError
 from flmm_model.metrics import ReferSegMetric
 from flmm_model.model import build_model
 
@@ -94,7 +96,25 @@ def test_eval_missing_data_files_fail_before_weights_load(checkpoint, tmp_path, 
     monkeypatch.setattr(evaluate_module.FrozenQwenSAM, "from_pretrained", no_weights)
     with pytest.raises(Exception, match="refs"):
         run.main(["eval", "--config", DEMO, "--checkpoint", str(checkpoint[0]), f"data.root={tmp_path}",
+                  "data.test=[{type: refcoco, split: val}]", f"eval.out_dir={tmp_path / 'eval'}"])
+    # A model directory outside a run has no run directory to take the results: said before anything loads.
+    with pytest.raises(UserError, match=r"eval.out_dir: not set, and .* is not a checkpoint inside a run"):
+        run.main(["eval", "--config", DEMO, "--checkpoint", str(checkpoint[0]), f"data.root={tmp_path}",
                   "data.test=[{type: refcoco, split: val}]"])
+
+
+def test_eval_of_a_run_writes_results_into_the_run_directory_not_the_checkpoint(checkpoint, data_root, tmp_path):
+    _, model = checkpoint
+    run_dir = tmp_path / "run"
+    saved = save_checkpoint(root=run_dir / "checkpoints", step=7, weights=model.trainable_state_dict(),
+                            model_config=model.build_config, trainer_state={"step": 7}, config_yaml="{}\n",
+                            keep_last=1)
+    before = sorted(p.name for p in saved.iterdir())
+    result = run.main(["eval", "--config", DEMO, "--checkpoint", str(run_dir), f"data.root={data_root}",
+                       "data.test=[{type: refcoco, split: val, max_samples: 1}]", "eval.progress=false"])
+    assert result["eval_json"] == str(run_dir / "eval" / "step_0000007.json")
+    assert json.loads((run_dir / "eval" / "step_0000007.json").read_text())["checkpoint"] == str(saved)
+    assert sorted(p.name for p in saved.iterdir()) == before  # nothing written into the checkpoint
 
 
 def test_eval_reports_samples_skipped_as_bad_data(checkpoint, photos, tmp_path, capsys):

@@ -73,3 +73,26 @@ def test_load_image_reads_pixels_as_the_datasets_do(tmp_path):
     assert pixels.shape == (8, 10, 3)
     assert (pixels[:4] == [200, 0, 0]).all() and (pixels[4:] == 255).all()
     assert np.array_equal(pixels, np.asarray(load_rgb(str(path))))
+
+
+def test_predict_letterboxes_an_extreme_aspect_ratio_and_crops_the_masks_back(tmp_path):
+    from flmm_model.data.images import letterbox
+
+    checkpoint = tmp_path / "ckpt"
+    build_model(ModelConfig(mask_head_widths=[8, 16, 32, 64], mask_head_size=32, max_pixels=12544)) \
+        .save_pretrained(str(checkpoint))
+    rng = np.random.default_rng(0)
+    strip = Image.fromarray(rng.integers(0, 256, (10, 3000, 3), dtype=np.uint8))  # 300:1, beyond Qwen's 200:1
+    strip.save(tmp_path / "strip.png")
+    result = run.main(["predict", "--config", DEMO, "--checkpoint", str(checkpoint), "--image",
+                       str(tmp_path / "strip.png"), "--text", "the left end", "--out", str(tmp_path / "pred"),
+                       "--device", "cpu"])
+    with Image.open(result["masks"][0]) as mask_png:
+        mask = np.asarray(mask_png) == 255
+    assert mask.shape == (10, 3000)
+    # The reference: segment the letterboxed image by hand (3000 x 15), then cut the padding rows off.
+    model = FrozenQwenSAM.from_pretrained(str(checkpoint), qwen_path="tiny", sam_path="tiny")
+    padded = letterbox(strip)
+    assert padded.size == (3000, 15)
+    expected = model.segment(padded, ["the left end"])[0, :10, :3000].numpy()
+    assert np.array_equal(mask, expected)

@@ -90,6 +90,8 @@ def test_resume_reproduces_uninterrupted_loss_trajectory(tmp_path):
                       "train.stop_after_steps=4"])
     assert first["stopped_early"] and first["steps"] == 4
     assert [r["step"] for r in _records(interrupted, "train")] == [1, 2, 3, 4]  # step 4 is lost with the "crash"
+    with open(interrupted / "metrics.jsonl", "a") as handle:  # and the kill came while a line was being appended
+        handle.write('{"kind": "train", "step": 5, "lo')
     resumed = run.main(["train", *common, f"train.out_dir={interrupted}", "train.save_every=3", "--resume"])
     assert resumed["steps"] == 5
 

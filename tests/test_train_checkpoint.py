@@ -40,16 +40,20 @@ def test_checkpoints_keep_last_k_and_resolve_from_run_dir(tmp_path):
     assert (latest / "config.yaml").read_text() == "train: {}\n"
 
 
+class Killed(BaseException):
+    """A SIGKILL at an exact point: nothing after it runs (not even an `except Exception` cleanup)."""
+
+
 def test_crash_while_writing_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
     _save(root, 10, 1.0)
 
     def killed(*args, **kwargs):
-        raise RuntimeError("killed while writing")
+        raise Killed
 
     with monkeypatch.context() as patch:
         patch.setattr(checkpoint, "atomic_write_text", killed)  # after the weights, before the model config
-        with pytest.raises(RuntimeError, match="killed"):
+        with pytest.raises(Killed):
             _save(root, 20, 2.0)
     assert [p.name for p in list_checkpoints(root)] == ["step_0000010"]  # no torn step_0000020
     assert read_weights(latest_checkpoint(root))["head.weight"][0, 0] == 1.0
@@ -70,6 +74,9 @@ def test_resolve_checkpoint_errors_name_the_path(tmp_path):
         resolve_checkpoint(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
         resolve_checkpoint(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
+        resolve_checkpoint(tmp_path / "file")
 
 
 def test_rng_state_round_trip_through_checkpoint_file(tmp_path):

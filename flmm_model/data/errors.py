@@ -9,16 +9,23 @@ of the index. Every dataset keeps one `SkipLog` as `dataset.skips` and routes bo
 Counts made inside DataLoader worker processes stay in those processes: in the main process, sum the batches'
 `num_skipped` instead (`dataset.skips.count` is complete only with `num_workers=0`).
 
-`load_json` reads annotation files with the same kind of error.
+Data is validated, never trusted: a malformed record must never decode into a silently wrong sample, nor escape as
+a bare TypeError from inside a library. `record_errors(where)` turns whatever reading one record raises into a
+DataError naming the file, the sample and the record, so the policy above applies to it as to every other bad record.
+
+`load_json` reads annotation files with the same kind of error; `expect_type` checks the shape of what it read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
+
+from flmm_model.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +33,33 @@ ON_ERROR_CHOICES = ("raise", "skip")
 Item = TypeVar("Item")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset file or record that cannot give a correct sample; the message names the file and the sample."""
+
+
+@contextlib.contextmanager
+def record_errors(where: str) -> Iterator[None]:
+    """Re-raise anything raised inside the block as a DataError prefixed with `where` (a DataError passes as is).
+
+    Malformed data can break any step of reading a record (a KeyError, a TypeError from a library, an OverflowError
+    from a C extension); the record is bad whatever the exception, so it is named and handled like every bad record.
+    MemoryError and interrupts are not data errors and pass unchanged.
+    """
+    try:
+        yield
+    except DataError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure on this record means the record is malformed
+        raise DataError(f"{where}: malformed record ({type(error).__name__}: {error})") from error
+
+
+def expect_type(value: Any, kind: type | tuple[type, ...], *, where: str, what: str) -> Any:
+    """`value` if it is an instance of `kind`, else DataError: "<where>: expected <what>, found <type>"."""
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: expected {what}, found {type(value).__name__}")
+    return value
 
 
 def check_on_error(on_error: str) -> str:
@@ -75,6 +107,23 @@ class SkipLog:
         return "\n".join(lines)
 
 
+def index_records(container: dict, section: str, key: str, *, path: str, skips: SkipLog) -> dict[Any, dict]:
+    """The records of `container[section]` (a list of dicts, e.g. COCO's "images") by their `key` field.
+
+    The section must be a list (DataError otherwise); a record that is not a dict or lacks `key` is bad data, handed
+    to `skips` (raised, or skipped and counted).
+    """
+    records = expect_type(container.get(section, []), list, where=f"{path}: {section!r}", what="a list of records")
+    indexed = {}
+    for position, record in enumerate(records):
+        if isinstance(record, dict) and key in record:
+            indexed[record[key]] = record
+        else:
+            skips.handle(DataError(f"{path}: {section} record {position} has no {key!r} (found "
+                                   f"{type(record).__name__} {str(record)[:80]})"))
+    return indexed
+
+
 def load_json(path: str) -> Any:
     """Read a JSON annotation file; a missing or malformed file raises DataError naming it."""
     if not os.path.isfile(path):
@@ -82,5 +131,5 @@ def load_json(path: str) -> Any:
     try:
         with open(path) as handle:
             return json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise DataError(f"cannot read annotation file {path}: {error}") from error

@@ -8,11 +8,20 @@ frame whatever its EXIF orientation, because COCO-style annotations (RefCOCO/+/g
 the stored pixel array -- the COCO toolkit and pycocotools never apply EXIF -- so rotating or mirroring the image
 would silently misalign it with its masks. An ignored orientation is logged once per file. Without annotations
 (`expected_hw` None: a user's photo for predict / segment) the orientation is applied, so the image is upright.
+
+Limits, checked before anything expensive (`check_image_size`, reusable by any front end):
+- pixels: an image over twice `PIL.Image.MAX_IMAGE_PIXELS` (about 179 megapixels by default) is refused as PIL
+  refuses it (its decompression-bomb guard), with a message that says so and what to do;
+- aspect ratio: Qwen2-VL's image processor (`smart_resize` in transformers) refuses a longest / shortest side ratio
+  above 200. A dataset image beyond it is bad data (DataError: raise or skip); a user's image for prediction is
+  letterboxed instead (`letterbox`: padded at the bottom or right up to 200:1, masks cropped back, so they stay
+  exact at the original size).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import numpy as np
@@ -26,6 +35,61 @@ logger = logging.getLogger(__name__)
 _EXIF_ORIENTATION = 0x0112
 _MOVING_ORIENTATIONS = frozenset(range(2, 9))  # 1 = as stored; 2-8 mirror and / or rotate; other values are invalid
 _warned_orientation: set[str] = set()  # files whose ignored EXIF orientation was already logged (per process)
+MAX_ASPECT_RATIO = 200  # transformers' qwen2_vl smart_resize: ValueError when max(h, w) / min(h, w) > 200
+
+
+def max_image_pixels() -> int | None:
+    """The largest image PIL decodes: twice `Image.MAX_IMAGE_PIXELS` (None when the user disabled the guard)."""
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+
+
+def check_image_size(width: int, height: int, *, where: str, aspect_ratio: bool = True) -> None:
+    """Raise DataError (naming `where`) for an image size this project cannot use.
+
+    Args:
+        width, height: the image size in pixels.
+        where: the image, for the message (a file name, "sample 3 (...)").
+        aspect_ratio: also refuse a longest / shortest side ratio above `MAX_ASPECT_RATIO` (Qwen's processor
+            limit); pass False when the image will be letterboxed.
+    """
+    if width < 1 or height < 1:
+        raise DataError(f"{where}: the image is {width}x{height} (W x H); it has no pixels")
+    limit = max_image_pixels()
+    if limit is not None and width * height > limit:
+        side = math.isqrt(limit)
+        raise DataError(f"{where}: the image is {width}x{height} (W x H), {width * height / 1e6:.0f} megapixels, "
+                        f"over the {limit / 1e6:.0f} megapixels PIL decodes (its decompression-bomb guard); "
+                        f"downscale it (the model sees at most model.max_pixels anyway), e.g. to fit {side}x{side}")
+    ratio = max(width, height) / min(width, height)
+    if aspect_ratio and ratio > MAX_ASPECT_RATIO:
+        raise DataError(f"{where}: the image is {width}x{height} (W x H), aspect ratio {ratio:.0f}:1, beyond the "
+                        f"{MAX_ASPECT_RATIO}:1 the Qwen image processor accepts; crop or pad it (prediction pads "
+                        f"such an image itself: flmm_model.data.images.letterbox)")
+
+
+def letterbox(image: Image.Image, *, max_aspect_ratio: int = MAX_ASPECT_RATIO,
+              fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """`image` padded at the bottom or on the right so that its aspect ratio is at most `max_aspect_ratio`.
+
+    The original pixels keep their coordinates, so a mask predicted on the padded image, cropped to
+    `[:height, :width]` of the original, is exactly the mask of the original. An image within the limit is returned
+    unchanged (the same object).
+
+    Args:
+        image: RGB PIL image (W x H).
+        max_aspect_ratio: largest longest / shortest side ratio allowed.
+        fill: RGB colour of the padding.
+    Returns:
+        The RGB image, padded to (W, max(H, ceil(W / ratio))) or (max(W, ceil(H / ratio)), H).
+    """
+    width, height = image.size
+    padded_width = max(width, math.ceil(height / max_aspect_ratio))
+    padded_height = max(height, math.ceil(width / max_aspect_ratio))
+    if (padded_width, padded_height) == (width, height):
+        return image
+    canvas = Image.new("RGB", (padded_width, padded_height), fill)
+    canvas.paste(to_rgb(image), (0, 0))
+    return canvas
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -64,18 +128,26 @@ def load_rgb(path: str, *, expected_hw: tuple[int, int] | None = None, sample: s
         An RGB PIL image, fully decoded: stored frame if `expected_hw` is given, upright otherwise.
 
     Raises:
-        DataError: the file is missing, cannot be decoded, or its stored size is not `expected_hw`.
+        DataError: the file is missing, cannot be decoded, is too large (`check_image_size`; checked on the
+            header, before decoding), or its stored size is not `expected_hw`. With `expected_hw`, an aspect ratio
+            beyond the Qwen processor's limit is refused too (a user's photo is letterboxed by the predictor).
     """
     where = f" ({sample})" if sample else ""
     if not os.path.isfile(path):
         raise DataError(f"missing image file {path}{where}")
     try:
         with Image.open(path) as stored:
+            check_image_size(*stored.size, where=f"image file {path}{where}", aspect_ratio=expected_hw is not None)
             stored.load()
             orientation = stored.getexif().get(_EXIF_ORIENTATION, 1)
             image = stored.copy() if expected_hw is not None else ImageOps.exif_transpose(stored)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise DataError(f"image file {path}{where} is too large to decode safely: {error} Downscale it (the model "
+                        f"sees at most model.max_pixels anyway)") from error
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot read image file {path}{where}: {error}") from error
+        raise DataError(f"cannot read image file {path}{where}: {error} (not an image, or a damaged one)") from error
     if expected_hw is None:
         return to_rgb(image)
 

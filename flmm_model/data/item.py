@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from flmm_model.data.errors import DataError
-from flmm_model.data.images import image_tensor, qwen_image_inputs
+from flmm_model.data.images import check_image_size, image_tensor, qwen_image_inputs
 from flmm_model.data.prompts import DEFAULT_SYSTEM, encode_grounded, phrases_of
 
 
@@ -66,11 +66,13 @@ def make_item(
         sample: a description of the sample for error messages.
 
     Raises:
-        DataError: masks that do not fit the image or the objects, or a text that cannot be encoded (e.g. longer
-            than `max_length`); the message names `sample`.
+        DataError: masks that do not fit the image or the objects, an image size the model cannot take
+            (`images.check_image_size`), or a text that cannot be encoded (e.g. longer than `max_length`); the
+            message names `sample`.
     """
     phrases = phrases_of(parts)
     width, height = image.size
+    check_image_size(width, height, where=sample or "image")  # e.g. an aspect ratio Qwen's processor refuses
     if gt_masks.ndim != 3 or gt_masks.shape != (len(phrases), height, width):
         raise DataError(f"{sample}: gt_masks have shape {tuple(gt_masks.shape)}, expected "
                         f"({len(phrases)}, {height}, {width}) for {len(phrases)} objects on a {height}x{width} image")

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from flmm_model.data.errors import DataError, SkipLog, load_json
+from flmm_model.data.errors import DataError, SkipLog, expect_type, index_records, load_json, record_errors
 from flmm_model.data.images import load_rgb
 from flmm_model.data.item import make_item
 from flmm_model.data.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM
@@ -89,24 +89,32 @@ class PngDataset(torch.utils.data.Dataset):
         self.panoptic_dir = os.path.join(ann_dir, f"panoptic_{split}2017")
         self.skips = SkipLog(on_error=on_error, dataset=f"png/{split}")
 
-        narratives = load_json(self.narratives_path)
-        panoptic = load_json(self.panoptic_path)
-        if not isinstance(narratives, list):
-            raise DataError(f"{self.narratives_path}: expected a list of narratives, found {type(narratives).__name__}")
-        images = {image["id"]: image for image in panoptic.get("images", [])}
-        panoptic_anns = {ann["image_id"]: ann for ann in panoptic.get("annotations", [])}
-        isthing = {category["id"]: bool(category.get("isthing")) for category in panoptic.get("categories", [])}
+        narratives = expect_type(load_json(self.narratives_path), list, where=self.narratives_path,
+                                 what="a list of narratives")
+        panoptic = expect_type(load_json(self.panoptic_path), dict, where=self.panoptic_path,
+                               what="a COCO panoptic mapping with 'images', 'annotations' and 'categories'")
+        records = {section: index_records(panoptic, section, key, path=self.panoptic_path, skips=self.skips)
+                   for section, key in (("images", "id"), ("annotations", "image_id"), ("categories", "id"))}
+        images, panoptic_anns = records["images"], records["annotations"]
+        isthing = {key: bool(category.get("isthing")) for key, category in records["categories"].items()}
 
         # Only what samples need is kept (the panoptic JSON is large, and DataLoader workers share this memory).
         self._narratives: list[_Narrative] = []
         self._image_info: dict[int, tuple[str, int, int, str]] = {}  # image_id -> (file, height, width, PNG file)
         self.num_ungrounded = 0
         for file_index, narrative in enumerate(narratives):
-            if not any(segment.get("segment_ids") for segment in narrative.get("segments", [])):
-                self.num_ungrounded += 1
-                continue
+            image_id = narrative.get("image_id") if isinstance(narrative, dict) else None
             try:
-                self._narratives.append(self._check_narrative(file_index, narrative, images, panoptic_anns, isthing))
+                with record_errors(f"{self.narratives_path}: narrative {file_index} (image_id {image_id})"):
+                    expect_type(narrative, dict, where=f"{self.narratives_path}: narrative {file_index}",
+                                what="a dict with 'image_id' and 'segments'")
+                    segments = expect_type(narrative.get("segments"), list, what="a list of segments",
+                                           where=f"{self.narratives_path}: narrative {file_index} 'segments'")
+                    if not any(isinstance(segment, dict) and segment.get("segment_ids") for segment in segments):
+                        self.num_ungrounded += 1
+                        continue
+                    self._narratives.append(self._check_narrative(file_index, narrative, images, panoptic_anns,
+                                                                  isthing))
             except DataError as error:
                 self.skips.handle(error)
         logger.info("png/%s: dropped %d of %d narratives without any grounded segment", split, self.num_ungrounded,
@@ -153,8 +161,12 @@ class PngDataset(torch.utils.data.Dataset):
             isthing.append(True if is_plural else category_isthing.get(category_of[ids[0]], False))
         parts = _narrative_parts(narrative.get("caption"), utterances)
         image = images[image_id]
-        self._image_info[image_id] = (image["file_name"], int(image["height"]), int(image["width"]),
-                                      panoptic_anns[image_id]["file_name"])
+        height, width = image.get("height"), image.get("width")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width)):
+            raise DataError(f"{where}: image {image_id} in {self.panoptic_path} needs positive integer height and "
+                            f"width, found {height!r} x {width!r}")
+        self._image_info[image_id] = (str(image["file_name"]), height, width,
+                                      str(panoptic_anns[image_id]["file_name"]))
         return _Narrative(file_index=file_index, image_id=image_id, parts=tuple(parts), segment_ids=tuple(segment_ids),
                           plural=tuple(plural), isthing=tuple(isthing))
 
@@ -207,8 +219,10 @@ def read_panoptic_png(path: str, *, sample: str = "") -> np.ndarray:
     try:
         with Image.open(path) as png:
             rgb = np.asarray(png.convert("RGB"), dtype=np.int64)  # (H, W, 3)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot read panoptic PNG {path}{where}: {error}") from error
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for a bad file (decompression bomb included)
+        raise DataError(f"cannot read panoptic PNG {path}{where}: {type(error).__name__}: {error}") from error
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]  # (H, W)
 
 

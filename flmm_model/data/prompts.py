@@ -5,6 +5,11 @@ phrase of a narrative), `k = -1` marks glue text (". ", words between noun phras
 tokenized once, and character offsets map tokens back to parts, so `mask_ids` is right at subword boundaries
 (" red" belongs to "the red circle" although its leading space does not) and identical between training data and
 the model's `segment(image, phrases)`.
+
+User text (system prompt, instruction, answer) never becomes a control token: the check runs on each text, on the
+answer joined from its parts (a part ending "<|im_" before one starting "end|>" would otherwise spell `<|im_end|>`),
+and finally on the token ids themselves, which must hold exactly the template's own control tokens. No construction
+of parts can end a turn or open a new one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from flmm_model.config import DEFAULT_INSTRUCTION
+from flmm_model.errors import InputError
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # Qwen2-VL's and Qwen2.5-VL's chat-template default
 
@@ -36,17 +42,17 @@ def expression_parts(phrases: list[str]) -> list[tuple[str, int]]:
         Parts `[(phrases[0], 0), (". ", -1), (phrases[1], 1), ..., (".", -1)]`.
 
     Raises:
-        ValueError: no phrases, a non-string, or an empty phrase (named by its index).
+        InputError (a ValueError): no phrases, a non-string, or an empty phrase (named by its index).
     """
     if len(phrases) == 0:
-        raise ValueError("expression_parts: expected at least one phrase, found none")
+        raise InputError("expression_parts: expected at least one phrase, found none")
     parts: list[tuple[str, int]] = []
     for k, phrase in enumerate(phrases):
         if not isinstance(phrase, str):
-            raise ValueError(f"expression_parts: phrase {k} must be a str, found {type(phrase).__name__}")
+            raise InputError(f"expression_parts: phrase {k} must be a str, found {type(phrase).__name__}")
         text = " ".join(phrase.split())
         if not text:
-            raise ValueError(f"expression_parts: phrase {k} is empty ({phrase!r})")
+            raise InputError(f"expression_parts: phrase {k} is empty ({phrase!r})")
         if k > 0:
             parts.append((" " if parts[-1][0].endswith(_END_PUNCTUATION) else ". ", -1))
         parts.append((text, k))
@@ -101,8 +107,9 @@ def encode_grounded(
         mask_ids: (L,) long in [-1, K-1]; every object has at least one token.
 
     Raises:
-        ValueError: bad parts, a special token (e.g. "<|image_pad|>") inside user text, an object that gets no
-            token, or a sequence longer than `max_length` (nothing is ever truncated).
+        InputError (a ValueError): bad parts, a special token (e.g. "<|image_pad|>") inside user text or formed by
+            joining parts, an object that gets no token, or a sequence longer than `max_length` (nothing is ever
+            truncated).
     """
     num_objects = _check_parts(parts)
     special_texts = [added.content for added in tokenizer.added_tokens_decoder.values()]
@@ -111,9 +118,9 @@ def encode_grounded(
     _reject_special_tokens(special_texts, instruction, "instruction")
     for index, (text, k) in enumerate(parts):
         _reject_special_tokens(special_texts, text, f"part {index} (object {k})")
-
     prefix = chat_prefix(instruction=instruction, system=system)
     answer = "".join(text for text, _ in parts)
+    _reject_special_tokens(special_texts, answer, "the answer joined from its parts")
     full_text = prefix + answer + "<|im_end|>\n"
 
     # Object index per character: only non-space characters of object parts count.
@@ -134,18 +141,20 @@ def encode_grounded(
     input_ids = torch.tensor(encoding["input_ids"], dtype=torch.long)  # (L,)
     mask_ids = torch.tensor(token_objects, dtype=torch.long)  # (L,)
 
+    _check_control_tokens(tokenizer, input_ids, encoding["offset_mapping"], full_text, system=system)
     image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     num_pads = int((input_ids == image_pad_id).sum())
     if num_pads != 1:
-        raise ValueError(f"encode_grounded: expected exactly one {IMAGE_PAD} token, found {num_pads}")
+        raise InputError(f"encode_grounded: expected exactly one {IMAGE_PAD} token, found {num_pads}")
     missing = sorted(set(range(num_objects)) - set(mask_ids.tolist()))
     if missing:
-        raise ValueError(f"encode_grounded: objects {missing} got no token (their text merged into a neighbour's "
+        raise InputError(f"encode_grounded: objects {missing} got no token (their text merged into a neighbour's "
                          f"tokens); parts: {parts}")
     if max_length is not None and input_ids.numel() > max_length:
-        raise ValueError(f"encode_grounded: the sequence has {input_ids.numel()} tokens (one compact image "
-                         f"placeholder) but max_length is {max_length}; shorten the text or raise max_length "
-                         f"(nothing is truncated)")
+        raise InputError(f"encode_grounded: the sequence has {input_ids.numel()} tokens (one compact image "
+                         f"placeholder) but max_length is {max_length}; shorten the text or raise model.max_length "
+                         f"(e.g. model.max_length={2 ** max(11, (input_ids.numel() - 1).bit_length())}; nothing "
+                         f"is truncated)")
     return input_ids, mask_ids
 
 
@@ -155,14 +164,14 @@ def _check_parts(parts: list[tuple[str, int]]) -> int:
     for index, part in enumerate(parts):
         if not (isinstance(part, (tuple, list)) and len(part) == 2 and isinstance(part[0], str)
                 and isinstance(part[1], (int, np.integer)) and not isinstance(part[1], bool) and part[1] >= -1):
-            raise ValueError(f"parts: part {index} must be (text: str, k: int >= -1), found {part!r}")
+            raise InputError(f"parts: part {index} must be (text: str, k: int >= -1), found {part!r}")
         text, k = part
         if k >= 0:
             if not text.strip():
-                raise ValueError(f"parts: part {index} (object {k}) has no text ({text!r})")
+                raise InputError(f"parts: part {index} (object {k}) has no text ({text!r})")
             objects.add(int(k))
     if objects != set(range(len(objects))) or not objects:
-        raise ValueError(f"parts: object indices must be exactly 0..K-1 with K >= 1, found {sorted(objects)}")
+        raise InputError(f"parts: object indices must be exactly 0..K-1 with K >= 1, found {sorted(objects)}")
     return len(objects)
 
 
@@ -170,5 +179,35 @@ def _reject_special_tokens(special_texts: list[str], text: str, name: str) -> No
     """Raise if `text` contains an added token (it would be encoded as a control token, e.g. an image slot)."""
     for special in special_texts:
         if special in text:
-            raise ValueError(f"{name} contains the special token {special!r}, which user text must not "
+            raise InputError(f"{name} contains the special token {special!r}, which user text must not "
                              f"contain: {text!r}")
+
+
+def _check_control_tokens(tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
+                          offsets: list[tuple[int, int]], full_text: str, *, system: str | None) -> None:
+    """Raise unless the added (control) tokens of `input_ids` are exactly the chat template's own, in order.
+
+    The string checks above name the offending text; this one guards what the model reads, whatever way the text
+    was put together.
+    """
+    added_ids = set(tokenizer.added_tokens_decoder)
+    template = chat_prefix(instruction="", system="" if system is not None else None) + "<|im_end|>\n"
+    expected = [i for i in tokenizer(template, add_special_tokens=False)["input_ids"] if i in added_ids]
+    found = [(i, position) for position, i in enumerate(input_ids.tolist()) if i in added_ids]
+    if [i for i, _ in found] == expected:
+        return
+    template_positions = _template_control_positions([i for i, _ in found], expected)
+    extra = next(position for n, (_, position) in enumerate(found) if n not in template_positions)
+    start, end = offsets[extra]
+    raise InputError(f"the prompt text forms the control token {full_text[start:end]!r} at characters {start}-{end} "
+                     f"(...{full_text[max(0, start - 30):end + 10]!r}...); user text must not contain or spell one")
+
+
+def _template_control_positions(found: list[int], expected: list[int]) -> set[int]:
+    """Indices into `found` matched greedily, in order, by the template's control tokens."""
+    matched, cursor = set(), 0
+    for index, token in enumerate(found):
+        if cursor < len(expected) and token == expected[cursor]:
+            matched.add(index)
+            cursor += 1
+    return matched

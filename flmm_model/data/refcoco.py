@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from transformers import PreTrainedTokenizerBase
 
-from flmm_model.data.errors import DataError, SkipLog, load_json
+from flmm_model.data.coco_masks import decode_segmentation
+from flmm_model.data.errors import DataError, SkipLog, expect_type, index_records, load_json, record_errors
 from flmm_model.data.images import load_rgb
 from flmm_model.data.item import make_item
 from flmm_model.data.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, expression_parts
@@ -115,10 +115,15 @@ class RefCocoDataset(torch.utils.data.Dataset):
         self.skips = SkipLog(on_error=on_error, dataset=f"{name}({split_by})/{split}")
 
         refs = _load_refs(self.refs_path)
-        instances = load_json(self.instances_path)
-        images = {image["id"]: image for image in instances.get("images", [])}
-        annotations = {ann["id"]: ann for ann in instances.get("annotations", [])}
-        split_refs = [ref for ref in refs if ref.get("split") == split]
+        instances = expect_type(load_json(self.instances_path), dict, where=self.instances_path,
+                                what="a COCO instances mapping with 'images' and 'annotations'")
+        images = index_records(instances, "images", "id", path=self.instances_path, skips=self.skips)
+        annotations = index_records(instances, "annotations", "id", path=self.instances_path, skips=self.skips)
+        split_refs = [ref for ref in refs if isinstance(ref, dict) and ref.get("split") == split]
+        for position, ref in enumerate(refs):
+            if not isinstance(ref, dict):
+                self.skips.handle(DataError(f"{self.refs_path}: ref {position} is a {type(ref).__name__}, "
+                                            f"expected a dict"))
         if not split_refs:
             found = sorted({str(ref.get("split")) for ref in refs})
             raise DataError(f"{self.refs_path}: split {split!r} is empty (splits in the file: {found})")
@@ -128,7 +133,8 @@ class RefCocoDataset(torch.utils.data.Dataset):
         self._images: dict[int, tuple[str, int, int]] = {}  # image_id -> (file_name, height, width)
         for ref in split_refs:
             try:
-                self._refs.append(self._check_ref(ref, images, annotations))
+                with record_errors(f"{self.refs_path}: ref {ref.get('ref_id')} (split {split})"):
+                    self._refs.append(self._check_ref(ref, images, annotations))
             except DataError as error:
                 self.skips.handle(error)
         if not self._refs:
@@ -170,7 +176,13 @@ class RefCocoDataset(torch.utils.data.Dataset):
             raise DataError(f"{where}: no non-empty sentence")
         image = images[image_id]
         file_name = image.get("file_name") or f"COCO_train2014_{image_id:012d}.jpg"
-        self._images[image_id] = (file_name, int(image["height"]), int(image["width"]))
+        height, width = image.get("height"), image.get("width")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width)):
+            raise DataError(f"{where}: image {image_id} in {self.instances_path} needs positive integer height and "
+                            f"width, found {height!r} x {width!r}")
+        if not isinstance(file_name, str):
+            raise DataError(f"{where}: image {image_id} has a file_name of type {type(file_name).__name__}")
+        self._images[image_id] = (file_name, height, width)
         self._segmentations[ann_id] = annotations[ann_id].get("segmentation")
         return _Ref(ref_id=ref.get("ref_id"), ann_id=ann_id, image_id=image_id, sentences=tuple(sentences))
 
@@ -214,36 +226,6 @@ class RefCocoDataset(torch.utils.data.Dataset):
         return make_item(image=image, gt_masks=gt_masks, parts=expression_parts(phrases), meta=meta,
                          tokenizer=self.tokenizer, image_processor=self.image_processor,
                          instruction=self.instruction, system=self.system, max_length=self.max_length, sample=sample)
-
-
-def decode_segmentation(segmentation: Any, *, height: int, width: int, where: str) -> np.ndarray:
-    """A COCO segmentation (polygons, uncompressed RLE or compressed RLE) as an (H, W) bool mask.
-
-    Polygons with fewer than three points have no area and are dropped (pycocotools would read four numbers as a
-    box). Raises DataError, naming `where`, for a malformed segmentation or an RLE of another size.
-    """
-    if isinstance(segmentation, list):
-        if any(len(polygon) % 2 for polygon in segmentation):
-            raise DataError(f"{where}: a polygon has an odd number of coordinates")
-        polygons = [[float(v) for v in polygon] for polygon in segmentation if len(polygon) >= 6]
-        if not polygons:
-            return np.zeros((height, width), dtype=bool)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if [int(v) for v in segmentation["size"]] != [height, width]:
-            raise DataError(f"{where}: RLE size {list(segmentation['size'])} differs from the image's "
-                            f"[{height}, {width}]")
-        counts = segmentation["counts"]
-        if isinstance(counts, list):
-            if sum(counts) != height * width:
-                raise DataError(f"{where}: uncompressed RLE counts sum to {sum(counts)}, expected "
-                                f"{height * width} pixels")
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        else:
-            rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    else:
-        raise DataError(f"{where}: unrecognised segmentation of type {type(segmentation).__name__}")
-    return mask_utils.decode(rle).astype(bool)  # (H, W)
 
 
 def _load_refs(path: str) -> list[dict]:
