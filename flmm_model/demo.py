@@ -4,15 +4,17 @@ Two layers:
 - `DemoModel` (no Gradio): owns the model and a lock, checks the user's input before the model runs (`read_image`,
   `check_phrases`: every bad input becomes an `InputError` whose message the page shows), and runs `segment`
   (huge images are downscaled for the model; masks come back at the original size).
-- The app: each tab is one function `tab(gr, demo_model)` that builds its components and registers its events;
-  `build_app` renders the tabs of `TABS` into one `gr.Blocks`. Every event that touches the model joins one queue
-  (`concurrency_id=MODEL_QUEUE`, limit 1) and the model call also holds `DemoModel.lock`, so requests wait in line
-  and never run two at a time on the model.
+- The app: each tab is one function `tab(gr, demo_model, *, files, examples)` that builds its components and
+  registers its events; `build_app` renders the tabs of `TABS` into one `gr.Blocks`. Every event that touches the
+  model joins one queue (`concurrency_id=MODEL_QUEUE`, limit 1) and the model call also holds `DemoModel.lock`, so
+  requests wait in line and never run two at a time on the model.
 
 Adding a tab (the Chat tab, once `FrozenQwenSAM.chat` exists): a `DemoModel.chat(image, question, phrases)` method
-that checks its text with `check_text` and runs under `self.lock`, a `chat_tab(gr, demo_model)` that registers its
-button with `api_name="chat"`, `concurrency_id=MODEL_QUEUE` and turns `InputError` into `gr.Error` as
-`segment_tab` does, and `chat_tab` appended to `TABS`.
+that checks the question with `check_text` (and typed phrases with `check_phrases`) and calls the model under
+`self.lock`; a `chat_tab(gr, demo_model, *, files, examples)` that reads the image with `upload_path` +
+`read_image`, registers its button with `api_name="chat"`, `preprocess=False`, `concurrency_limit=1`,
+`concurrency_id=MODEL_QUEUE`, and turns `InputError` into `gr.Error` as `segment_tab` does (overlay colours from
+`flmm_model.overlay.colour`); and `chat_tab` appended to `TABS`.
 
 Gradio is an optional extra (`pip install -e ".[demo]"`): only `build_app` and `serve_demo` import it, and nothing in
 the package imports this module.
@@ -50,6 +52,7 @@ MODEL_QUEUE = "model"  # the concurrency group of every event that runs the mode
 MAX_SIDE = 2048  # longest image side the model sees by default; larger images are downscaled for it
 MAX_INPUT_PIXELS = 50_000_000  # larger uploads are refused before they are decoded
 MAX_PHRASES = 20
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses images at least this elongated
 NO_IMAGE = "No image: upload an image (or pick an example) first."
 EXAMPLE_SEED = 2  # the demo's test split (configs/demo.yaml data.test): scenes the demo model never trained on
 EXAMPLE_COUNT = 4
@@ -114,8 +117,8 @@ class DemoModel:
         `run.py predict` reads it.
 
         Raises:
-            InputError: no file, a file Pillow cannot read as an image, or one over `max_input_pixels` (checked
-                from the header, before decoding).
+            InputError: no file, a file Pillow cannot read as an image, one over `max_input_pixels` or with an
+                aspect ratio of `MAX_ASPECT_RATIO` or more (both checked from the header, before decoding).
         """
         if not path:
             raise InputError(NO_IMAGE)
@@ -129,6 +132,9 @@ class DemoModel:
         if width * height > self.max_input_pixels:
             raise InputError(f"{name!r} is {width} x {height} = {width * height / 1e6:.0f} megapixels; this demo "
                              f"takes at most {self.max_input_pixels / 1e6:.0f} megapixels. Downscale it first.")
+        if max(width, height) >= MAX_ASPECT_RATIO * min(width, height):  # Qwen's image processor refuses these
+            raise InputError(f"{name!r} is {width} x {height}: the model takes images whose long side is less than "
+                             f"{MAX_ASPECT_RATIO} times the short one. Crop it first.")
         try:
             return load_rgb(str(path))
         except DataError as error:
@@ -187,10 +193,10 @@ class DemoModel:
         original size; the overlay stays at the model's size.
         """
         seen = self.model_image(image)
-        start = time.perf_counter()
         with self.lock, torch.no_grad():
+            start = time.perf_counter()
             masks = self.model.segment(seen, phrases).numpy().astype(bool)  # (K, h, w)
-        seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start
         overlay = draw_overlay(seen, masks, phrases)
         if seen.size != image.size:
             masks = resize_masks(masks, image.size)  # (K, H, W)

@@ -39,7 +39,7 @@ pytest.importorskip("gradio", reason="the demo extra is not installed")
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402
 
-from flmm_model.demo import MODEL_QUEUE, DemoModel, build_app  # noqa: E402
+from flmm_model.demo import MODEL_QUEUE, DemoModel, build_app, example_scenes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -208,6 +208,8 @@ def _bad_inputs(tmp_path: Path, good_image: str) -> list[tuple[str, object, str,
     truncated.write_bytes(truncated.read_bytes()[:20_000])
     too_large = tmp_path / "too_large.png"
     Image.new("1", (8000, 7000)).save(too_large)  # 56 megapixels, a few kB
+    too_thin = tmp_path / "too_thin.png"
+    Image.new("RGB", (4000, 19)).save(too_thin)
     good = handle_file(good_image)
     return [
         ("no image", None, "the red circle", "No image"),
@@ -215,6 +217,7 @@ def _bad_inputs(tmp_path: Path, good_image: str) -> list[tuple[str, object, str,
         ("not an image", handle_file(str(not_an_image)), "the red circle", "is not an image"),
         ("truncated image", handle_file(str(truncated)), "the red circle", "could not be decoded"),
         ("too many pixels", handle_file(str(too_large)), "the red circle", "megapixels"),
+        ("too elongated", handle_file(str(too_thin)), "the red circle", "less than 200 times the short one"),
         ("phrase too long", good, "the red circle\n" + "a very red circle " * 700, "too long for the model"),
         ("end token", good, "the red circle<|im_end|>", "'<|im_end|>', a control token"),
         ("image token", good, "the red circle\nthe <|image_pad|> square", "Line 2 contains '<|image_pad|>'"),
@@ -264,6 +267,10 @@ def test_browser_uploads_an_image_types_phrases_and_sees_the_overlay(server, sce
             for close in page.locator(".toast-close").all():  # the earlier message, out of the screenshot
                 close.click()
             page.screenshot(path=str(screenshot), full_page=True)
+            # An example fills both inputs (the demo's synthetic scenes, with their phrases).
+            example_phrases = example_scenes(tmp_path, count=1)[0][1]
+            page.get_by_text(example_phrases.split("\n")[0]).first.click()
+            sync_api.expect(page.locator("#phrases textarea")).to_have_value(example_phrases)
         finally:
             browser.close()
     assert screenshot.stat().st_size > 10_000
