@@ -266,6 +266,7 @@ def test_browser_uploads_an_image_types_phrases_and_sees_the_overlay(server, sce
                 assert Image.open(BytesIO(response.read())).size == _image_size(path)
             for close in page.locator(".toast-close").all():  # the earlier message, out of the screenshot
                 close.click()
+            sync_api.expect(page.get_by_text("No phrase: type at least one phrase")).to_be_hidden(timeout=30_000)
             page.screenshot(path=str(screenshot), full_page=True)
             # An example fills both inputs (the demo's synthetic scenes, with their phrases).
             example_phrases = example_scenes(tmp_path, count=1)[0][1]
