@@ -170,11 +170,14 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     if importlib.util.find_spec("gradio") is None:
         raise UsageError('run.py demo needs Gradio, an optional extra: pip install -e ".[demo]"')
-    from flmm_model.demo import serve_demo
+    from flmm_model.demo import address_problem, serve_demo
 
     cfg = load_config(args.config, args.overrides)
     if args.max_side < 28:
         raise UsageError(f"--max-side: expected at least 28 pixels, found {args.max_side}")
+    problem = address_problem(args.host, args.port)
+    if problem:
+        raise UsageError(problem)
     return serve_demo(cfg.model, checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
                       max_side=args.max_side)
 

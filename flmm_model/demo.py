@@ -22,9 +22,11 @@ the package imports this module.
 
 from __future__ import annotations
 
+import errno
 import html
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -343,6 +345,21 @@ CSS = """
 .legend td, .legend th { padding: 2px 8px; }
 .legend .swatch { display: inline-block; width: 1.2em; height: 1.2em; border: 1px solid #444; }
 """
+
+
+def address_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on (host, port), or None when it can (checked before any weights load)."""
+    if not 0 < port < 65536:
+        return f"--port {port}: expected 1..65535"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no clash
+            probe.bind((host, port))
+    except OSError as error:
+        hint = "another program is using it: pick another --port" if error.errno == errno.EADDRINUSE else \
+            "check --host"
+        return f"cannot listen on {host}:{port} ({error.strerror or error}); {hint}"
+    return None
 
 
 def import_gradio() -> Any:

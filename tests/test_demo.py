@@ -334,3 +334,20 @@ def test_package_imports_without_gradio_and_demo_says_what_to_install():
     assert completed.returncode == 2
     assert completed.stderr.strip() == 'error: run.py demo needs Gradio, an optional extra: pip install -e ".[demo]"'
     assert "--max-side" in run.main(["demo", "--help"])["text"]
+
+
+def test_demo_refuses_a_busy_port_before_any_weights_load(monkeypatch):
+    import flmm_model.demo as demo
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights must not load when the server cannot listen")
+
+    monkeypatch.setattr(demo, "load_model_for_inference", no_weights)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(run.UsageError, match=f"cannot listen on 127.0.0.1:{port}"):
+            run.main(["demo", "--checkpoint", "runs/none", "--port", str(port)])
+    with pytest.raises(run.UsageError, match="--max-side"):
+        run.main(["demo", "--checkpoint", "runs/none", "--max-side", "10"])
