@@ -4,6 +4,7 @@ Commands (a dict maps each name to a plain function returning a dict):
     train        train the heads of FrozenQwenSAM (torchrun for several GPUs)
     eval         score a checkpoint on data.test: RefCOCO/+/g cIoU & gIoU, PNG Average Recall
     predict      masks for phrases on one image: a PNG per phrase and an overlay
+    demo         a web demo (Gradio, the [demo] extra): segment phrases in uploaded images, with an HTTP API
     convert-sam  convert an original segment-anything checkpoint (sam_vit_l_0b3195.pth) to the transformers layout
 
 `main(argv)` is the whole program and returns the command's dict (or raises); `cli(argv)` runs it as the command line
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.util
 import os
 import sys
 import traceback
@@ -123,6 +125,22 @@ def build_parser() -> _Parser:
     predict.add_argument("--out", default=None, help="output dir (default: predictions/<image name>)")
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
+    demo = commands.add_parser(
+        "demo", help="web demo in the browser (needs the [demo] extra)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_schema_epilog(("model",)),
+        description="Serve a Gradio web demo of a checkpoint: upload an image, type one phrase per line, get the "
+                    "overlay, the masks as PNGs and each phrase's pixel share; the same as the HTTP API /segment "
+                    "(see README). The model loads once, before the server starts; requests run one at a time. "
+                    "Needs Gradio: pip install -e \".[demo]\"")
+    _config_args(demo)
+    demo.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its newest checkpoint)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    demo.add_argument("--port", type=int, default=7860, help="port to listen on")
+    demo.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    demo.add_argument("--max-side", type=int, default=2048,
+                      help="longest image side the model sees; larger images are downscaled (masks come back at the "
+                           "original size)")
+
     convert = commands.add_parser(
         "convert-sam", help="convert sam_vit_*.pth (segment-anything) to a transformers SamModel dir",
         description="Convert an original segment-anything checkpoint to the transformers SamModel layout "
@@ -161,6 +179,23 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
                    device=args.device)
 
 
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from flmm_model.config_loader import load_config
+
+    if importlib.util.find_spec("gradio") is None:
+        raise UsageError('run.py demo needs Gradio, an optional extra: pip install -e ".[demo]"')
+    from flmm_model.demo import address_problem, serve_demo
+
+    cfg = load_config(args.config, args.overrides)
+    if args.max_side < 28:
+        raise UsageError(f"--max-side: expected at least 28 pixels, found {args.max_side}")
+    problem = address_problem(args.host, args.port)
+    if problem:
+        raise UsageError(problem)
+    return serve_demo(cfg.model, checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
+                      max_side=args.max_side)
+
+
 def cmd_convert_sam(args: argparse.Namespace) -> dict[str, Any]:
     from flmm_model.checkpoint import prepare_output_dir
     from flmm_model.sam_convert import convert_sam_checkpoint
@@ -173,7 +208,8 @@ def cmd_convert_sam(args: argparse.Namespace) -> dict[str, Any]:
     return {"out_dir": out_dir}
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "convert-sam": cmd_convert_sam}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo,
+            "convert-sam": cmd_convert_sam}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

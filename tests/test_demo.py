@@ -1,0 +1,352 @@
+"""`run.py demo`: the real server in a subprocess with a tiny model, driven by gradio_client and headless Chromium.
+
+The masks the server returns are compared with `FrozenQwenSAM.segment` computed here, in the test process, from the
+same checkpoint and the same pixels (read independently of the server's image loading). Every bad input must come
+back as a message, and the server must answer a good request after each. The server is stopped at the end whatever
+happens (module fixture finalizer).
+
+For the README screenshot, run the browser test against the trained demo checkpoint:
+    FLMM_DEMO_CHECKPOINT=runs/demo FLMM_DEMO_SCREENSHOT=docs/demo_screenshot.png \
+        python -m pytest tests/test_demo.py -k browser
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import run
+from flmm_model.checkpoint import resolve_checkpoint
+from flmm_model.config import ModelConfig
+from flmm_model.data.synthetic import SyntheticDataset
+from flmm_model.model import FrozenQwenSAM, build_model
+
+pytest.importorskip("gradio", reason="the demo extra is not installed")
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import handle_file  # noqa: E402
+
+from flmm_model.demo import MODEL_QUEUE, DemoModel, build_app, example_scenes  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo.yaml")
+MAX_SIDE = 512  # the server's --max-side: images above it take the downscaling path
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Headless Chromium on a closed network: no background connections (they are refused, many at a time).
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A tiny untrained model's checkpoint (its random heads give non-trivial masks), or FLMM_DEMO_CHECKPOINT."""
+    if os.environ.get("FLMM_DEMO_CHECKPOINT"):
+        return str(resolve_checkpoint(os.environ["FLMM_DEMO_CHECKPOINT"]))
+    directory = tmp_path_factory.mktemp("demo_ckpt")
+    build_model(ModelConfig(mask_head_widths=[8, 16, 32, 64], mask_head_size=32, max_pixels=12544)) \
+        .save_pretrained(str(directory))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint) -> FrozenQwenSAM:
+    """The checkpoint's model loaded in the test process, independently of the server."""
+    return FrozenQwenSAM.from_pretrained(checkpoint, qwen_path="tiny", sam_path="tiny").eval()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory, request):
+    """`python run.py demo` on 127.0.0.1 and a free port; yields (url, log path); always stopped at the end."""
+    log_path = tmp_path_factory.mktemp("demo_server") / "server.log"
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "GRADIO_ANALYTICS_ENABLED": "False"}  # same threads as the test
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "run.py", "demo", "--config", DEMO, "--checkpoint", checkpoint, "--host", "127.0.0.1",
+             "--port", str(port), "--device", "cpu", "--max-side", str(MAX_SIDE)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        request.getfixturevalue("reference")  # load the test's own model while the server starts
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the demo server exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the demo server did not serve within 180 s:\n{log_path.read_text()}")
+            time.sleep(0.5)
+        yield url, log_path
+    finally:
+        process.terminate()  # SIGTERM: the server closes as on Ctrl-C and removes its work folder
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return gradio_client.Client(server[0], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def scene_path(tmp_path_factory) -> tuple[str, list[str]]:
+    """A synthetic scene (not one of the app's examples) as a PNG, and its phrases."""
+    scene = SyntheticDataset(tokenizer=None, image_processor=None, length=8, seed=123).scene(3)
+    path = tmp_path_factory.mktemp("scene") / "scene.png"
+    scene.image.save(path)
+    return str(path), scene.phrases
+
+
+def _masks_of(result) -> np.ndarray:
+    """The (K, H, W) bool masks of a /segment result, read from the returned PNGs (which must be 0 / 255)."""
+    masks = []
+    for item in result[1]:
+        with Image.open(item["image"]) as png:
+            pixels = np.asarray(png)
+        assert pixels.ndim == 2 and set(np.unique(pixels)) <= {0, 255}, (pixels.shape, np.unique(pixels))
+        masks.append(pixels == 255)
+    return np.stack(masks)
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_server_loads_the_model_before_it_serves(server):
+    log = server[1].read_text()
+    assert "model loaded from" in log and "Running on local URL" in log
+    assert log.index("model loaded from") < log.index("Running on local URL")
+
+
+def test_segment_endpoint_returns_the_masks_of_segment(client, reference, scene_path):
+    path, phrases = scene_path
+    result = client.predict(handle_file(path), "\n".join(phrases), api_name="/segment")
+    with Image.open(path) as image:
+        expected = reference.segment(image.convert("RGB"), phrases).numpy()  # (K, H, W)
+    masks = _masks_of(result)
+    assert _image_size(result[0]) == _image_size(path)
+    assert masks.shape == expected.shape and np.array_equal(masks, expected)
+    assert 0 < masks.mean() < 1  # the comparison means something: masks are neither all empty nor all full
+    for k, item in enumerate(result[1]):
+        assert item["caption"] == f"{k}: {phrases[k]} ({masks[k].mean():.2%})"
+
+
+def test_segment_endpoint_applies_exif_orientation_like_predict(client, reference, photos, tmp_path):
+    photo = photos[3]  # 451 x 300, below MAX_SIDE
+    stored = photo.transpose(Image.Transpose.ROTATE_90)  # 300 x 451 as stored; EXIF 6 turns it back upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.png"
+    stored.save(path, exif=exif)
+    phrases = ["the cat's face", "the background"]
+    result = client.predict(handle_file(str(path)), "\n".join(phrases), api_name="/segment")
+    expected = reference.segment(photo, phrases).numpy()  # (2, 300, 451)
+    assert _image_size(result[0]) == photo.size
+    assert np.array_equal(_masks_of(result), expected)
+
+
+def test_large_image_is_downscaled_for_the_model_and_masks_come_back_at_full_size(client, reference, photos,
+                                                                                  tmp_path):
+    photo = photos[0]  # coffee, 600 x 400: above MAX_SIDE
+    path = tmp_path / "coffee.png"
+    photo.save(path)
+    phrases = ["the cup", "the spoon"]
+    result = client.predict(handle_file(str(path)), "\n".join(phrases), api_name="/segment")
+    seen = photo.resize((MAX_SIDE, round(400 * MAX_SIDE / 600)), Image.Resampling.LANCZOS)  # 512 x 341
+    small = reference.segment(seen, phrases).float()[None]  # (1, 2, 341, 512)
+    expected = torch.nn.functional.interpolate(small, size=(400, 600), mode="nearest-exact")[0].bool().numpy()
+    masks = _masks_of(result)
+    assert masks.shape == (2, 400, 600) and np.array_equal(masks, expected)
+    assert _image_size(result[0]) == seen.size  # the overlay is drawn at the size the model saw
+
+
+def test_concurrent_requests_are_queued_and_all_answered(client, reference, scene_path):
+    path, phrases = scene_path
+    jobs = [client.submit(handle_file(path), phrases[k % len(phrases)], api_name="/segment") for k in range(3)]
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        for k, job in enumerate(jobs):
+            expected = reference.segment(image, [phrases[k % len(phrases)]]).numpy()
+            assert np.array_equal(_masks_of(job.result(timeout=120)), expected)
+
+
+def _bad_inputs(tmp_path: Path, good_image: str) -> list[tuple[str, object, str, str]]:
+    """(case, image, phrases, expected message part) for every kind of bad input."""
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("these are notes, not pixels\n")
+    truncated = tmp_path / "truncated.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:20_000])
+    too_large = tmp_path / "too_large.png"
+    Image.new("1", (8000, 7000)).save(too_large)  # 56 megapixels, a few kB
+    too_thin = tmp_path / "too_thin.png"
+    Image.new("RGB", (4000, 19)).save(too_thin)
+    good = handle_file(good_image)
+    return [
+        ("no image", None, "the red circle", "No image"),
+        ("no phrase", good, " \n\t\n", "No phrase"),
+        ("not an image", handle_file(str(not_an_image)), "the red circle", "is not an image"),
+        ("truncated image", handle_file(str(truncated)), "the red circle", "could not be decoded"),
+        ("too many pixels", handle_file(str(too_large)), "the red circle", "megapixels"),
+        ("too elongated", handle_file(str(too_thin)), "the red circle", "less than 200 times the short one"),
+        ("phrase too long", good, "the red circle\n" + "a very red circle " * 700, "too long for the model"),
+        ("end token", good, "the red circle<|im_end|>", "'<|im_end|>', a control token"),
+        ("image token", good, "the red circle\nthe <|image_pad|> square", "Line 2 contains '<|image_pad|>'"),
+        ("too many phrases", good, "\n".join(f"the circle number {k}" for k in range(21)), "at most 20"),
+    ]
+
+
+def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, reference, scene_path, tmp_path):
+    path, phrases = scene_path
+    with Image.open(path) as image:
+        expected = reference.segment(image.convert("RGB"), phrases[:1]).numpy()
+    for case, image, text, message in _bad_inputs(tmp_path, path):
+        with pytest.raises(gradio_client.exceptions.AppError) as raised:
+            client.predict(image, text, api_name="/segment")
+        assert message in str(raised.value), (case, str(raised.value))
+        good = client.predict(handle_file(path), phrases[0], api_name="/segment")
+        assert np.array_equal(_masks_of(good), expected), case
+
+
+def test_browser_uploads_an_image_types_phrases_and_sees_the_overlay(server, scene_path, tmp_path):
+    if CHROMIUM is None:  # CI installs it (.ci/run), so there a missing browser is a failure, not a skip
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("Debian's chromium is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    path, phrases = scene_path
+    screenshot = tmp_path / "demo.png"
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(server[0])
+            page.locator("#image input[type=file]").set_input_files(path)
+            page.locator("#image img").wait_for(timeout=30_000)  # the upload is shown
+            page.locator("#segment-button").click()  # no phrases yet: a message, not a dead page
+            sync_api.expect(page.get_by_text("No phrase: type at least one phrase")).to_be_visible(timeout=30_000)
+            page.locator("#phrases textarea").fill("\n".join(phrases))
+            page.locator("#segment-button").click()
+            page.locator("#overlay img").wait_for(timeout=60_000)
+            legend = page.locator("#legend table")
+            legend.wait_for(timeout=30_000)
+            for phrase in phrases:
+                sync_api.expect(legend).to_contain_text(phrase)
+            sync_api.expect(page.locator("#downloads")).to_contain_text("mask_00_")
+            overlay_src = page.locator("#overlay img").get_attribute("src")
+            assert overlay_src and overlay_src.endswith(".png")
+            with urllib.request.urlopen(overlay_src) as response:
+                assert Image.open(BytesIO(response.read())).size == _image_size(path)
+            for close in page.locator(".toast-close").all():  # the earlier message, out of the screenshot
+                close.click()
+            sync_api.expect(page.get_by_text("No phrase: type at least one phrase")).to_be_hidden(timeout=30_000)
+            page.screenshot(path=str(screenshot), full_page=True)
+            # An example fills both inputs (the demo's synthetic scenes, with their phrases).
+            example_phrases = example_scenes(tmp_path, count=1)[0][1]
+            page.get_by_text(example_phrases.split("\n")[0]).first.click()
+            sync_api.expect(page.locator("#phrases textarea")).to_have_value(example_phrases)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get("FLMM_DEMO_SCREENSHOT"):  # the README's screenshot: a palette PNG keeps it small
+        with Image.open(screenshot) as shot:
+            shot.convert("RGB").quantize(colors=128).save(os.environ["FLMM_DEMO_SCREENSHOT"], optimize=True)
+
+
+def test_demo_model_runs_one_request_at_a_time(reference, scene_path):
+    path, phrases = scene_path
+    demo_model = DemoModel(reference)
+    inside, most = [0], [0]
+    segment = reference.segment
+
+    def counting_segment(image, phrase_list):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.05)  # long enough for the other threads to try to enter
+        try:
+            return segment(image, phrase_list)
+        finally:
+            inside[0] -= 1
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    results = [None] * 3
+    try:
+        reference.segment = counting_segment
+        threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, demo_model.segment(image, phrases)))
+                   for k in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        del reference.segment
+    assert most[0] == 1
+    expected = reference.segment(image, phrases).numpy()
+    assert all(np.array_equal(result.masks, expected) for result in results)
+
+
+def test_app_puts_every_model_event_in_one_queue_of_one(reference, tmp_path):
+    app = build_app(DemoModel(reference), work_dir=tmp_path)
+    named = {fn.api_name: fn for fn in app.fns.values() if fn.api_name}
+    assert "segment" in named
+    for fn in app.fns.values():
+        if fn.api_name == "segment":
+            assert fn.concurrency_id == MODEL_QUEUE and fn.concurrency_limit == 1
+    assert len(list((tmp_path / "examples").glob("*.png"))) == 4
+
+
+def test_package_imports_without_gradio_and_demo_says_what_to_install():
+    # A fresh interpreter: the package (demo module included) must not import Gradio; then, with Gradio made
+    # unimportable, `run.py demo` must stop with one line that says what to install (exit status 2).
+    code = ("import runpy, sys; import flmm_model, flmm_model.demo, flmm_model.overlay, flmm_model.predict; "
+            "print('gradio imported:', 'gradio' in sys.modules, flush=True); sys.modules['gradio'] = None; "
+            "sys.argv = ['run.py', 'demo', '--checkpoint', 'x']; runpy.run_path('run.py', run_name='__main__')")
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert completed.stdout.strip() == "gradio imported: False", completed.stderr
+    assert completed.returncode == 2
+    assert completed.stderr.strip() == 'error: run.py demo needs Gradio, an optional extra: pip install -e ".[demo]"'
+    assert "--max-side" in run.main(["demo", "--help"])["text"]
+
+
+def test_demo_refuses_a_busy_port_before_any_weights_load(monkeypatch):
+    import flmm_model.demo as demo
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights must not load when the server cannot listen")
+
+    monkeypatch.setattr(demo.FrozenQwenSAM, "from_pretrained", no_weights)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(run.UsageError, match=f"cannot listen on 127.0.0.1:{port}"):
+            run.main(["demo", "--checkpoint", "runs/none", "--port", str(port)])
+    with pytest.raises(run.UsageError, match="--max-side"):
+        run.main(["demo", "--checkpoint", "runs/none", "--max-side", "10"])
