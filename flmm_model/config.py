@@ -31,10 +31,12 @@ def _field(default: Any = MISSING, *, help: str, choices: list[Any] | None = Non
 
 @dataclass
 class ModelConfig:
-    """What `flmm_model.build.build_model` needs to build a FrozenQwenSAM."""
+    """What `flmm_model.model.build_model` needs to build a FrozenQwenSAM."""
 
-    qwen: str = _field("tiny", help="local Qwen2.5-VL checkpoint dir, or preset: tiny | mid | qwen2_5_vl_3b | "
-                                    "qwen2_5_vl_7b (random weights)")
+    qwen: str = _field("tiny", help="local Qwen-VL checkpoint dir (Qwen2-VL, Qwen2.5-VL or Qwen3-VL: its config.json "
+                                    "says which), or a preset with random weights: tiny | mid | qwen2_vl_tiny | "
+                                    "qwen3_vl_tiny | qwen2_vl_2b | qwen2_vl_7b | qwen2_5_vl_3b | qwen2_5_vl_7b | "
+                                    "qwen3_vl_2b | qwen3_vl_4b | qwen3_vl_8b")
     sam: str = _field("tiny", help="local SAM dir in the transformers layout (see `run.py convert-sam`), or preset: "
                                   "tiny | sam_vit_b | sam_vit_l | sam_vit_h (random weights)")
     tokenizer: str | None = _field(None, help="tokenizer dir; null = the bundled real Qwen tokenizer")

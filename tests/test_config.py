@@ -17,7 +17,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_configs_dir_has_demo_and_recipes():
     names = {path.name for path in CONFIGS}
     assert {"demo.yaml", "qwen2_5_vl_3b_sam_l_refcoco_png.yaml", "qwen2_5_vl_7b_sam_l_refcoco_png.yaml",
-            "qwen2_5_vl_3b_sam_l_eval.yaml", "qwen2_5_vl_7b_sam_l_eval.yaml"} <= names
+            "qwen2_5_vl_3b_sam_l_eval.yaml", "qwen2_5_vl_7b_sam_l_eval.yaml", "qwen3_vl_4b_sam_l_refcoco_png.yaml",
+            "qwen3_vl_8b_sam_l_refcoco_png.yaml", "qwen3_vl_4b_sam_l_eval.yaml", "qwen3_vl_8b_sam_l_eval.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
