@@ -168,9 +168,11 @@ class FrozenQwenSAM(nn.Module):
         pixel_values: torch.Tensor,
         image_grid_thw: torch.Tensor,
         mask_ids: torch.Tensor,
+        grounded_image: Sequence[int] | None = None,
     ) -> LMMOutput:
         """The frozen Qwen2.5-VL stage on compact (or pre-expanded) ids; see `FrozenQwenLMM.forward`."""
-        return self.lmm(input_ids, attention_mask, pixel_values, image_grid_thw, mask_ids)
+        return self.lmm(input_ids, attention_mask, pixel_values, image_grid_thw, mask_ids,
+                        grounded_image=grounded_image)
 
     def predict_logits(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Coarse and refined logits for a collated batch (no losses).
@@ -181,7 +183,8 @@ class FrozenQwenSAM(nn.Module):
                 coarse logits upsampled when the model has no SAM).
         """
         lmm_out = self.lmm_forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                   batch["image_grid_thw"], batch["mask_ids"])
+                                   batch["image_grid_thw"], batch["mask_ids"],
+                                   grounded_image=batch.get("grounded_image"))
         sizes = [tuple(image.shape[-2:]) for image in batch["images"]]
         head_dtype = next(self.mask_head.parameters()).dtype
         coarse_logits = [self.mask_head(maps.to(self.device, head_dtype)) for maps in lmm_out.attention_maps]
