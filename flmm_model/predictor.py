@@ -261,6 +261,30 @@ class GroundingPredictor:
                     phrases=[answer[s:e] for s, e in spans], meta={"size": (original.height, original.width)})
         return collate([item], pad_token_id=self.model.tokenizer.pad_token_id)
 
+    @torch.no_grad()
+    def answer_then_ground(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Masks for a collated batch whose metas request an answer first (`meta["generate"]` = {question,
+        answer_prefix, max_new_tokens}; ReasonSeg's F-LMM protocol): per sample, the model answers the question
+        about the sample's image (greedy), and the generated part of the answer (after the prefix, stripped) is
+        grounded as one phrase. An empty generated answer gives an empty mask.
+
+        Returns:
+            Per sample (1, H, W) bool at the image's size, on the CPU. The answers are written into each meta as
+            `answer`.
+        """
+        predictions = []
+        for image, meta in zip(batch["images"], batch["metas"], strict=True):
+            request = meta["generate"]
+            picture = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())  # (H, W, 3) uint8
+            prefix = request.get("answer_prefix", "")
+            out = self.chat_turns([picture], [[picture, request["question"]]], ground=_generated_span(prefix),
+                                  answer_prefix=prefix, max_new_tokens=request.get("max_new_tokens", 16),
+                                  question=request["question"])
+            meta["answer"] = out.answer
+            masks = out.masks if out.spans else torch.zeros((1, picture.height, picture.width), dtype=torch.bool)
+            predictions.append(masks)
+        return predictions
+
     # ------------------------------------------------------------------ visual chain-of-thought (F-LMM's v1)
 
     @torch.no_grad()
@@ -387,6 +411,17 @@ def _thought_span(prefix: str) -> Callable[[str], list[tuple[int, int]]]:
         body = answer[len(prefix):].split(".", 1)[0]
         start = len(prefix) + len(body) - len(body.lstrip())
         end = len(prefix) + len(body.rstrip())
+        return [(start, end)] if end > start else []
+
+    return spans
+
+
+def _generated_span(prefix: str) -> Callable[[str], list[tuple[int, int]]]:
+    """Grounding rule of an answer-then-ground protocol: everything generated after `prefix`, stripped."""
+
+    def spans(answer: str) -> list[tuple[int, int]]:
+        body = answer[len(prefix):]
+        start, end = len(prefix) + len(body) - len(body.lstrip()), len(prefix) + len(body.rstrip())
         return [(start, end)] if end > start else []
 
     return spans
