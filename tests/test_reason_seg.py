@@ -196,3 +196,11 @@ def test_protocol_checked_per_dataset_type(tmp_path, data_root):
     with pytest.raises(ConfigError, match=r"data\.test\.0\.protocol: refcoco takes one of \['flmm', 'per_sentence'\]"):
         run.main(["eval", "--config", DEMO, "--checkpoint", str(tmp_path), f"data.root={data_root}",
                   "data.test=[{type: refcoco, split: val, protocol: direct}]"])
+
+
+def test_reason_seg_eval_config_scores_both_protocols():
+    from flmm_model.config_loader import load_config
+
+    cfg = load_config(Path(DEMO).parent / "qwen2_5_vl_3b_sam_l_reason_seg.yaml")
+    assert [(ds.type, ds.split, ds.protocol) for ds in cfg.data.test] == [("reason_seg", "val", "flmm"),
+                                                                        ("reason_seg", "val", "direct")]
