@@ -142,7 +142,12 @@ def build_parser() -> _Parser:
                       help="a phrase of the answer to ground; repeat for several (in answer order)")
     chat.add_argument("--noun-phrases", action="store_true", help="ground every noun phrase of the answer (spaCy)")
     chat.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy English pipeline for --noun-phrases")
-    chat.add_argument("--max-new-tokens", type=int, default=512, help="longest answer in tokens")
+    chat.add_argument("--max-new-tokens", type=int, default=None,
+                      help="longest answer in tokens (default 512; --visual-cot: 32, F-LMM's)")
+    chat.add_argument("--visual-cot", action="store_true",
+                      help="F-LMM's visual chain-of-thought: ground the most relevant object, crop it, answer with "
+                           "the whole image and the crop (writes crop.png)")
+    chat.add_argument("--box-scale", type=float, default=1.0, help="--visual-cot: scale of the crop box")
     chat.add_argument("--out", default=None, help="output dir for masks, overlay and answer.json (default: none)")
     chat.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
@@ -204,12 +209,13 @@ def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
     from flmm_model.config_loader import load_config
     from flmm_model.predict import chat
 
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens: expected at least 1, found {args.max_new_tokens}")
     cfg = load_config(args.config, args.overrides)
     return chat(cfg.model, checkpoint=args.checkpoint, images=args.image, question=args.question, ground=args.ground,
                 noun_phrases=args.noun_phrases, out_dir=args.out, device=args.device,
-                max_new_tokens=args.max_new_tokens, spacy_model=args.spacy_model)
+                max_new_tokens=args.max_new_tokens, spacy_model=args.spacy_model, visual_cot=args.visual_cot,
+                box_scale=args.box_scale)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:

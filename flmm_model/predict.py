@@ -107,8 +107,9 @@ def predict(model_cfg: ModelConfig, *, checkpoint: str, image: str, phrases: lis
 
 
 def chat(model_cfg: ModelConfig, *, checkpoint: str, images: list[str], question: str, ground: list[str] | None = None,
-         noun_phrases: bool = False, out_dir: str | None = None, device: str = "auto", max_new_tokens: int = 512,
-         spacy_model: str = DEFAULT_SPACY_MODEL, model: Any = None) -> dict[str, Any]:
+         noun_phrases: bool = False, out_dir: str | None = None, device: str = "auto",
+         max_new_tokens: int | None = None, spacy_model: str = DEFAULT_SPACY_MODEL, visual_cot: bool = False,
+         box_scale: float = 1.0, model: Any = None) -> dict[str, Any]:
     """Answer `question` about the image(s) with the checkpoint's frozen LMM, ground phrases of the answer, print the
     answer with the grounded phrases marked ("[phrase]{k}") and write the results into `out_dir`.
 
@@ -125,8 +126,11 @@ def chat(model_cfg: ModelConfig, *, checkpoint: str, images: list[str], question
         out_dir: where to write `answer.json`, `mask_<k>_<phrase>.png` (0 / 255, first image's size) and
             `overlay.png`; None writes nothing.
         device: auto | cpu | cuda | cuda:N.
-        max_new_tokens: longest answer.
+        max_new_tokens: longest answer; None = 512 (visual_cot: 32, F-LMM's).
         spacy_model: spaCy English pipeline for `noun_phrases`.
+        visual_cot: run F-LMM's visual chain-of-thought instead (`FrozenQwenSAM.visual_cot`): the thought is the
+            grounded phrase, `crop.png` the region looked at, and the answer comes from both views.
+        box_scale: the visual chain-of-thought's box scale.
         model: an already loaded FrozenQwenSAM (skips loading `checkpoint`).
 
     Returns:
@@ -135,6 +139,11 @@ def chat(model_cfg: ModelConfig, *, checkpoint: str, images: list[str], question
     """
     if ground and noun_phrases:
         raise InputError("chat: give either --ground phrases or --noun-phrases, not both")
+    if visual_cot and (ground or noun_phrases or len(images) != 1):
+        raise InputError("chat: --visual-cot takes one --image and grounds its own thought (no --ground, "
+                         "--noun-phrases)")
+    if box_scale <= 0:
+        raise InputError(f"--box-scale: expected a positive number, found {box_scale}")
     if not isinstance(question, str) or not question.strip():
         raise InputError("chat: --question must be a non-empty text")
     for k, phrase in enumerate(ground or []):
@@ -166,14 +175,22 @@ def chat(model_cfg: ModelConfig, *, checkpoint: str, images: list[str], question
         model = FrozenQwenSAM.from_pretrained(loaded, qwen_path=run_cfg.qwen, sam_path=run_cfg.sam,
                                               tokenizer_path=run_cfg.tokenizer, max_length=run_cfg.max_length,
                                               device=str(resolve_device(device))).eval()
-    result = model.chat(pictures, question, ground=NOUN_PHRASES if noun_phrases else (list(ground) if ground else None),
-                        max_new_tokens=max_new_tokens, spacy_model=spacy_model)
+    cot = None
+    if visual_cot:
+        cot = model.visual_cot(pictures[0], question, box_scale=box_scale, max_new_tokens=max_new_tokens or 32)
+        result = cot.thought_output
+        print(f"thought: {mark_phrases(result.answer, result.spans)}\nbox: {list(cot.box)}")
+    else:
+        result = model.chat(pictures, question, max_new_tokens=max_new_tokens or 512, spacy_model=spacy_model,
+                            ground=NOUN_PHRASES if noun_phrases else (list(ground) if ground else None))
     marked = mark_phrases(result.answer, result.spans)
     masks = result.masks.numpy().astype(bool)  # (K, H, W)
     areas = [int(mask.sum()) for mask in masks]
-    print(f"answer: {marked}")
     summary: dict[str, Any] = dict(answer=result.answer, marked=marked, phrases=result.phrases,
                                    spans=[list(span) for span in result.spans], areas=areas)
+    if cot is not None:
+        summary.update(thought=cot.thought, box=list(cot.box), answer=cot.answer, marked=cot.answer)
+    print(f"answer: {summary['marked']}")
     if out is not None:
         mask_paths = []
         for k, (mask, phrase) in enumerate(zip(masks, result.phrases, strict=True)):
@@ -184,6 +201,9 @@ def chat(model_cfg: ModelConfig, *, checkpoint: str, images: list[str], question
         overlay_path = out / "overlay.png"
         draw_overlay(pictures[0], masks, [f"{k}: {phrase}" for k, phrase in enumerate(result.phrases)]) \
             .save(overlay_path)
+        if cot is not None:
+            cot.crop.save(out / "crop.png")
+            summary["crop"] = str(out / "crop.png")
         answer_path = out / "answer.json"
         answer_path.write_text(json.dumps(dict(question=question, images=list(images), **summary,
                                                token_ids=result.token_ids.tolist(), masks=mask_paths), indent=2))

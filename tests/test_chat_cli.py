@@ -78,6 +78,21 @@ def test_chat_with_two_images(files, model):
     assert result["answer"] == expected.answer
 
 
+def test_chat_visual_cot_prints_thought_box_and_answer_and_writes_the_crop(files, model, tmp_path, capsys):
+    result = run.main(chat_argv(files, "--visual-cot", "--box-scale", "1.5", "--out", str(tmp_path / "cot")))
+    with Image.open(files / "cat.png") as image:
+        expected = model.visual_cot(image.convert("RGB"), QUESTION, box_scale=1.5, max_new_tokens=10)
+    assert result["thought"] == expected.thought and result["box"] == list(expected.box)
+    assert result["answer"] == expected.answer
+    printed = capsys.readouterr().out
+    assert f"box: {list(expected.box)}" in printed and f"answer: {expected.answer}" in printed
+    with Image.open(result["crop"]) as crop:
+        assert crop.size == expected.crop.size
+    if expected.thought:
+        with Image.open(result["masks"][0]) as mask_png:
+            assert np.array_equal(np.asarray(mask_png) == 255, expected.mask.numpy())
+
+
 @pytest.fixture
 def no_weights(monkeypatch):
     def forbidden(*args, **kwargs):
@@ -96,6 +111,8 @@ MISTAKES = {
     "missing image": (["--image", "no/such.png"], r"image 'no/such.png': no such file"),
     "bad device": (["--device", "tpu"], "--device"),
     "max new tokens": (["--max-new-tokens", "0"], "--max-new-tokens: expected at least 1"),
+    "visual cot with phrases": (["--visual-cot", "--ground", "a"], "--visual-cot takes one --image"),
+    "visual cot box scale": (["--visual-cot", "--box-scale", "0"], "--box-scale: expected a positive number"),
     "missing checkpoint": (["--checkpoint", "no/such/dir"], "no/such/dir"),
     "missing spaCy pipeline": (["--noun-phrases", "--spacy-model", "no_such_pipeline"],
                                "needs .*no_such_pipeline"),
