@@ -4,6 +4,7 @@ Commands (a dict maps each name to a plain function returning a dict):
     train        train the heads of FrozenQwenSAM (torchrun for several GPUs)
     eval         score a checkpoint on data.test: RefCOCO/+/g cIoU & gIoU, PNG Average Recall
     predict      masks for phrases on one image: a PNG per phrase and an overlay
+    chat         ask the frozen LMM about an image; its answer, with grounded phrases as masks and an overlay
     demo         a web demo (Gradio, the [demo] extra): segment phrases in uploaded images, with an HTTP API
     convert-sam  convert an original segment-anything checkpoint (sam_vit_l_0b3195.pth) to the transformers layout
 
@@ -125,6 +126,31 @@ def build_parser() -> _Parser:
     predict.add_argument("--out", default=None, help="output dir (default: predictions/<image name>)")
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
+    chat = commands.add_parser(
+        "chat", help="ask about an image; ground phrases of the answer", epilog=_schema_epilog(("model",)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The frozen LMM answers --question about --image (greedy, the base model's own answer); the "
+                    "answer is printed with the grounded phrases marked [phrase]{k}. --ground PHRASE (repeat) grounds "
+                    "phrases of the answer, --noun-phrases every noun phrase (spaCy: pip install -e \".[nlp]\"). "
+                    "With --out: mask_<k>_<phrase>.png per phrase, overlay.png and answer.json.")
+    _config_args(chat)
+    chat.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its newest checkpoint)")
+    chat.add_argument("--image", action="append", required=True,
+                      help="image file; repeat for a multi-image question (masks are for the first)")
+    chat.add_argument("--question", required=True, help="the question")
+    chat.add_argument("--ground", action="append", default=None, metavar="PHRASE",
+                      help="a phrase of the answer to ground; repeat for several (in answer order)")
+    chat.add_argument("--noun-phrases", action="store_true", help="ground every noun phrase of the answer (spaCy)")
+    chat.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy English pipeline for --noun-phrases")
+    chat.add_argument("--max-new-tokens", type=int, default=None,
+                      help="longest answer in tokens (default 512; --visual-cot: 32, F-LMM's)")
+    chat.add_argument("--visual-cot", action="store_true",
+                      help="F-LMM's visual chain-of-thought: ground the most relevant object, crop it, answer with "
+                           "the whole image and the crop (writes crop.png)")
+    chat.add_argument("--box-scale", type=float, default=1.0, help="--visual-cot: scale of the crop box")
+    chat.add_argument("--out", default=None, help="output dir for masks, overlay and answer.json (default: none)")
+    chat.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
     demo = commands.add_parser(
         "demo", help="web demo in the browser (needs the [demo] extra)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_schema_epilog(("model",)),
@@ -179,6 +205,19 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
                    device=args.device)
 
 
+def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
+    from flmm_model.config_loader import load_config
+    from flmm_model.predict import chat
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens: expected at least 1, found {args.max_new_tokens}")
+    cfg = load_config(args.config, args.overrides)
+    return chat(cfg.model, checkpoint=args.checkpoint, images=args.image, question=args.question, ground=args.ground,
+                noun_phrases=args.noun_phrases, out_dir=args.out, device=args.device,
+                max_new_tokens=args.max_new_tokens, spacy_model=args.spacy_model, visual_cot=args.visual_cot,
+                box_scale=args.box_scale)
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from flmm_model.config_loader import load_config
 
@@ -208,7 +247,7 @@ def cmd_convert_sam(args: argparse.Namespace) -> dict[str, Any]:
     return {"out_dir": out_dir}
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "chat": cmd_chat, "demo": cmd_demo,
             "convert-sam": cmd_convert_sam}
 
 

@@ -65,17 +65,20 @@ class DatasetConfig:
     """One dataset split. Paths default to the layout under `data.root` (see README)."""
 
     type: str = _field(help="dataset type: a key of flmm_model.data.registry.DATASETS (refcoco | refcoco+ | "
-                            "refcocog | png | synthetic)")
+                            "refcocog | png | reason_seg | synthetic)")
     split: str = _field("train", help="refcoco*: train | val | testA | testB | test; png: train | val; "
+                                      "reason_seg: train | val | test; "
                                       "synthetic: any name (without a seed, the name seeds the samples)")
     root: str | None = _field(None, help="data root of this dataset; null = data.root")
     split_by: str | None = _field(None, help="refcoco*: REFER split file (unc | umd | google); null = the "
                                                 "usual one (unc, refcocog: umd)")
     image_dir: str | None = _field(None, help="image folder; null = the COCO folder under the root")
     ann_dir: str | None = _field(None, help="png: annotation folder; null = <root>/annotations")
-    protocol: str = _field("flmm", help="evaluation samples: flmm (first sentence per ref, all refs of an image in "
-                                        "one sample) | per_sentence (one sample per sentence, LISA)",
-                           choices=["flmm", "per_sentence"])
+    protocol: str = _field("flmm", help="evaluation protocol. refcoco*: flmm (first sentence per ref, all refs of "
+                                        "an image in one sample) | per_sentence (one sample per sentence, LISA). "
+                                        "reason_seg: flmm (answer the question, ground the answer) | direct "
+                                        "(ground the query itself, no generation)",
+                           choices=["flmm", "per_sentence", "direct"])
     sentence: str = _field("raw_lower", help="refcoco*: sentence field: raw_lower (F-LMM: REFER's raw text, lower "
                                              "case) | sent (REFER's normalised text) | raw",
                            choices=["raw_lower", "sent", "raw"])

@@ -28,6 +28,11 @@ class InputError(UserError, ValueError):
     does not exist on this machine."""
 
 
+class MissingDependencyError(UserError, ImportError):
+    """An optional extra the user asked for is not installed (spaCy and its English pipeline for noun phrases); the
+    message says what to install."""
+
+
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used: a damaged or truncated file, a directory that is not a checkpoint of this
     project, weights that do not fit the model, a resume that cannot continue the checkpoint's run."""

@@ -1,5 +1,6 @@
 """`evaluate(cfg)`: score a checkpoint on `data.test` (RefCOCO / RefCOCO+ / RefCOCOg cIoU and gIoU, PNG Average
-Recall, each dataset with the metric its registry entry names), sharded over torchrun processes with the metric
+Recall, ReasonSeg gIoU and cIoU (by default answering first, F-LMM's protocol), each dataset with the metric its
+registry entry names), sharded over torchrun processes with the metric
 sums reduced; prints a table and writes the results into the run directory (`<run>/eval/step_N.json`) or
 `eval.out_dir` (`eval.json`), never into the checkpoint. `score_dataset` is also training's validation.
 
@@ -31,6 +32,7 @@ from flmm_model.distributed import (
     shutdown_distributed,
 )
 from flmm_model.model import FrozenQwenSAM
+from flmm_model.predictor import GroundingPredictor
 
 
 @torch.no_grad()
@@ -61,7 +63,7 @@ def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, metric: ty
         if len(batch["images"]) == 0:
             continue
         with autocast:
-            predictions = model.predict_masks(batch)
+            predictions = predict_batch(model, batch)
         for index, (pred, gt) in enumerate(zip(predictions, batch["gt_masks"], strict=True)):
             candidates = {"": pred.cpu()}
             if baselines:
@@ -74,6 +76,18 @@ def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, metric: ty
         results.update({f"{prefix}{name}": float(value) for name, value in metric.compute().items()})
     results["count_skipped"] = int(all_reduce_sum(torch.tensor([skipped], dtype=torch.int64))[0])
     return results
+
+
+def predict_batch(model: Any, batch: dict[str, Any]) -> list[torch.Tensor]:
+    """Per sample (K, H, W) bool masks. Samples whose meta requests an answer first (`meta["generate"]`, e.g.
+    ReasonSeg's F-LMM protocol) are answered by the frozen LMM and the answer grounded (`GroundingPredictor.
+    answer_then_ground`); the others are grounded on their own prompt (`model.predict_masks`)."""
+    requests = [bool(meta.get("generate")) for meta in batch["metas"]]
+    if all(requests):
+        return GroundingPredictor(model).answer_then_ground(batch)
+    if any(requests):
+        raise ValueError("a batch mixes samples that request generation (meta 'generate') with samples that do not")
+    return model.predict_masks(batch)
 
 
 def print_table(scores: dict[str, dict[str, float]], *, title: str) -> str:

@@ -10,18 +10,27 @@ and `mask_ids` itself, on the model's device, with vectorized tensor ops, then b
 runs the text decoder on `inputs_embeds`. Pre-expanded input (N pads already there, as the HF processor makes it)
 passes through unchanged, so both give identical results.
 
-Shapes: B samples, L compact length, L' expanded length, D hidden size, K objects, P phrase tokens, N image tokens.
+A sample may hold several images (one placeholder block each; `image_grid_thw` has one row per image, in sample
+and placeholder order). Grounding reads the attention to ONE image per sample: the first, unless `grounded_image`
+names another. `prepare_inputs` is the one expansion path: the teacher-forced `forward` (with attention capture)
+and `generate` (transformers' generation on the expanded embeddings and positions) both start from it.
+
+Shapes: B samples, I images, L compact length, L' expanded length, D hidden size, K objects, P phrase tokens,
+N image tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from flmm_model.attention import CAPTURE_IMPLEMENTATIONS, CaptureState, PhraseQueries, register_capture_attention
-from flmm_model.backbones import QwenVLModel, adapter_for
+from flmm_model.backbones import QwenVLModel, VisionFeatures, adapter_for
 
 
 @dataclass
@@ -39,7 +48,8 @@ class LMMOutput:
             image tokens row-major on the merged grid (h_b = H / merge, w_b = W / merge).
         phrase_hidden_states: per sample, per object, (num_layers, T_k, D): the hidden states of k's T_k tokens
             after every decoder layer (as `output_hidden_states[1:]`: the last one after the final norm).
-        grid_hw: per sample, the merged image grid (h_b, w_b).
+        grid_hw: per sample, the merged grid (h_b, w_b) of the sample's grounded image.
+        grounded_image: per sample, the index (among the sample's images) of the image the maps refer to.
     """
 
     input_ids: torch.Tensor
@@ -50,6 +60,7 @@ class LMMOutput:
     attention_maps: list[torch.Tensor]
     phrase_hidden_states: list[list[torch.Tensor]]
     grid_hw: list[tuple[int, int]]
+    grounded_image: list[int] = field(default_factory=list)
 
 
 class FrozenQwenLMM(nn.Module):
@@ -105,47 +116,32 @@ class FrozenQwenLMM(nn.Module):
         pixel_values: torch.Tensor,
         image_grid_thw: torch.Tensor,
         mask_ids: torch.Tensor,
+        grounded_image: Sequence[int] | torch.Tensor | None = None,
     ) -> LMMOutput:
         """Expand, position, run the frozen model once and capture attention maps and phrase hidden states.
 
         Args:
-            input_ids: (B, L) long, compact (one `<|image_pad|>` per sample) or pre-expanded (N_b pads).
+            input_ids: (B, L) long; each image of a sample is one `<|vision_start|>...<|vision_end|>` block holding
+                one `<|image_pad|>` (compact) or N_i of them (pre-expanded, as the HF processor makes it).
             attention_mask: (B, L), 1 on real tokens, a contiguous block (left or right padding).
-            pixel_values: (sum_b t*H*W, 3 * temporal_patch * patch^2) from the family's image processor.
-            image_grid_thw: (B, 3) long, (t, H, W) in patches, one image per sample in sample order.
+            pixel_values: (sum_i t*H*W, 3 * temporal_patch * patch^2) from the family's image processor, all images
+                of all samples concatenated in (sample, placeholder) order.
+            image_grid_thw: (I, 3) long, (t, H, W) in patches: one row per image, in the same order (I = B when
+                every sample holds one image).
             mask_ids: (B, L) long, k >= 0 on the tokens of the sample's k-th phrase, -1 elsewhere.
+            grounded_image: per sample, which of its images the attention maps are read from (index among the
+                sample's images); None = the first image of every sample. `grid_hw` refers to that image.
 
         Raises:
             ValueError: on inconsistent input (see `validate_lmm_inputs`), before the model runs.
         """
-        device = self.qwen.device
-        input_ids, attention_mask, mask_ids = (t.to(device) for t in (input_ids, attention_mask, mask_ids))
-        image_grid_thw = image_grid_thw.to(device)
-        num_vision_tokens, num_objects = validate_lmm_inputs(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw, mask_ids=mask_ids, merge_size=self.merge_size,
-            image_token_id=self.image_token_id, vision_start_token_id=self.vision_start_token_id,
-            vision_end_token_id=self.vision_end_token_id, patch_dim=self.patch_dim,
-        )
-        input_ids, attention_mask, mask_ids = expand_vision_tokens(
-            input_ids=input_ids, attention_mask=attention_mask, mask_ids=mask_ids,
-            num_vision_tokens=num_vision_tokens, image_token_id=self.image_token_id,
-        )
-        image_mask = (input_ids == self.image_token_id) & attention_mask.bool()  # (B, L')
-        grid_hw = (image_grid_thw[:, 1:] // self.merge_size).tolist()
-        position_ids = self.adapter.position_ids(
-            image_mask=image_mask, attention_mask=attention_mask, grid_thw=image_grid_thw, merge_size=self.merge_size
-        )
-
-        # Embeddings with the image features scattered in, in (sample, position) order.
-        inputs_embeds = self.qwen.model.get_input_embeddings()(input_ids)  # (B, L', D)
-        vision = self.adapter.encode_images(self.qwen, pixel_values.to(device), image_grid_thw)
-        image_features = vision.image_embeds.to(inputs_embeds.dtype)  # (sum_b N_b, D)
-        inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
-
+        prepared = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, mask_ids=mask_ids,
+                                       grounded_image=grounded_image)
         queries = PhraseQueries.build(
-            mask_ids=mask_ids, image_mask=image_mask, attention_mask=attention_mask, num_objects=max(num_objects)
+            mask_ids=prepared.mask_ids, image_mask=prepared.grounded_mask, attention_mask=prepared.attention_mask,
+            num_objects=max(prepared.num_objects),
         )
+        inputs_embeds = prepared.inputs_embeds
         capture = CaptureState(queries=queries)
         layer_rows: list[torch.Tensor] = []  # per layer (B, P, D): phrase-token hidden states
         row_index = queries.query_index.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1])  # (B, P, D)
@@ -163,24 +159,212 @@ class FrozenQwenLMM(nn.Module):
             # The adapter's decoder call passes `flmm_capture=capture` on to the text model, which hands unknown
             # keywords down to every attention call: the capture functions pop it from their `**kwargs`.
             last_hidden_state = self.adapter.run_decoder(
-                text_model, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                image_mask=image_mask, vision=vision, flmm_capture=capture,
+                text_model, inputs_embeds=inputs_embeds, attention_mask=prepared.attention_mask,
+                position_ids=prepared.position_ids, image_mask=prepared.image_mask, vision=prepared.vision,
+                flmm_capture=capture,
             )  # (B, L', D)
         finally:
             for hook in hooks:
                 hook.remove()
         layer_rows.append(last_hidden_state.gather(1, row_index))  # the last layer after the final norm
 
+        grounded_tokens = [prepared.num_vision_tokens[i] for i in prepared.grounded_index]
+        grid_hw = [prepared.grid_hw[i] for i in prepared.grounded_index]
         return LMMOutput(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            mask_ids=mask_ids,
-            position_ids=position_ids,
+            input_ids=prepared.input_ids,
+            attention_mask=prepared.attention_mask,
+            mask_ids=prepared.mask_ids,
+            position_ids=prepared.position_ids,
             last_hidden_state=last_hidden_state,
-            attention_maps=_split_maps(capture.stacked(), num_objects, num_vision_tokens, grid_hw),
-            phrase_hidden_states=_split_phrase_states(torch.stack(layer_rows), queries, num_objects),
+            attention_maps=_split_maps(capture.stacked(), prepared.num_objects, grounded_tokens, grid_hw),
+            phrase_hidden_states=_split_phrase_states(torch.stack(layer_rows), queries, prepared.num_objects),
             grid_hw=[tuple(hw) for hw in grid_hw],
+            grounded_image=list(prepared.grounded_image),
         )
+
+    # ------------------------------------------------------------------ shared by forward and generate
+
+    @torch.no_grad()
+    def prepare_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        *,
+        mask_ids: torch.Tensor | None = None,
+        grounded_image: Sequence[int] | torch.Tensor | None = None,
+    ) -> PreparedInputs:
+        """The one expansion path of the teacher-forced forward and of generation: validate, expand the image
+        placeholders, build the M-RoPE positions, run the vision tower and scatter its features into the embeddings.
+
+        Args: as `forward`; `mask_ids` None means no phrase (generation), and no object is required then.
+
+        Raises:
+            ValueError: on inconsistent input (see `validate_lmm_inputs`), before the vision tower runs.
+        """
+        device = self.qwen.device
+        needs_objects = mask_ids is not None
+        if mask_ids is None:
+            mask_ids = torch.full_like(input_ids, -1)
+        input_ids, attention_mask, mask_ids = (t.to(device) for t in (input_ids, attention_mask, mask_ids))
+        image_grid_thw = image_grid_thw.to(device)
+        layout = validate_lmm_inputs(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw, mask_ids=mask_ids, merge_size=self.merge_size,
+            image_token_id=self.image_token_id, vision_start_token_id=self.vision_start_token_id,
+            vision_end_token_id=self.vision_end_token_id, patch_dim=self.patch_dim,
+            grounded_image=grounded_image, require_objects=needs_objects,
+        )
+        input_ids, attention_mask, mask_ids = expand_vision_tokens(
+            input_ids=input_ids, attention_mask=attention_mask, mask_ids=mask_ids,
+            num_vision_tokens=layout.num_vision_tokens, image_token_id=self.image_token_id,
+        )
+        image_mask = (input_ids == self.image_token_id) & attention_mask.bool()  # (B, L'), every image's tokens
+        position_ids = self.adapter.position_ids(
+            image_mask=image_mask, attention_mask=attention_mask, grid_thw=image_grid_thw, merge_size=self.merge_size
+        )
+        block = image_block_index(image_mask)  # (B, L'), global image index of each image token
+        target = torch.tensor(layout.grounded_index, device=device)  # (B,)
+        grounded_mask = image_mask & (block == target[:, None])  # (B, L'), the grounded image's tokens
+
+        # Embeddings with the image features scattered in, in (sample, position) order = image order.
+        inputs_embeds = self.qwen.model.get_input_embeddings()(input_ids)  # (B, L', D)
+        vision = self.adapter.encode_images(self.qwen, pixel_values.to(device), image_grid_thw)
+        image_features = vision.image_embeds.to(inputs_embeds.dtype)  # (sum_i N_i, D)
+        inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
+        return PreparedInputs(
+            input_ids=input_ids, attention_mask=attention_mask, mask_ids=mask_ids, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, image_mask=image_mask, grounded_mask=grounded_mask, vision=vision,
+            num_vision_tokens=layout.num_vision_tokens, num_objects=layout.num_objects,
+            images_per_sample=layout.images_per_sample, grounded_image=layout.grounded_image,
+            grounded_index=layout.grounded_index,
+            grid_hw=[tuple(hw) for hw in (image_grid_thw[:, 1:] // self.merge_size).tolist()],
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        **generate_options: Any,
+    ) -> torch.Tensor:
+        """Generate with the frozen model from compact (or pre-expanded) ids, expanded exactly as `forward` expands.
+
+        The prompt goes through `prepare_inputs` (the same expansion, positions and image features as the forward),
+        is left-aligned (decoding appends on the right), and the family's adapter runs transformers' `generate` on
+        it with the expanded M-RoPE positions: `generate` extends each position row by +1 per new token, which is
+        exactly what the model's own 3-D positions do after the last prompt token. No attention is captured.
+
+        Args:
+            input_ids, attention_mask, pixel_values, image_grid_thw: as `forward` (no phrases).
+            generate_options: passed to transformers' `generate` on top of the checkpoint's generation config
+                (`max_new_tokens`, `do_sample`, `temperature`, `top_p`, `eos_token_id`, `stopping_criteria`, ...);
+                greedy (`do_sample=False`) unless given.
+
+        Returns:
+            (B, T) long on the model's device: the new tokens only (eos included where generation stopped on it;
+            shorter rows padded with the generation config's pad id).
+
+        Raises:
+            ValueError: on inconsistent input, before the model runs; or a `return_dict_in_generate` option.
+        """
+        if generate_options.get("return_dict_in_generate"):
+            raise ValueError("generate: returns the new token ids; return_dict_in_generate is not supported")
+        generate_options.setdefault("do_sample", False)
+        prepared = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
+        if not bool(prepared.attention_mask[:, -1].all()):  # right padding: roll each row so its padding comes first
+            width = prepared.attention_mask.shape[1]
+            shift = width - prepared.attention_mask.sum(1)  # (B,)
+            columns = (torch.arange(width, device=shift.device)[None, :] - shift[:, None]) % width  # (B, L')
+
+            def roll(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+                return tensor.gather(dim, _expand_index(columns, tensor, dim))
+
+            prepared = dataclasses.replace(
+                prepared, input_ids=roll(prepared.input_ids, 1), attention_mask=roll(prepared.attention_mask, 1),
+                position_ids=roll(prepared.position_ids, 2), inputs_embeds=roll(prepared.inputs_embeds, 1),
+                image_mask=roll(prepared.image_mask, 1),
+            )
+        new_ids = self.adapter.generate(
+            self.qwen, input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
+            position_ids=prepared.position_ids, inputs_embeds=prepared.inputs_embeds, image_mask=prepared.image_mask,
+            vision=prepared.vision, **generate_options,
+        )
+        return new_ids
+
+
+@dataclass
+class PreparedInputs:
+    """A batch after validation, expansion and the vision tower: what the decoder (forward or generate) runs on.
+
+    Attributes:
+        input_ids, attention_mask, mask_ids: (B, L') expanded (mask_ids all -1 for generation).
+        position_ids: (3, B, L') M-RoPE positions.
+        inputs_embeds: (B, L', D) token embeddings with the image features scattered in.
+        image_mask: (B, L') bool, the image tokens of every image.
+        grounded_mask: (B, L') bool, the image tokens of each sample's grounded image.
+        vision: the vision tower's output (all images, image order).
+        num_vision_tokens: per image (I), N_i.
+        num_objects: per sample, K_b (0 for generation).
+        images_per_sample: per sample, its number of images.
+        grounded_image: per sample, the grounded image's index among the sample's images.
+        grounded_index: per sample, the grounded image's index among all I images.
+        grid_hw: per image, the merged grid (h_i, w_i).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask_ids: torch.Tensor
+    position_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+    image_mask: torch.Tensor
+    grounded_mask: torch.Tensor
+    vision: VisionFeatures
+    num_vision_tokens: list[int]
+    num_objects: list[int]
+    images_per_sample: list[int]
+    grounded_image: list[int]
+    grounded_index: list[int]
+    grid_hw: list[tuple[int, int]]
+
+
+@dataclass
+class BatchLayout:
+    """What `validate_lmm_inputs` reads off a batch (host-side ints).
+
+    Attributes:
+        num_vision_tokens: per image (I), N_i = t * H * W / merge^2.
+        num_objects: per sample, K_b (0 where no phrase is marked and none is required).
+        images_per_sample: per sample, its number of image blocks.
+        grounded_image: per sample, the index (among its images) of the image grounding refers to.
+        grounded_index: per sample, the same image's index among all I images.
+    """
+
+    num_vision_tokens: list[int]
+    num_objects: list[int]
+    images_per_sample: list[int]
+    grounded_image: list[int]
+    grounded_index: list[int]
+
+
+def _expand_index(columns: torch.Tensor, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """`columns` (B, L) broadcast to gather `tensor` along `dim` (its sequence dimension; batch is dim - 1)."""
+    shape = [1] * tensor.dim()
+    shape[dim - 1], shape[dim] = columns.shape
+    index = columns.view(shape)
+    return index.expand(*[s if i not in (dim - 1, dim) else -1 for i, s in enumerate(tensor.shape)])
+
+
+def image_block_index(image_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool image tokens -> (B, L) long: the global index (in (sample, position) order) of the image block
+    each image token belongs to; -1 elsewhere. Blocks are maximal runs of image tokens."""
+    previous = torch.nn.functional.pad(image_mask[:, :-1], (1, 0), value=False)
+    run_start = image_mask & ~previous  # (B, L), first token of each block
+    block = run_start.flatten().long().cumsum(0).view_as(image_mask) - 1  # (B, L)
+    return torch.where(image_mask, block, -1)
 
 
 def validate_lmm_inputs(
@@ -195,13 +379,18 @@ def validate_lmm_inputs(
     vision_start_token_id: int,
     vision_end_token_id: int,
     patch_dim: int | None = None,
-) -> tuple[list[int], list[int]]:
-    """Check a batch before the model runs; return (N_b vision tokens, K_b objects) per sample.
+    grounded_image: Sequence[int] | torch.Tensor | None = None,
+    require_objects: bool = True,
+) -> BatchLayout:
+    """Check a batch before the model runs; return its layout (images per sample, tokens per image, objects).
 
-    A handful of per-sample scalars come to the host (counts, never per-token loops).
+    Every sample holds one or more image blocks `<|vision_start|>` + pads + `<|vision_end|>`, each with one pad
+    (compact) or N_i pads (pre-expanded); `image_grid_thw` has one row per block, in (sample, position) order.
+    The checks run as tensor ops; a handful of per-sample and per-image counts come to the host in one transfer.
 
     Raises:
-        ValueError: naming the sample, the expected and the found value.
+        ValueError: naming the sample (and the image: "sample 1, image 2" = the sample's second image, counted
+            from 1), the expected and the found value.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected shape (B, L), found {tuple(input_ids.shape)}")
@@ -210,16 +399,66 @@ def validate_lmm_inputs(
         if tensor.shape != input_ids.shape:
             raise ValueError(f"{name}: expected the shape of input_ids {tuple(input_ids.shape)}, "
                              f"found {tuple(tensor.shape)}")
-    if image_grid_thw.dim() != 2 or image_grid_thw.shape != (batch, 3):
-        raise ValueError(f"image_grid_thw: expected one (t, H, W) row per sample, shape ({batch}, 3), "
-                         f"found {tuple(image_grid_thw.shape)}")
+    if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
+        raise ValueError(f"image_grid_thw: expected one (t, H, W) row per image, shape (num_images, 3), found "
+                         f"{tuple(image_grid_thw.shape)}")
+
+    valid = attention_mask.bool()
+    ids = input_ids.masked_fill(~valid, -1)  # padding can never look like a vision token
+    is_pad, is_start, is_end = ids.eq(image_token_id), ids.eq(vision_start_token_id), ids.eq(vision_end_token_id)
+    before = torch.nn.functional.pad(ids[:, :-1], (1, 0), value=-1)  # (B, L), the previous real token or -1
+    after = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-1)  # (B, L), the next real token or -1
+    pad_run_start = is_pad & before.eq(vision_start_token_id)  # first pad of each block
+    lengths = valid.sum(1)
+    columns = torch.arange(valid.shape[1], device=valid.device)
+    first_valid = torch.where(valid, columns, valid.shape[1]).amin(1)
+    last_valid = torch.where(valid, columns, -1).amax(1)
+    counts = torch.stack([
+        lengths,
+        (last_valid - first_valid + 1 == lengths).long(),  # real tokens form one block: no holes
+        is_pad.sum(1), is_start.sum(1), is_end.sum(1), pad_run_start.sum(1),
+        (is_pad & after.eq(-1)).sum(1),  # the sequence ends inside a vision block (truncated)
+        (is_pad & ~(before.eq(image_token_id) | before.eq(vision_start_token_id))).sum(1)
+        + (is_pad & ~(after.eq(image_token_id) | after.eq(vision_end_token_id) | after.eq(-1))).sum(1)
+        + (is_start & ~after.eq(image_token_id)).sum(1) + (is_end & ~before.eq(image_token_id)).sum(1),
+        (mask_ids.ge(0) & ~valid).sum(1),  # phrase tokens on padding
+        (mask_ids.ge(0) & is_pad).sum(1),  # phrase tokens on image pads
+        (mask_ids < -1).sum(1),
+        mask_ids.amax(1) + 1,  # K_b
+    ], dim=1)  # (B, 12)
+    pad_run = pad_run_start.flatten().long().cumsum(0).view_as(is_pad) - 1  # (B, L), block index of each pad
+    run_lengths = torch.bincount(pad_run[is_pad].clamp(min=0), minlength=int(pad_run_start.sum()))  # (blocks,)
+    counts, run_lengths = counts.tolist(), run_lengths.tolist()  # the host transfer
+
+    images_per_sample = []
+    for b, (length, span, pads, starts, ends, runs, truncated, misplaced, *_rest) in enumerate(counts):
+        if not span or length == 0:
+            raise ValueError(f"sample {b}: attention_mask must be one contiguous block of 1s (left or right padding)")
+        if pads == 0:
+            raise ValueError(f"sample {b}: no <|image_pad|> placeholder (id {image_token_id}) found, expected 1 per "
+                             f"image (compact) or N per image (expanded)")
+        if truncated:
+            raise ValueError(f"sample {b}: the sequence ends inside the vision block (<|vision_end|> missing after "
+                             f"the image pads): was it truncated by max_length?")
+        if misplaced or starts != ends or starts != runs:
+            raise ValueError(f"sample {b}: image pads must sit in runs between <|vision_start|> and <|vision_end|>, "
+                             f"one block per image as the chat template emits; found {starts} vision starts, {ends} "
+                             f"vision ends and {runs} runs of <|image_pad|>")
+        images_per_sample.append(runs)
+    num_images = sum(images_per_sample)
+    if image_grid_thw.shape[0] != num_images:
+        raise ValueError(f"image_grid_thw: expected one (t, H, W) row per image, shape ({num_images}, 3) for the "
+                         f"image blocks of the batch (per sample: {images_per_sample}), found "
+                         f"{tuple(image_grid_thw.shape)}")
+    image_names = [f"sample {b}, image {i + 1}" if n > 1 else f"sample {b}"
+                   for b, n in enumerate(images_per_sample) for i in range(n)]
     grids = image_grid_thw.tolist()
-    for b, (t, h, w) in enumerate(grids):
+    for name, (t, h, w) in zip(image_names, grids, strict=True):
         if t != 1:
-            raise ValueError(f"sample {b}: image_grid_thw t = {t}, expected 1 (still images)")
+            raise ValueError(f"{name}: image_grid_thw t = {t}, expected 1 (still images)")
         if h % merge_size or w % merge_size:
-            raise ValueError(f"sample {b}: image_grid_thw (H, W) = ({h}, {w}) must be divisible by the spatial "
-                             f"merge size {merge_size}")
+            raise ValueError(f"{name}: image_grid_thw (H, W) = ({h}, {w}) must be divisible by the spatial merge "
+                             f"size {merge_size}")
     expected_rows = sum(t * h * w for t, h, w in grids)
     if pixel_values.dim() != 2 or pixel_values.shape[0] != expected_rows:
         raise ValueError(f"pixel_values: expected {expected_rows} rows (sum of t*H*W over image_grid_thw), "
@@ -228,50 +467,25 @@ def validate_lmm_inputs(
         raise ValueError(f"pixel_values: expected {patch_dim} values per patch (3 * temporal_patch_size * "
                          f"patch_size^2, from this backbone's image processor), found {pixel_values.shape[1]}")
     num_vision_tokens = [t * h * w // merge_size**2 for t, h, w in grids]
-
-    valid = attention_mask.bool()
-    lengths = valid.sum(1)
-    columns = torch.arange(valid.shape[1], device=valid.device)
-    first_valid = torch.where(valid, columns, valid.shape[1]).amin(1)
-    last_valid = torch.where(valid, columns, -1).amax(1)
-    span_ok = last_valid - first_valid + 1 == lengths  # real tokens form one block: no holes
-    counts = torch.stack([
-        (input_ids.eq(image_token_id) & valid).sum(1),
-        (input_ids.eq(vision_start_token_id) & valid).sum(1),
-        (input_ids.eq(vision_end_token_id) & valid).sum(1),
-        (mask_ids.ge(0) & ~valid).sum(1),  # phrase tokens on padding
-        (mask_ids.ge(0) & input_ids.eq(image_token_id)).sum(1),  # phrase tokens on image pads
-        (mask_ids < -1).sum(1),
-        mask_ids.amax(1) + 1,  # K_b
-        lengths,
-        first_valid,
-        span_ok.long(),
-    ], dim=1).tolist()  # one host transfer for the whole batch
-    num_objects = []
-    for b, (pads, starts, ends, on_padding, on_image, below, objects, length, first, span) in enumerate(counts):
-        n = num_vision_tokens[b]
-        if not span or length == 0:
-            raise ValueError(f"sample {b}: attention_mask must be one contiguous block of 1s (left or right padding)")
-        if starts > 1 or ends > 1:
-            raise ValueError(f"sample {b}: expected exactly one image placeholder block "
-                             f"(<|vision_start|><|image_pad|><|vision_end|>), found {starts} vision starts and "
-                             f"{ends} vision ends; one image per sample is supported")
-        if pads == 0:
-            raise ValueError(f"sample {b}: no <|image_pad|> placeholder (id {image_token_id}) found, expected 1 "
-                             f"(compact) or {n} (expanded for image_grid_thw {tuple(grids[b])})")
-        row = input_ids[b, first:first + length]
-        pad_positions = row.eq(image_token_id).nonzero().flatten()
-        start = int(pad_positions[0]) - 1
-        end = int(pad_positions[-1]) + 1
-        if end >= length or int(row[end]) != vision_end_token_id:
-            raise ValueError(f"sample {b}: the sequence ends inside the vision block (<|vision_end|> missing after "
-                             f"the image pads): was it truncated by max_length?")
-        if start < 0 or int(row[start]) != vision_start_token_id or end - start - 1 != pads:
-            raise ValueError(f"sample {b}: image pads must sit in one run between <|vision_start|> and "
-                             f"<|vision_end|>, as the chat template emits")
+    for name, pads, n, grid in zip(image_names, run_lengths, num_vision_tokens, grids, strict=True):
         if pads not in (1, n):
-            raise ValueError(f"sample {b}: found {pads} <|image_pad|> tokens, expected 1 (compact) or {n} "
-                             f"(expanded for image_grid_thw {tuple(grids[b])})")
+            raise ValueError(f"{name}: found {pads} <|image_pad|> tokens, expected 1 (compact) or {n} "
+                             f"(expanded for image_grid_thw {tuple(grid)})")
+
+    if grounded_image is None:
+        chosen = [0] * batch
+    else:
+        chosen = [int(g) for g in (grounded_image.tolist() if torch.is_tensor(grounded_image) else grounded_image)]
+        if len(chosen) != batch:
+            raise ValueError(f"grounded_image: expected one image index per sample ({batch}), found {len(chosen)}")
+    first_image = [sum(images_per_sample[:b]) for b in range(batch)]
+    for b, (index, available) in enumerate(zip(chosen, images_per_sample, strict=True)):
+        if not 0 <= index < available:
+            raise ValueError(f"sample {b}: grounded_image {index} does not exist; the sample holds {available} "
+                             f"image(s), indices 0..{available - 1}")
+
+    num_objects = []
+    for b, (*_layout, on_padding, on_image, below, objects) in enumerate(counts):
         if below:
             raise ValueError(f"sample {b}: mask_ids must be -1 or an object index >= 0, found values below -1")
         if on_padding:
@@ -279,15 +493,18 @@ def validate_lmm_inputs(
                              f"(attention_mask == 0)")
         if on_image:
             raise ValueError(f"sample {b}: {on_image} phrase tokens (mask_ids >= 0) lie on <|image_pad|>")
-        if objects < 1:
+        if objects < 1 and require_objects:
             raise ValueError(f"sample {b}: no phrase token (mask_ids >= 0): expected at least one object")
-        present = torch.unique(mask_ids[b][mask_ids[b] >= 0]).tolist()
-        if len(present) != objects:
-            missing = sorted(set(range(objects)) - set(present))
-            raise ValueError(f"sample {b}: object index {missing[0]} has no token in mask_ids (expected every "
-                             f"index 0..{objects - 1} to mark at least one token)")
-        num_objects.append(objects)
-    return num_vision_tokens, num_objects
+        if objects >= 1:
+            present = torch.unique(mask_ids[b][mask_ids[b] >= 0]).tolist()
+            if len(present) != objects:
+                missing = sorted(set(range(objects)) - set(present))
+                raise ValueError(f"sample {b}: object index {missing[0]} has no token in mask_ids (expected every "
+                                 f"index 0..{objects - 1} to mark at least one token)")
+        num_objects.append(max(objects, 0))
+    return BatchLayout(num_vision_tokens=num_vision_tokens, num_objects=num_objects,
+                       images_per_sample=images_per_sample, grounded_image=chosen,
+                       grounded_index=[first + index for first, index in zip(first_image, chosen, strict=True)])
 
 
 def expand_vision_tokens(
@@ -298,11 +515,12 @@ def expand_vision_tokens(
     num_vision_tokens: list[int],
     image_token_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Repeat each sample's single `<|image_pad|>` N_b times (no-op for pre-expanded samples).
+    """Repeat each image block's single `<|image_pad|>` N_i times (blocks already holding N_i pads stay as they are).
 
-    The padding side is kept: left-padded batches (every sample ends at the last column) stay left-padded.
-    Expanded image positions get mask_ids -1; padding gets the pad id of the input (the id found under the
-    attention mask's zeros, else 0).
+    Blocks are numbered in (sample, position) order, the order of `num_vision_tokens` (one entry per image). The
+    padding side is kept: left-padded batches (every sample ends at the last column) stay left-padded. Expanded
+    image positions get mask_ids -1; padding gets the pad id of the input (the id found under the attention mask's
+    zeros, else 0).
 
     Returns:
         (input_ids, attention_mask, mask_ids), each (B, L') with L' the longest expanded sample.
@@ -310,10 +528,13 @@ def expand_vision_tokens(
     batch, length = input_ids.shape
     device = input_ids.device
     valid = attention_mask.bool()
-    n = torch.tensor(num_vision_tokens, device=device)  # (B,)
-    is_pad = input_ids.eq(image_token_id) & valid
-    compact = is_pad.sum(1) == 1  # (B,), pre-expanded samples keep one copy per pad
-    repeats = torch.where(is_pad & compact[:, None], n[:, None], 1) * valid  # (B, L), 0 drops padding
+    is_pad = input_ids.eq(image_token_id) & valid  # (B, L)
+    block = image_block_index(is_pad)  # (B, L), image index of each pad
+    n = torch.tensor(num_vision_tokens, device=device, dtype=torch.long)  # (I,)
+    block_pads = torch.bincount(block[is_pad], minlength=n.numel())  # (I,), pads each block holds now
+    compact = block_pads == 1  # (I,), pre-expanded blocks keep one copy per pad
+    pad_block = block.clamp(min=0)
+    repeats = torch.where(is_pad & compact[pad_block], n[pad_block], 1) * valid  # (B, L), 0 drops padding
     new_lengths = repeats.sum(1)  # (B,)
     total = int(new_lengths.sum())
     out_length = int(new_lengths.max())

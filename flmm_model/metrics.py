@@ -1,4 +1,5 @@
-"""Grounding metrics: cIoU / gIoU for referring segmentation, Average Recall for Panoptic Narrative Grounding.
+"""Grounding metrics: cIoU / gIoU for referring segmentation (and ReasonSeg, with ignored pixels), Average Recall for
+Panoptic Narrative Grounding.
 
 Conventions (state them with every number):
 - Masks are bool, compared at the ground-truth (original image) size; predicted mask = sigmoid(logits) > 0.5.
@@ -140,3 +141,45 @@ class PngRecallMetric:
             result[f"AR_{group}"] = 100.0 * iou_sum / count if count > 0 else math.nan
             result[f"count_{group}"] = int(count)
         return result
+
+
+class ReasonSegMetric:
+    """ReasonSeg gIoU / cIoU with ignored pixels left out of both intersection and union (LISA's and F-LMM's rule).
+
+    gIoU = mean per-image IoU (1.0 where prediction and target are both empty outside the ignored pixels), cIoU =
+    sum of intersections / sum of unions; both x100.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums = torch.zeros(4, dtype=torch.float64)  # intersection sum, union sum, IoU sum, image count
+
+    def update(self, pred_masks: torch.Tensor, gt_masks: torch.Tensor, meta: dict) -> None:
+        """Add one image.
+
+        Args:
+            pred_masks: (1, H, W) bool prediction at the ground-truth size.
+            gt_masks: (1, H, W) bool target.
+            meta: the item's meta with `ignore_mask` ((H, W) bool; absent = nothing ignored).
+        """
+        _check_masks(pred_masks, gt_masks)
+        ignore = meta.get("ignore_mask") if meta else None
+        if ignore is None:
+            ignore = torch.zeros(gt_masks.shape[1:], dtype=torch.bool)
+        if tuple(ignore.shape) != tuple(gt_masks.shape[1:]):
+            raise ValueError(f"ReasonSegMetric.update: ignore_mask {tuple(ignore.shape)} does not match the masks "
+                             f"{tuple(gt_masks.shape[1:])}")
+        keep = ~ignore.to(pred_masks.device, torch.bool)
+        intersection, union = intersection_union(pred_masks & keep, gt_masks.to(pred_masks.device) & keep)
+        ious = iou_from_counts(intersection, union)
+        self._sums += torch.stack([intersection.sum(), union.sum(), ious.sum(), torch.tensor(float(ious.numel()))])
+
+    def compute(self) -> dict[str, float]:
+        """{"gIoU", "cIoU"} x100 and "count" (images), over all processes; NaN scores when count is 0."""
+        intersection, union, iou_sum, count = all_reduce_sum(self._sums).tolist()
+        if count == 0:
+            return {"gIoU": math.nan, "cIoU": math.nan, "count": 0}
+        return {"gIoU": 100.0 * iou_sum / count, "cIoU": 100.0 * intersection / union if union > 0 else 100.0,
+                "count": int(count)}

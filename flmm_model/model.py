@@ -32,7 +32,7 @@ from flmm_model.errors import CheckpointError
 from flmm_model.lmm import FrozenQwenLMM, LMMOutput
 from flmm_model.losses import mask_loss_terms, resize_gt_masks
 from flmm_model.mask_head import UNetMaskHead
-from flmm_model.predictor import GroundingPredictor
+from flmm_model.predictor import ChatOutput, GroundingPredictor, VisualCotOutput
 from flmm_model.sam_refiner import SamRefiner, TextPromptProjector
 
 
@@ -168,9 +168,11 @@ class FrozenQwenSAM(nn.Module):
         pixel_values: torch.Tensor,
         image_grid_thw: torch.Tensor,
         mask_ids: torch.Tensor,
+        grounded_image: Sequence[int] | None = None,
     ) -> LMMOutput:
         """The frozen Qwen2.5-VL stage on compact (or pre-expanded) ids; see `FrozenQwenLMM.forward`."""
-        return self.lmm(input_ids, attention_mask, pixel_values, image_grid_thw, mask_ids)
+        return self.lmm(input_ids, attention_mask, pixel_values, image_grid_thw, mask_ids,
+                        grounded_image=grounded_image)
 
     def predict_logits(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Coarse and refined logits for a collated batch (no losses).
@@ -181,7 +183,8 @@ class FrozenQwenSAM(nn.Module):
                 coarse logits upsampled when the model has no SAM).
         """
         lmm_out = self.lmm_forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                   batch["image_grid_thw"], batch["mask_ids"])
+                                   batch["image_grid_thw"], batch["mask_ids"],
+                                   grounded_image=batch.get("grounded_image"))
         sizes = [tuple(image.shape[-2:]) for image in batch["images"]]
         head_dtype = next(self.mask_head.parameters()).dtype
         coarse_logits = [self.mask_head(maps.to(self.device, head_dtype)) for maps in lmm_out.attention_maps]
@@ -243,6 +246,36 @@ class FrozenQwenSAM(nn.Module):
         A convenience over `GroundingPredictor(self).segment` (see `flmm_model.predictor`).
         """
         return GroundingPredictor(self).segment(image, phrases)
+
+    # ------------------------------------------------------------------ generation and chat (issue 10)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        **generate_options: Any,
+    ) -> torch.Tensor:
+        """New token ids (B, T) from the frozen LMM on compact ids, expanded as the forward expands them; greedy
+        unless `do_sample=True`. See `FrozenQwenLMM.generate`."""
+        return self.lmm.generate(input_ids, attention_mask, pixel_values, image_grid_thw, **generate_options)
+
+    def chat(self, image: Image.Image | Sequence[Image.Image], question: str, *, ground: Any = None,
+             max_new_tokens: int = 512, **options: Any) -> ChatOutput:
+        """Answer a question about the image(s) with the frozen LMM and ground parts of the answer.
+
+        A convenience over `GroundingPredictor(self).chat` (see there for `ground`, `system`, `history`, ...).
+        """
+        return GroundingPredictor(self).chat(image, question, ground=ground, max_new_tokens=max_new_tokens,
+                                             **options)
+
+    def visual_cot(self, image: Image.Image, question: str, **options: Any) -> VisualCotOutput:
+        """F-LMM's visual chain-of-thought: ground the most relevant object, crop it, answer with both views.
+
+        A convenience over `GroundingPredictor(self).visual_cot`.
+        """
+        return GroundingPredictor(self).visual_cot(image, question, **options)
 
     # ------------------------------------------------------------------ model files (format: checkpoint.py)
 

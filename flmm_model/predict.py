@@ -1,5 +1,6 @@
 """`predict(...)`: masks for phrases on one image: one PNG per phrase plus an overlay with contours and labels
-(drawn by `flmm_model.overlay`).
+(drawn by `flmm_model.overlay`). `chat(...)`: the frozen LMM answers a question about the image(s), phrases of the
+answer are grounded, and the same files (plus `answer.json`) are written.
 
 Every cheap check runs before the frozen weights load: the phrases, the device, the image (read, size limits), the
 checkpoint's config and trainable weights (read into memory), the phrases encoded with the checkpoint's prompt
@@ -8,6 +9,7 @@ checkpoint's config and trainable weights (read into memory), the phrases encode
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,10 @@ from flmm_model.config import ModelConfig
 from flmm_model.data.images import load_rgb
 from flmm_model.data.prompts import encode_grounded, expression_parts
 from flmm_model.distributed import check_device, resolve_device
-from flmm_model.errors import InputError, MissingFileError
+from flmm_model.errors import InputError, MissingDependencyError, MissingFileError
 from flmm_model.model import FrozenQwenSAM
 from flmm_model.overlay import draw_overlay
+from flmm_model.phrases import DEFAULT_SPACY_MODEL, NOUN_PHRASES, spacy_missing_message
 
 
 def slugify(text: str, *, max_len: int = 40) -> str:
@@ -101,3 +104,118 @@ def predict(model_cfg: ModelConfig, *, checkpoint: str, image: str, phrases: lis
         print(f"{phrase!r}: {area} px -> {path}")
     print(f"overlay -> {overlay_path}")
     return {"masks": mask_paths, "overlay": str(overlay_path), "areas": areas}
+
+
+def chat(model_cfg: ModelConfig, *, checkpoint: str, images: list[str], question: str, ground: list[str] | None = None,
+         noun_phrases: bool = False, out_dir: str | None = None, device: str = "auto",
+         max_new_tokens: int | None = None, spacy_model: str = DEFAULT_SPACY_MODEL, visual_cot: bool = False,
+         box_scale: float = 1.0, model: Any = None) -> dict[str, Any]:
+    """Answer `question` about the image(s) with the checkpoint's frozen LMM, ground phrases of the answer, print the
+    answer with the grounded phrases marked ("[phrase]{k}") and write the results into `out_dir`.
+
+    Every cheap check runs before the frozen weights load: the question and phrases (control tokens of the chat
+    template), spaCy for `noun_phrases`, the device, the images, the checkpoint, and `out_dir`.
+
+    Args:
+        model_cfg: where the frozen parts come from and `model.max_length`; the rest comes from the checkpoint.
+        checkpoint: checkpoint dir, or a run dir (its newest checkpoint).
+        images: one or more image files; masks are for the first.
+        question: the user's question.
+        ground: phrases of the answer to ground (each must occur in it, in order), or None.
+        noun_phrases: ground every noun phrase of the answer (spaCy; the [nlp] extra).
+        out_dir: where to write `answer.json`, `mask_<k>_<phrase>.png` (0 / 255, first image's size) and
+            `overlay.png`; None writes nothing.
+        device: auto | cpu | cuda | cuda:N.
+        max_new_tokens: longest answer; None = 512 (visual_cot: 32, F-LMM's).
+        spacy_model: spaCy English pipeline for `noun_phrases`.
+        visual_cot: run F-LMM's visual chain-of-thought instead (`FrozenQwenSAM.visual_cot`): the thought is the
+            grounded phrase, `crop.png` the region looked at, and the answer comes from both views.
+        box_scale: the visual chain-of-thought's box scale.
+        model: an already loaded FrozenQwenSAM (skips loading `checkpoint`).
+
+    Returns:
+        dict with `answer`, `marked` (the answer with phrases marked), `phrases`, `spans`, `areas`, `masks` and
+        `overlay` (file paths, when written), `answer_json`.
+    """
+    if ground and noun_phrases:
+        raise InputError("chat: give either --ground phrases or --noun-phrases, not both")
+    if visual_cot and (ground or noun_phrases or len(images) != 1):
+        raise InputError("chat: --visual-cot takes one --image and grounds its own thought (no --ground, "
+                         "--noun-phrases)")
+    if box_scale <= 0:
+        raise InputError(f"--box-scale: expected a positive number, found {box_scale}")
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("chat: --question must be a non-empty text")
+    for k, phrase in enumerate(ground or []):
+        if not phrase.strip():
+            raise InputError(f"--ground: phrase {k} is empty ({phrase!r})")
+    if noun_phrases:
+        problem = spacy_missing_message(spacy_model)
+        if problem:
+            raise MissingDependencyError(problem)
+    check_device(device, key="--device")
+    if not images:
+        raise InputError("chat: give at least one --image")
+    pictures = [load_image(path) for path in images]
+    tokenizer = model.tokenizer if model is not None else None
+    if model is None:
+        check_model_paths(model_cfg)
+        loaded = load_checkpoint(checkpoint)  # config + trainable weights, in memory
+        run_cfg = loaded.model_config(qwen=model_cfg.qwen, sam=model_cfg.sam, tokenizer=model_cfg.tokenizer,
+                                      max_length=model_cfg.max_length)
+        tokenizer = prompt_settings(run_cfg).tokenizer
+    texts = [(question, "--question")] + [(phrase, f"--ground {phrase!r}") for phrase in ground or []]
+    special = [added.content for added in tokenizer.added_tokens_decoder.values()]
+    for text, name in texts:  # what chat() would refuse after loading: refuse it now
+        found = next((token for token in special if token in text), None)
+        if found:
+            raise InputError(f"{name} contains the special token {found!r}, which user text must not contain")
+    out = prepare_output_dir(out_dir, what="--out") if out_dir is not None else None
+    if model is None:
+        model = FrozenQwenSAM.from_pretrained(loaded, qwen_path=run_cfg.qwen, sam_path=run_cfg.sam,
+                                              tokenizer_path=run_cfg.tokenizer, max_length=run_cfg.max_length,
+                                              device=str(resolve_device(device))).eval()
+    cot = None
+    if visual_cot:
+        cot = model.visual_cot(pictures[0], question, box_scale=box_scale, max_new_tokens=max_new_tokens or 32)
+        result = cot.thought_output
+        print(f"thought: {mark_phrases(result.answer, result.spans)}\nbox: {list(cot.box)}")
+    else:
+        result = model.chat(pictures, question, max_new_tokens=max_new_tokens or 512, spacy_model=spacy_model,
+                            ground=NOUN_PHRASES if noun_phrases else (list(ground) if ground else None))
+    marked = mark_phrases(result.answer, result.spans)
+    masks = result.masks.numpy().astype(bool)  # (K, H, W)
+    areas = [int(mask.sum()) for mask in masks]
+    summary: dict[str, Any] = dict(answer=result.answer, marked=marked, phrases=result.phrases,
+                                   spans=[list(span) for span in result.spans], areas=areas)
+    if cot is not None:
+        summary.update(thought=cot.thought, box=list(cot.box), answer=cot.answer, marked=cot.answer)
+    print(f"answer: {summary['marked']}")
+    if out is not None:
+        mask_paths = []
+        for k, (mask, phrase) in enumerate(zip(masks, result.phrases, strict=True)):
+            path = out / f"mask_{k:02d}_{slugify(phrase)}.png"
+            Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+            mask_paths.append(str(path))
+            print(f"{k}: {phrase!r}: {areas[k]} px -> {path}")
+        overlay_path = out / "overlay.png"
+        draw_overlay(pictures[0], masks, [f"{k}: {phrase}" for k, phrase in enumerate(result.phrases)]) \
+            .save(overlay_path)
+        if cot is not None:
+            cot.crop.save(out / "crop.png")
+            summary["crop"] = str(out / "crop.png")
+        answer_path = out / "answer.json"
+        answer_path.write_text(json.dumps(dict(question=question, images=list(images), **summary,
+                                               token_ids=result.token_ids.tolist(), masks=mask_paths), indent=2))
+        print(f"overlay -> {overlay_path}\nanswer -> {answer_path}")
+        summary.update(masks=mask_paths, overlay=str(overlay_path), answer_json=str(answer_path))
+    return summary
+
+
+def mark_phrases(answer: str, spans: list[tuple[int, int]]) -> str:
+    """The answer with grounded span k written as "[text]{k}"."""
+    marked, cursor = "", 0
+    for k, (start, end) in enumerate(spans):
+        marked += answer[cursor:start] + f"[{answer[start:end]}]{{{k}}}"
+        cursor = end
+    return marked + answer[cursor:]

@@ -212,10 +212,10 @@ def test_bad_input_no_placeholder(lmm, good):
         call_with(lmm, good, input_ids=ids)
 
 
-def test_bad_input_several_placeholders(lmm, good):
+def test_bad_input_stray_vision_start(lmm, good):
     ids = good["input_ids"].clone()
-    ids[0, 1] = lmm.vision_start_token_id
-    with pytest.raises(ValueError, match="sample 0: expected exactly one image placeholder block.*found 2"):
+    ids[0, 1] = lmm.vision_start_token_id  # a block start without pads and end (several images: test_multi_image.py)
+    with pytest.raises(ValueError, match="sample 0: image pads must sit in runs.*found 2 vision starts, 1 vision ends"):
         call_with(lmm, good, input_ids=ids)
 
 
@@ -230,7 +230,7 @@ def test_bad_input_wrong_pad_count(lmm, adapter, tokenizer, batch):
 
 
 def test_bad_input_grid_rows(lmm, good):
-    with pytest.raises(ValueError, match=r"image_grid_thw: expected one \(t, H, W\) row per sample, shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"image_grid_thw: expected one \(t, H, W\) row per image, shape \(2, 3\)"):
         call_with(lmm, good, image_grid_thw=good["image_grid_thw"][:1])
 
 

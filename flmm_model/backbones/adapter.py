@@ -8,7 +8,9 @@ model (chosen from `config.model_type`) for everything family-specific:
 - the chat template: the image block and the default system prompt;
 - the vision forward: `pixel_values` -> merged image features (plus Qwen3-VL's deepstack features);
 - the decoder call: how the text model is run on `inputs_embeds` (Qwen3-VL also takes its deepstack inputs);
-- the M-RoPE positions: one shared function today (`mrope.py`), referenced by each adapter.
+- the M-RoPE positions: one shared function today (`mrope.py`), referenced by each adapter;
+- generation: how transformers' `generate` is called on the expanded prompt (Qwen3-VL's deepstack inputs reach the
+  decoder only through the model's own forward, so its adapter hands the image features over differently).
 
 An adapter is a frozen dataclass instance per family (`qwen2_vl.ADAPTER`, ...); its function fields are plain
 functions of that family's module. Nothing inherits from anything.
@@ -58,7 +60,11 @@ class BackboneAdapter:
         run_decoder: (text_model, *, inputs_embeds, attention_mask, position_ids, image_mask, vision,
             **attention_kwargs) -> (B, L', D) last hidden state after the final norm; `attention_kwargs` reach
             every attention call of the text decoder.
-        position_ids: (*, image_mask, attention_mask, grid_thw, merge_size) -> (3, B, L') M-RoPE positions.
+        position_ids: (*, image_mask, attention_mask, grid_thw, merge_size) -> (3, B, L') M-RoPE positions
+            (`grid_thw` has one row per image; a sample may hold several images).
+        generate: (model, *, input_ids, attention_mask, position_ids, inputs_embeds, image_mask, vision,
+            **generate_options) -> (B, T) new token ids; the prompt is expanded and left-aligned (no padding on the
+            right), `position_ids` its (3, B, L') M-RoPE positions, `inputs_embeds` with the image features in.
     """
 
     model_type: str
@@ -76,6 +82,7 @@ class BackboneAdapter:
     encode_images: Callable[[PreTrainedModel, torch.Tensor, torch.Tensor], VisionFeatures]
     run_decoder: Callable[..., torch.Tensor]
     position_ids: Callable[..., torch.Tensor]
+    generate: Callable[..., torch.Tensor]
 
     @property
     def patch_dim(self) -> int:

@@ -1,4 +1,4 @@
-"""3-D M-RoPE position ids for one still image per sample: the same formula in Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+"""3-D M-RoPE position ids for still images: the same formula in Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
 
 Each family's `get_rope_index` (transformers 5.x) walks the tokens sample by sample in Python; for still images
 (t = 1) all three give the positions below (Qwen2.5-VL's `second_per_grid_ts` and Qwen3-VL's timestamps only
@@ -14,30 +14,35 @@ import torch
 def mrope_position_ids(
     *, image_mask: torch.Tensor, attention_mask: torch.Tensor, grid_thw: torch.Tensor, merge_size: int
 ) -> torch.Tensor:
-    """3-D M-RoPE positions for one image block per sample, vectorized over the batch.
+    """3-D M-RoPE positions for any number of image blocks per sample, vectorized over the batch.
 
-    A text token at counter p gets (p, p, p) and advances p by 1. The image block starting at counter c with merged
+    A text token at counter p gets (p, p, p) and advances p by 1. An image block starting at counter c with merged
     grid (t, h, w) gives its token j (c + j // (h*w), c + (j // w) % h, c + j % w) and advances c by max(h, w).
     Counters run over real tokens only; padding gets 0 (as `get_rope_index` does).
 
     Args:
-        image_mask: (B, L') bool, True on the image tokens of real positions.
+        image_mask: (B, L') bool, True on the image tokens of real positions; each image is one run of them.
         attention_mask: (B, L'), 1 on real tokens.
-        grid_thw: (B, 3) long, (t, H, W) in patches.
+        grid_thw: (I, 3) long, (t, H, W) in patches, one row per image in (sample, position) order.
         merge_size: patches per merged image token side.
 
     Returns:
         (3, B, L') long.
     """
     valid = attention_mask.bool()
-    h = (grid_thw[:, 1] // merge_size)[:, None]  # (B, 1)
-    w = (grid_thw[:, 2] // merge_size)[:, None]
-    image_rank = image_mask.long().cumsum(1) - 1  # (B, L'), j for image tokens
-    is_last_image = image_mask & (image_rank == image_mask.sum(1, keepdim=True) - 1)
-    # How far each token moves the counter: text 1, the block's last image token max(h, w), other image tokens 0.
+    previous = torch.nn.functional.pad(image_mask[:, :-1], (1, 0), value=False)
+    run_start = image_mask & ~previous  # (B, L'), first token of each image block
+    block = (run_start.flatten().long().cumsum(0) - 1).view_as(image_mask).clamp(min=0)  # (B, L'), image index
+    columns = torch.arange(image_mask.shape[1], device=image_mask.device).expand_as(image_mask)  # (B, L')
+    block_start = torch.zeros(grid_thw.shape[0], dtype=torch.long, device=image_mask.device)  # (I,)
+    block_start[block[run_start]] = columns[run_start]  # column of each block's first token
+    h = (grid_thw[:, 1] // merge_size)[block]  # (B, L'), the grid of each token's image (junk on text)
+    w = (grid_thw[:, 2] // merge_size)[block]
+    j = (columns - block_start[block]).clamp(min=0)  # (B, L'), rank of an image token inside its block
+    is_last_image = image_mask & (j == h * w * grid_thw[:, 0][block] - 1)
+    # How far each token moves the counter: text 1, a block's last image token max(h, w), other image tokens 0.
     advance = torch.where(image_mask, torch.where(is_last_image, torch.maximum(h, w), 0), 1) * valid
     start = advance.cumsum(1) - advance  # (B, L'), the counter before each token
-    j = image_rank.clamp(min=0)
     temporal = torch.where(image_mask, start + j // (h * w), start)
     height = torch.where(image_mask, start + (j // w) % h, start)
     width = torch.where(image_mask, start + j % w, start)

@@ -93,4 +93,5 @@ ADAPTER = BackboneAdapter(
     encode_images=qwen2_vl.encode_images,
     run_decoder=qwen2_vl.run_decoder,
     position_ids=mrope_position_ids,
+    generate=qwen2_vl.generate,
 )

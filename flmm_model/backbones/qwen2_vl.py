@@ -52,6 +52,29 @@ def run_decoder(
     ).last_hidden_state
 
 
+def generate(
+    model: PreTrainedModel,
+    *,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    inputs_embeds: torch.Tensor,
+    image_mask: torch.Tensor,
+    vision: VisionFeatures,
+    **generate_options: Any,
+) -> torch.Tensor:
+    """transformers' `generate` on the expanded, left-aligned prompt: (B, T) new token ids.
+
+    The prompt enters as `inputs_embeds` (image features already scattered in) with the expanded `input_ids` beside
+    them (so logits processors such as a repetition penalty see the prompt, as with the HF processor's input) and
+    our (3, B, L') `position_ids`: `generate` then skips the model's own `get_rope_index` and, after each step,
+    appends last position + 1 to every row, which is the M-RoPE position of each new text token.
+    """
+    sequences = model.generate(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                               position_ids=position_ids, **generate_options)
+    return sequences[:, input_ids.shape[1]:]  # (B, T)
+
+
 def text_config(text: dict[str, Any], *, vocab_size: int = 151936) -> dict[str, Any]:
     """Text-config keywords of a Qwen2-VL or Qwen2.5-VL size: `text` (its `mrope_section` moved into
     `rope_parameters`) plus what every released checkpoint of both families shares (RoPE theta 1e6, ...)."""
@@ -121,4 +144,5 @@ ADAPTER = BackboneAdapter(
     encode_images=encode_images,
     run_decoder=run_decoder,
     position_ids=mrope_position_ids,
+    generate=generate,
 )

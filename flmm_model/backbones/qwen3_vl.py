@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from flmm_model.backbones.adapter import BackboneAdapter, VisionFeatures
 from flmm_model.backbones.mrope import mrope_position_ids
@@ -53,6 +54,32 @@ def run_decoder(
         visual_pos_masks=image_mask, deepstack_visual_embeds=vision.deepstack_embeds,
         **attention_kwargs,
     ).last_hidden_state
+
+
+def generate(
+    model: PreTrainedModel,
+    *,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    inputs_embeds: torch.Tensor,
+    image_mask: torch.Tensor,
+    vision: VisionFeatures,
+    **generate_options: Any,
+) -> torch.Tensor:
+    """transformers' `generate` on the expanded, left-aligned prompt: (B, T) new token ids.
+
+    The deepstack features reach the decoder only through `Qwen3VLModel.forward`, so the prompt enters as the
+    expanded `input_ids` plus the vision tower's output as `mm_encoder_outputs` (the forward scatters the features
+    at the image tokens and passes the deepstack inputs; `generate` drops them after the prefill) with our (3, B, L')
+    `position_ids`, which `generate` extends by +1 per new token. `inputs_embeds` and `image_mask` are unused here.
+    """
+    encoded = BaseModelOutputWithDeepstackFeatures(
+        pooler_output=(vision.image_embeds,), deepstack_features=[(embeds,) for embeds in vision.deepstack_embeds]
+    )
+    sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               mm_encoder_outputs={"image": encoded}, **generate_options)
+    return sequences[:, input_ids.shape[1]:]  # (B, T)
 
 
 def _config(*, text: dict[str, Any], vision: dict[str, Any], tie_word_embeddings: bool = False) -> Qwen3VLConfig:
@@ -131,4 +158,5 @@ ADAPTER = BackboneAdapter(
     encode_images=encode_images,
     run_decoder=run_decoder,
     position_ids=mrope_position_ids,
+    generate=generate,
 )

@@ -10,6 +10,7 @@ from flmm_model.data.images import image_tensor, load_rgb, qwen_image_inputs, to
 from flmm_model.data.item import make_item
 from flmm_model.data.png import PngDataset
 from flmm_model.data.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, encode_grounded, expression_parts
+from flmm_model.data.reason_seg import ReasonSegDataset
 from flmm_model.data.refcoco import RefCocoDataset
 from flmm_model.data.synthetic import SyntheticDataset
 
@@ -19,6 +20,7 @@ __all__ = [
     "Collator",
     "DataError",
     "PngDataset",
+    "ReasonSegDataset",
     "RefCocoDataset",
     "SyntheticDataset",
     "collate",

@@ -26,8 +26,11 @@ def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_si
         input_ids: (B, L) long, padded with `pad_token_id`; L is the longest compact sequence.
         attention_mask: (B, L) long, 1 on real tokens.
         mask_ids: (B, L) long, -1 on padding.
-        pixel_values: (sum_i t_i*h_i*w_i, 1176) float32, samples concatenated in batch order.
-        image_grid_thw: (B, 3) long.
+        pixel_values: (sum_i t_i*h_i*w_i, 1176) float32, samples concatenated in batch order (a multi-image
+            item's images in its placeholder order).
+        image_grid_thw: (I, 3) long, one row per image (I = B when every item holds one image).
+        grounded_image: B ints, the image of each sample its phrases refer to (item key `grounded_image`,
+            default 0: the first); `images` holds that image.
         images: B tensors (3, H_i, W_i) uint8.
         gt_masks: B tensors (K_i, H_i, W_i) bool.
         phrases: B lists of K_i strings.
@@ -55,7 +58,7 @@ def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_si
         mask_ids[row, columns] = item["mask_ids"]
     if kept:
         pixel_values = torch.cat([item["pixel_values"] for item in kept])  # (sum of patches, 1176)
-        image_grid_thw = torch.cat([item["image_grid_thw"].reshape(1, 3) for item in kept]).long()  # (B, 3)
+        image_grid_thw = torch.cat([item["image_grid_thw"].reshape(-1, 3) for item in kept]).long()  # (I, 3)
     else:
         pixel_values = torch.zeros((0, 0), dtype=torch.float32)
         image_grid_thw = torch.zeros((0, 3), dtype=torch.long)
@@ -65,6 +68,7 @@ def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_si
         mask_ids=mask_ids,
         pixel_values=pixel_values,
         image_grid_thw=image_grid_thw,
+        grounded_image=[int(item.get("grounded_image", 0)) for item in kept],
         images=[item["image"] for item in kept],
         gt_masks=[item["gt_masks"] for item in kept],
         phrases=[item["phrases"] for item in kept],

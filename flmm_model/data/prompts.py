@@ -10,9 +10,17 @@ User text (system prompt, instruction, answer) never becomes a control token: th
 answer joined from its parts (a part ending "<|im_" before one starting "end|>" would otherwise spell `<|im_end|>`),
 and finally on the token ids themselves, which must hold exactly the template's own control tokens. No construction
 of parts can end a turn or open a new one.
+
+Conversations (`build_chat_prompt`, `encode_chat`): what the chat template renders for system, earlier turns and a
+user turn with any number of images, for generation (`FrozenQwenSAM.chat`) and for the teacher-forced grounding
+forward over prompt + generated answer, with the same offset-based marking and the same control-token checks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,6 +140,18 @@ def encode_grounded(
             char_object[cursor:cursor + len(text)][is_visible] = k
         cursor += len(text)
 
+    template = chat_prefix(instruction="", system="" if system is not None else None) + "<|im_end|>\n"
+    return _encode_marked(tokenizer, full_text, char_object, template=template, num_images=1,
+                          num_objects=num_objects, max_length=max_length, what="encode_grounded",
+                          objects=f"parts: {parts}")
+
+
+def _encode_marked(tokenizer: PreTrainedTokenizerBase, full_text: str, char_object: np.ndarray, *, template: str,
+                   num_images: int, num_objects: int, max_length: int | None, what: str,
+                   objects: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize `full_text` once with offsets; token t gets the object its non-space characters mostly belong to
+    (`char_object`, -1 = none; ties: lower k). Then check the control tokens against `template`, the number of
+    image placeholders, that every object got a token, and the length."""
     encoding = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     token_objects = []
     for start, end in encoding["offset_mapping"]:
@@ -141,18 +161,19 @@ def encode_grounded(
     input_ids = torch.tensor(encoding["input_ids"], dtype=torch.long)  # (L,)
     mask_ids = torch.tensor(token_objects, dtype=torch.long)  # (L,)
 
-    _check_control_tokens(tokenizer, input_ids, encoding["offset_mapping"], full_text, system=system)
+    _check_control_tokens(tokenizer, input_ids, encoding["offset_mapping"], full_text, template=template)
     image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     num_pads = int((input_ids == image_pad_id).sum())
-    if num_pads != 1:
-        raise InputError(f"encode_grounded: expected exactly one {IMAGE_PAD} token, found {num_pads}")
+    if num_pads != num_images:
+        raise InputError(f"{what}: expected exactly {'one' if num_images == 1 else num_images} {IMAGE_PAD} "
+                         f"token{'s' if num_images != 1 else ''}, found {num_pads}")
     missing = sorted(set(range(num_objects)) - set(mask_ids.tolist()))
     if missing:
-        raise InputError(f"encode_grounded: objects {missing} got no token (their text merged into a neighbour's "
-                         f"tokens); parts: {parts}")
+        raise InputError(f"{what}: objects {missing} got no token (their text merged into a neighbour's "
+                         f"tokens); {objects}")
     if max_length is not None and input_ids.numel() > max_length:
-        raise InputError(f"encode_grounded: the sequence has {input_ids.numel()} tokens (one compact image "
-                         f"placeholder) but max_length is {max_length}; shorten the text or raise model.max_length "
+        raise InputError(f"{what}: the sequence has {input_ids.numel()} tokens (one compact placeholder per "
+                         f"image) but max_length is {max_length}; shorten the text or raise model.max_length "
                          f"(e.g. model.max_length={2 ** max(11, (input_ids.numel() - 1).bit_length())}; nothing "
                          f"is truncated)")
     return input_ids, mask_ids
@@ -184,14 +205,16 @@ def _reject_special_tokens(special_texts: list[str], text: str, name: str) -> No
 
 
 def _check_control_tokens(tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
-                          offsets: list[tuple[int, int]], full_text: str, *, system: str | None) -> None:
+                          offsets: list[tuple[int, int]], full_text: str, *, system: str | None = None,
+                          template: str | None = None) -> None:
     """Raise unless the added (control) tokens of `input_ids` are exactly the chat template's own, in order.
 
     The string checks above name the offending text; this one guards what the model reads, whatever way the text
     was put together.
     """
     added_ids = set(tokenizer.added_tokens_decoder)
-    template = chat_prefix(instruction="", system="" if system is not None else None) + "<|im_end|>\n"
+    if template is None:  # the grounding prompt of training (`chat_prefix`) with an answer
+        template = chat_prefix(instruction="", system="" if system is not None else None) + "<|im_end|>\n"
     expected = [i for i in tokenizer(template, add_special_tokens=False)["input_ids"] if i in added_ids]
     found = [(i, position) for position, i in enumerate(input_ids.tolist()) if i in added_ids]
     if [i for i, _ in found] == expected:
@@ -211,3 +234,143 @@ def _template_control_positions(found: list[int], expected: list[int]) -> set[in
             matched.add(index)
             cursor += 1
     return matched
+
+
+# ---------------------------------------------------------------------------- conversations (chat, generation)
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation rendered by the Qwen-VL chat template up to the assistant's answer of its last user turn.
+
+    Attributes:
+        text: the chat text, one compact `<|image_pad|>` block per image, ending with the assistant header.
+        template: `text` with every user-given text emptied (what the control tokens must be, in order).
+        num_images: image placeholders in `text`.
+        answer_prefix: text the assistant's answer is forced to start with ("" for none), e.g. "It is".
+    """
+
+    text: str
+    template: str
+    num_images: int
+    answer_prefix: str = ""
+
+
+def build_chat_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    turns: Sequence[Sequence[Any]],
+    *,
+    answers: Sequence[str] = (),
+    system: str | None = DEFAULT_SYSTEM,
+    answer_prefix: str = "",
+    image_block: str = IMAGE_BLOCK,
+) -> ChatPrompt:
+    """What the chat template renders for a conversation whose last user turn awaits the assistant's answer.
+
+    Each user turn is a content list in order: a `str` is text, anything else (a PIL image, None) is one image
+    (its block `image_block`, with one compact placeholder). The template renders `<|im_start|>user\\n` + the
+    content items concatenated + `<|im_end|>\\n`, and earlier answers as
+    `<|im_start|>assistant\\n{answer}<|im_end|>\\n`.
+
+    Args:
+        tokenizer: the Qwen tokenizer (for the list of its special tokens).
+        turns: the user turns' contents, the current (unanswered) one last.
+        answers: the assistant's answers to all turns but the last (`len(turns) - 1` of them).
+        system: the system prompt; None = no system turn (Qwen3-VL's template default).
+        answer_prefix: text the answer is forced to begin with (appended after the assistant header).
+        image_block: the backbone's image block.
+
+    Raises:
+        InputError (a ValueError): no turn, a wrong number of answers, an empty text content, or user text holding a
+            special token (named: "question", "turn 1 text 2", "answer 1", "system prompt", "answer prefix").
+    """
+    if not turns:
+        raise InputError("chat: expected at least one user turn")
+    if len(answers) != len(turns) - 1:
+        raise InputError(f"chat: expected {len(turns) - 1} earlier answers for {len(turns)} user turns, found "
+                         f"{len(answers)}")
+    special_texts = [added.content for added in tokenizer.added_tokens_decoder.values()]
+    checks = [] if system is None else [(system, "system prompt")]
+    text = template = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+    if system is not None:
+        template = "<|im_start|>system\n<|im_end|>\n"
+    num_images = 0
+    for index, content in enumerate(turns):
+        last = index == len(turns) - 1
+        text += "<|im_start|>user\n"
+        template += "<|im_start|>user\n"
+        for position, item in enumerate(content):
+            if isinstance(item, str):
+                name = "question" if last and len(turns) == 1 else f"turn {index + 1} text {position + 1}"
+                checks.append((item, name))
+                text += item
+            else:
+                text += image_block
+                template += image_block
+                num_images += 1
+        text += "<|im_end|>\n<|im_start|>assistant\n"
+        template += "<|im_end|>\n<|im_start|>assistant\n"
+        if not last:
+            checks.append((answers[index], f"answer {index + 1}"))
+            text += answers[index] + "<|im_end|>\n"
+            template += "<|im_end|>\n"
+    checks.append((answer_prefix, "answer prefix"))
+    for value, name in checks:
+        if not isinstance(value, str):
+            raise InputError(f"chat: the {name} must be a str, found {type(value).__name__}")
+        _reject_special_tokens(special_texts, value, name)
+    return ChatPrompt(text=text, template=template, num_images=num_images, answer_prefix=answer_prefix)
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: ChatPrompt,
+    *,
+    answer: str | None = None,
+    spans: Sequence[tuple[int, int]] = (),
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize a conversation: the generation prompt, or the prompt + a grounded answer with its objects marked.
+
+    Without `answer`: `prompt.text + prompt.answer_prefix`, the input of generation (mask_ids all -1). With it: the
+    teacher-forced sequence `prompt.text + answer + "<|im_end|>\\n"` (the answer includes the prefix), tokenized
+    once with offsets; token t gets `mask_ids[t] = k` when it covers non-space characters of `answer[spans[k]]`
+    (as `encode_grounded` marks the parts of training data: the same subword boundaries).
+
+    Args:
+        tokenizer: the Qwen tokenizer (fast, for offsets).
+        prompt: from `build_chat_prompt`.
+        answer: the assistant's answer text (starting with `prompt.answer_prefix`), or None.
+        spans: K (start, end) character spans into `answer`, non-overlapping, each with non-space text.
+        max_length: if given, the longest allowed sequence (compact placeholders).
+
+    Returns:
+        input_ids: (L,) long with one `<|image_pad|>` per image. mask_ids: (L,) long in [-1, K-1].
+
+    Raises:
+        InputError (a ValueError): a special token in the answer, a bad span, an object without a token, a
+            sequence longer than `max_length`.
+    """
+    if answer is None:
+        if spans:
+            raise InputError("encode_chat: spans need an answer")
+        full_text, template = prompt.text + prompt.answer_prefix, prompt.template
+    else:
+        special_texts = [added.content for added in tokenizer.added_tokens_decoder.values()]
+        _reject_special_tokens(special_texts, answer, "the answer")
+        full_text, template = prompt.text + answer + "<|im_end|>\n", prompt.template + "<|im_end|>\n"
+    char_object = np.full(len(full_text), -1, dtype=np.int64)  # (num_chars,)
+    offset = len(prompt.text)
+    previous_end = 0
+    for k, (start, end) in enumerate(spans):
+        if not (isinstance(start, int) and isinstance(end, int) and previous_end <= start < end <= len(answer)):
+            raise InputError(f"encode_chat: span {k} ({start}, {end}) must lie in the answer (0..{len(answer)}), "
+                             f"after span {k - 1}, and not be empty")
+        is_visible = np.array([not char.isspace() for char in answer[start:end]], dtype=bool)
+        if not is_visible.any():
+            raise InputError(f"encode_chat: span {k} ({start}, {end}) holds only whitespace: {answer[start:end]!r}")
+        char_object[offset + start:offset + end][is_visible] = k
+        previous_end = end
+    return _encode_marked(tokenizer, full_text, char_object, template=template, num_images=prompt.num_images,
+                          num_objects=len(spans), max_length=max_length, what="encode_chat",
+                          objects=f"spans: {[answer[s:e] for s, e in spans] if answer else []}")

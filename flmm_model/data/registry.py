@@ -17,9 +17,10 @@ import torch
 from flmm_model.config import ConfigError, DataConfig, DatasetConfig
 from flmm_model.data.item import PromptSettings
 from flmm_model.data.png import PngDataset
+from flmm_model.data.reason_seg import ReasonSegDataset
 from flmm_model.data.refcoco import RefCocoDataset
 from flmm_model.data.synthetic import SyntheticDataset
-from flmm_model.metrics import PngRecallMetric, ReferSegMetric
+from flmm_model.metrics import PngRecallMetric, ReasonSegMetric, ReferSegMetric
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,22 @@ def _build_synthetic(ds: DatasetConfig, *, root: str, prompt: PromptSettings, tr
                             **{k: v for k, v in shape_options.items() if v is not None})
 
 
+def _build_reason_seg(ds: DatasetConfig, *, root: str, prompt: PromptSettings, train: bool,
+                      on_error: str) -> ReasonSegDataset:
+    # The protocol travels in the items: `flmm` items carry a `generate` request in their meta (answer first, then
+    # ground the answer: evaluate.score_dataset), `direct` items are scored on their own prompt (the query grounded).
+    return ReasonSegDataset(root, ds.split, image_dir=ds.image_dir, protocol=ds.protocol, on_error=on_error,
+                            **_prompt_kwargs(prompt))
+
+
+def _check_protocol(*allowed: str) -> Callable[[DatasetConfig, str], None]:
+    def check(ds: DatasetConfig, key: str) -> None:
+        if ds.protocol not in allowed:
+            raise ConfigError(f"{key}.protocol: {ds.type} takes one of {list(allowed)}, found {ds.protocol!r}")
+
+    return check
+
+
 def _check_synthetic(ds: DatasetConfig, key: str) -> None:
     if ds.length < 1:
         raise ConfigError(f"{key}.length: a synthetic dataset needs length >= 1, found {ds.length}")
@@ -70,10 +87,11 @@ def _prompt_kwargs(prompt: PromptSettings) -> dict[str, Any]:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "refcoco": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric),
-    "refcoco+": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric),
-    "refcocog": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric),
+    "refcoco": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric, check=_check_protocol("flmm", "per_sentence")),
+    "refcoco+": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric, check=_check_protocol("flmm", "per_sentence")),
+    "refcocog": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric, check=_check_protocol("flmm", "per_sentence")),
     "png": DatasetSpec(build=_build_png, metric=PngRecallMetric),
+    "reason_seg": DatasetSpec(build=_build_reason_seg, metric=ReasonSegMetric, check=_check_protocol("flmm", "direct")),
     "synthetic": DatasetSpec(build=_build_synthetic, metric=ReferSegMetric, needs_root=False,
                              check=_check_synthetic),
 }

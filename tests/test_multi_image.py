@@ -1,0 +1,294 @@
+"""Several images per sample, and generation, against the HF reference path, for each backbone family.
+
+Reference: the chat text with each image's `<|image_pad|>` repeated N_i times BEFORE tokenization (what the HF
+processor does), tokenized with padding by the tokenizer itself, run through the family's own model with
+`mm_token_type_ids` so that HF computes the M-RoPE positions (and Qwen3-VL's deepstack inputs) itself; attention
+maps pooled by hand from eager `output_attentions` over the grounded image's tokens; generation by
+`...ForConditionalGeneration.generate` on that expanded input.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flmm_model.backbones import PRESETS, adapter_for, load_image_processor
+from flmm_model.build import build_qwen
+from flmm_model.lmm import FrozenQwenLMM
+
+FAMILY_PRESETS = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny"]  # Qwen2-VL, Qwen2.5-VL, Qwen3-VL
+# (photos of the sample, phrases, grounded image): batches mix samples with one and with two images.
+SAMPLES = [([0], ["the cup of coffee", "the saucer"], 0), ([3, 2], ["the cat", "a man in a suit"], 1),
+           ([1, 3], ["the flag"], 0)]
+GENERATE = dict(max_new_tokens=6, do_sample=False, eos_token_id=151645, pad_token_id=151643)
+
+
+def chat_text(num_pads: list[int] | None, num_images: int, phrases: list[str], adapter):
+    """Chat text (compact when num_pads is None, else N_i pads per image) and each phrase's character span."""
+    blocks = "".join(adapter.image_block.replace("<|image_pad|>", "<|image_pad|>" * (n if num_pads else 1))
+                     for n in (num_pads or [1] * num_images))
+    text = f"<|im_start|>system\n{adapter.default_system}<|im_end|>\n" if adapter.default_system else ""
+    text += f"<|im_start|>user\n{blocks}Describe the images.<|im_end|>\n<|im_start|>assistant\n"
+    spans = []
+    for k, phrase in enumerate(phrases):
+        text += ". " if k else ""
+        spans.append((len(text), len(text) + len(phrase)))
+        text += phrase
+    return text + ".<|im_end|>\n", spans
+
+
+def tokenize(tokenizer, texts, spans, padding_side):
+    """Padded ids and mask_ids from character offsets (independent of the model code)."""
+    tokenizer.padding_side = padding_side
+    try:
+        enc = tokenizer(texts, padding=True, return_offsets_mapping=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "right"
+    mask_ids = torch.full_like(enc["input_ids"], -1)
+    for b, sample_spans in enumerate(spans):
+        for t, (start, end) in enumerate(enc["offset_mapping"][b].tolist()):
+            if enc["attention_mask"][b, t] and end > start:
+                for k, (s, e) in enumerate(sample_spans):
+                    if start < e and end > s:
+                        mask_ids[b, t] = k
+    return enc["input_ids"], enc["attention_mask"], mask_ids
+
+
+@pytest.fixture(scope="module", params=FAMILY_PRESETS)
+def preset(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def family(preset, photos):
+    adapter = adapter_for(PRESETS[preset][0])
+    image_processor = load_image_processor(adapter, min_pixels=56 * 56, max_pixels=168 * 168)
+    pixel_values, grids = [], []
+    for photo_ids, _, _ in SAMPLES:
+        vision = image_processor(images=[photos[i] for i in photo_ids], return_tensors="pt")
+        pixel_values.append(vision["pixel_values"])
+        grids.append(vision["image_grid_thw"])
+    merge = adapter.merge_size
+    compact = [chat_text(None, len(p), phrases, adapter) for p, phrases, _ in SAMPLES]
+    expanded = [chat_text([int(g.prod()) // merge**2 for g in grid], len(grid), phrases, adapter)
+                for grid, (_, phrases, _) in zip(grids, SAMPLES, strict=True)]
+    return dict(adapter=adapter, compact=compact, expanded=expanded, pixel_values=torch.cat(pixel_values),
+                image_grid_thw=torch.cat(grids), images_per_sample=[len(g) for g in grids],
+                grounded=[g for _, _, g in SAMPLES])
+
+
+@pytest.fixture(scope="module")
+def models(preset):
+    """The model under test (through FrozenQwenLMM) and two HF references with the same weights."""
+    return dict(lmm=FrozenQwenLMM(qwen=build_qwen(preset)), sdpa=build_qwen(preset).eval(),
+                eager=build_qwen(preset, attn_implementation="eager").eval())
+
+
+def hf_reference(models, tokenizer, family, padding_side):
+    texts, spans = zip(*family["expanded"], strict=True)
+    ids, attn, mask_ids = tokenize(tokenizer, list(texts), spans, padding_side)
+    model = models["sdpa"]
+    image_mask = ids == model.config.image_token_id
+    kwargs = dict(input_ids=ids, attention_mask=attn, pixel_values=family["pixel_values"],
+                  image_grid_thw=family["image_grid_thw"], mm_token_type_ids=image_mask.long())
+    with torch.no_grad():
+        hidden = model.model(**kwargs, output_hidden_states=True)
+        attentions = models["eager"].model(**kwargs, output_attentions=True).attentions
+        positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=image_mask.long(),
+                                                  image_grid_thw=family["image_grid_thw"], attention_mask=attn)
+    merge = model.config.vision_config.spatial_merge_size
+    maps, grid_hw = [], []
+    first = 0
+    for b, count in enumerate(family["images_per_sample"]):
+        image = first + family["grounded"][b]
+        first += count
+        _, h, w = (family["image_grid_thw"][image] // torch.tensor([1, merge, merge])).tolist()
+        grid_hw.append((h, w))
+        # The grounded image's tokens: its run among the sample's image-token runs (independent of the model code).
+        positions_b = image_mask[b].nonzero().flatten().tolist()
+        runs, run = [], [positions_b[0]]
+        for p in positions_b[1:]:
+            if p == run[-1] + 1:
+                run.append(p)
+            else:
+                runs.append(run)
+                run = [p]
+        runs.append(run)
+        image_positions = torch.tensor(runs[family["grounded"][b]])
+        assert len(runs) == count and image_positions.numel() == h * w
+        per_object = []
+        for k in range(int(mask_ids[b].max()) + 1):
+            rows = (mask_ids[b] == k).nonzero().flatten()
+            per_object.append(torch.stack([layer[b, head][rows][:, image_positions].mean(0).reshape(h, w)
+                                           for layer in attentions for head in range(layer.shape[1])]))
+        maps.append(torch.stack(per_object))
+    return dict(ids=ids, attn=attn, mask_ids=mask_ids, positions=positions, maps=maps, grid_hw=grid_hw,
+                last_hidden_state=hidden.last_hidden_state)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("key", ["compact", "expanded"])
+def test_multi_image_forward_matches_hf_reference(models, tokenizer, family, padding_side, key):
+    ref = hf_reference(models, tokenizer, family, padding_side)
+    texts, spans = zip(*family[key], strict=True)
+    ids, attn, mask_ids = tokenize(tokenizer, list(texts), spans, padding_side)
+    out = models["lmm"](ids, attn, family["pixel_values"], family["image_grid_thw"], mask_ids,
+                        grounded_image=family["grounded"])
+
+    assert torch.equal(out.input_ids, ref["ids"])
+    assert torch.equal(out.attention_mask, ref["attn"])
+    assert torch.equal(out.mask_ids, ref["mask_ids"])
+    assert torch.equal(out.position_ids, ref["positions"])
+    assert out.grid_hw == ref["grid_hw"] and out.grounded_image == family["grounded"]
+    valid = ref["attn"].bool()
+    torch.testing.assert_close(out.last_hidden_state[valid], ref["last_hidden_state"][valid], atol=1e-5, rtol=1e-5)
+    for ours, expected in zip(out.attention_maps, ref["maps"], strict=True):
+        assert ours.shape == expected.shape
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_grounded_image_defaults_to_the_first(models, tokenizer, family):
+    texts, spans = zip(*family["compact"], strict=True)
+    ids, attn, mask_ids = tokenize(tokenizer, list(texts), spans, "right")
+    lmm = models["lmm"]
+    default = lmm(ids, attn, family["pixel_values"], family["image_grid_thw"], mask_ids)
+    first = lmm(ids, attn, family["pixel_values"], family["image_grid_thw"], mask_ids, grounded_image=[0, 0, 0])
+    second = lmm(ids, attn, family["pixel_values"], family["image_grid_thw"], mask_ids, grounded_image=[0, 1, 1])
+    assert default.grounded_image == [0, 0, 0]
+    for a, b in zip(default.attention_maps, first.attention_maps, strict=True):
+        assert torch.equal(a, b)
+    assert second.attention_maps[1].shape[-2:] != first.attention_maps[1].shape[-2:]  # chelsea vs astronaut grid
+
+
+def hf_generate(models, tokenizer, family, samples):
+    """HF generate on the processor-style expanded, left-padded input of the chosen samples."""
+    texts = [family["expanded"][b][0].split("<|im_start|>assistant\n")[0] + "<|im_start|>assistant\n"
+             for b in samples]
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "right"
+    pixel_values, grids = select_images(family, samples)
+    model = models["sdpa"]
+    with torch.no_grad():
+        sequences = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                   pixel_values=pixel_values, image_grid_thw=grids,
+                                   mm_token_type_ids=(enc["input_ids"] == model.config.image_token_id).long(),
+                                   **GENERATE)
+        without_mrope = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                       pixel_values=pixel_values, image_grid_thw=grids, **GENERATE)
+    length = enc["input_ids"].shape[1]
+    return sequences[:, length:], without_mrope[:, length:]
+
+
+def select_images(family, samples):
+    """pixel_values and image_grid_thw rows of the chosen samples' images, in sample order."""
+    counts = family["images_per_sample"]
+    grids, rows = [], []
+    patches = family["image_grid_thw"].prod(-1).tolist()
+    for b in samples:
+        first = sum(counts[:b])
+        for image in range(first, first + counts[b]):
+            grids.append(family["image_grid_thw"][image])
+            start = sum(patches[:image])
+            rows.append(family["pixel_values"][start:start + patches[image]])
+    return torch.cat(rows), torch.stack(grids)
+
+
+@pytest.mark.parametrize("samples", [[0], [1], [0, 1, 2]], ids=["one_image", "two_images", "batch_of_1_2_2"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_generate_matches_hf_generate(models, tokenizer, family, samples, padding_side):
+    expected, without_mrope = hf_generate(models, tokenizer, family, samples)
+    texts = [family["compact"][b][0].split("<|im_start|>assistant\n")[0] + "<|im_start|>assistant\n" for b in samples]
+    ids, attn, _ = tokenize(tokenizer, texts, [[] for _ in samples], padding_side)
+    pixel_values, grids = select_images(family, samples)
+    found = models["lmm"].generate(ids, attn, pixel_values, grids, **GENERATE)
+    assert found.shape == (len(samples), GENERATE["max_new_tokens"])
+    assert torch.equal(found, expected)
+    # The equality is a real check of the positions: HF's own 1-D fallback (no mm_token_type_ids) decodes otherwise.
+    assert not torch.equal(without_mrope, expected)
+
+
+def test_generate_rejects_return_dict(models, tokenizer, family):
+    texts, spans = zip(*family["compact"][:1], strict=True)
+    ids, attn, _ = tokenize(tokenizer, list(texts), spans, "right")
+    pixel_values, grids = select_images(family, [0])
+    with pytest.raises(ValueError, match="return_dict_in_generate"):
+        models["lmm"].generate(ids, attn, pixel_values, grids, return_dict_in_generate=True)
+
+
+# ---------------------------------------------------------------- bad input, per image: ValueError naming it
+
+
+@pytest.fixture(scope="module")
+def good(tokenizer, photos):
+    adapter = adapter_for("qwen2_5_vl")
+    image_processor = load_image_processor(adapter, min_pixels=56 * 56, max_pixels=168 * 168)
+    texts, spans, pixel_values, grids = [], [], [], []
+    for photo_ids, phrases, _ in SAMPLES[:2]:
+        text, span = chat_text(None, len(photo_ids), phrases, adapter)
+        texts.append(text)
+        spans.append(span)
+        vision = image_processor(images=[photos[i] for i in photo_ids], return_tensors="pt")
+        pixel_values.append(vision["pixel_values"])
+        grids.append(vision["image_grid_thw"])
+    ids, attn, mask_ids = tokenize(tokenizer, texts, spans, "right")
+    return dict(input_ids=ids, attention_mask=attn, pixel_values=torch.cat(pixel_values),
+                image_grid_thw=torch.cat(grids), mask_ids=mask_ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_lmm(tiny_qwen):
+    return FrozenQwenLMM(qwen=build_qwen("tiny"))
+
+
+def call(lmm, good, **changes):
+    inputs = {k: v.clone() for k, v in good.items()}
+    grounded = changes.pop("grounded_image", None)
+    inputs.update(changes)
+    return lmm(**inputs, grounded_image=grounded)
+
+
+def test_bad_input_missing_grid_row(tiny_lmm, good):
+    with pytest.raises(ValueError, match=r"image_grid_thw: expected one \(t, H, W\) row per image, shape \(3, 3\) "
+                                         r"for the image blocks of the batch \(per sample: \[1, 2\]\)"):
+        call(tiny_lmm, good, image_grid_thw=good["image_grid_thw"][:2])
+
+
+def test_bad_input_wrong_pad_count_names_the_image(tiny_lmm, good):
+    ids = good["input_ids"]
+    pads = (ids[1] == tiny_lmm.image_token_id).nonzero().flatten()
+    second = int(pads[1])  # the second image's placeholder: make it 3 pads
+    row = torch.cat([ids[1, :second], ids[1, second:second + 1].repeat(3), ids[1, second + 1:]])
+    new_ids = torch.nn.functional.pad(ids, (0, 2), value=0)
+    new_ids[1] = row
+    attn = torch.nn.functional.pad(good["attention_mask"], (0, 2), value=0)
+    attn[1] = 1
+    mask_ids = torch.nn.functional.pad(good["mask_ids"], (0, 2), value=-1)
+    mask_ids[1] = torch.cat([good["mask_ids"][1, :second], torch.full((2,), -1), good["mask_ids"][1, second:]])
+    with pytest.raises(ValueError, match=r"sample 1, image 2: found 3 <\|image_pad\|> tokens, expected 1 \(compact\)"):
+        call(tiny_lmm, good, input_ids=new_ids, attention_mask=attn, mask_ids=mask_ids)
+
+
+def test_bad_input_second_image_grid(tiny_lmm, good):
+    grid = good["image_grid_thw"].clone()
+    grid[2, 0] = 2
+    with pytest.raises(ValueError, match="sample 1, image 2: image_grid_thw t = 2, expected 1"):
+        call(tiny_lmm, good, image_grid_thw=grid)
+
+
+def test_bad_input_grounded_image_out_of_range(tiny_lmm, good):
+    with pytest.raises(ValueError, match=r"sample 0: grounded_image 1 does not exist; the sample holds 1 image"):
+        call(tiny_lmm, good, grounded_image=[1, 0])
+    with pytest.raises(ValueError, match=r"grounded_image: expected one image index per sample \(2\), found 1"):
+        call(tiny_lmm, good, grounded_image=[0])
+
+
+def test_bad_input_vision_end_missing_between_images(tiny_lmm, good):
+    ids = good["input_ids"].clone()
+    end = int((ids[1] == tiny_lmm.vision_end_token_id).nonzero()[0, 0])
+    ids[1, end] = tiny_lmm.image_token_id  # first block runs into the second one's start
+    with pytest.raises(ValueError, match=r"sample 1: image pads must sit in runs between <\|vision_start\|> and "
+                                         r"<\|vision_end\|>"):
+        call(tiny_lmm, good, input_ids=ids)
