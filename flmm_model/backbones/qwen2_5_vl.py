@@ -77,12 +77,24 @@ def qwen2_5_vl_7b() -> Qwen2_5_VLConfig:
     )
 
 
+def qwen2_5_vl_3b_narrow() -> Qwen2_5_VLConfig:
+    """CPU op counts: Qwen2.5-VL-3B's layer structure (32 vision blocks with 112-pixel windows and full attention in
+    blocks 7 / 15 / 23 / 31; 36 text layers of 16 heads and 2 KV heads) at tiny widths (vision 128, text 128)."""
+    return _config(
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=36, num_attention_heads=16,
+                  num_key_value_heads=2, mrope_section=[1, 1, 2]),
+        vision=dict(_VISION_3B_7B, hidden_size=128, intermediate_size=256, out_hidden_size=128),
+        tie_word_embeddings=True,
+    )
+
+
 ADAPTER = BackboneAdapter(
     model_type="qwen2_5_vl",
     name="Qwen2.5-VL",
     config_class=Qwen2_5_VLConfig,
     model_class=Qwen2_5_VLForConditionalGeneration,
-    presets={"tiny": tiny, "mid": mid, "qwen2_5_vl_3b": qwen2_5_vl_3b, "qwen2_5_vl_7b": qwen2_5_vl_7b},
+    presets={"tiny": tiny, "mid": mid, "qwen2_5_vl_3b": qwen2_5_vl_3b, "qwen2_5_vl_7b": qwen2_5_vl_7b,
+             "qwen2_5_vl_3b_narrow": qwen2_5_vl_3b_narrow},
     patch_size=14,
     merge_size=2,
     temporal_patch_size=2,
