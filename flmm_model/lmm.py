@@ -16,12 +16,15 @@ Shapes: B samples, L compact length, L' expanded length, D hidden size, K object
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from flmm_model.attention import CAPTURE_IMPLEMENTATIONS, CaptureState, PhraseQueries, register_capture_attention
 from flmm_model.backbones import QwenVLModel, adapter_for
+from flmm_model.backbones.vision_attention import use_packed_vision_attention
+from flmm_model.device import move_to
 
 
 @dataclass
@@ -40,6 +43,9 @@ class LMMOutput:
         phrase_hidden_states: per sample, per object, (num_layers, T_k, D): the hidden states of k's T_k tokens
             after every decoder layer (as `output_hidden_states[1:]`: the last one after the final norm).
         grid_hw: per sample, the merged image grid (h_b, w_b).
+        phrase_rows: (num_layers, B, P, D), the same hidden states for every phrase-token slot of the batch at once
+            (slot p of sample b is token `queries.query_index[b, p]`; padded slots hold junk).
+        queries: the `PhraseQueries` of the batch (slots, objects, image tokens).
     """
 
     input_ids: torch.Tensor
@@ -50,6 +56,47 @@ class LMMOutput:
     attention_maps: list[torch.Tensor]
     phrase_hidden_states: list[list[torch.Tensor]]
     grid_hw: list[tuple[int, int]]
+    phrase_rows: torch.Tensor | None = None
+    queries: PhraseQueries | None = None
+
+
+@dataclass
+class PreparedLMMInputs:
+    """The LMM stage's inputs after validation, vision-token expansion and indexing, built on the host from the
+    compact CPU batch by `FrozenQwenLMM.prepare` and moved to the device in one go (`to`): the forward then reads no
+    value back from the device.
+
+    Attributes:
+        input_ids, attention_mask, mask_ids: (B, L') expanded, as in `LMMOutput`.
+        image_mask: (B, L') bool, True on the image tokens of real positions.
+        image_positions: (sum_b N_b,) long, flat (b * L' + position) index of every image token, in feature order.
+        position_ids: (3, B, L') long M-RoPE positions.
+        pixel_values, image_grid_thw: as given (pixel rows of all images; (B, 3) grid).
+        queries: `PhraseQueries` (phrase slots, object pooling, image tokens, causal + padding key mask).
+        vision_inputs: the vision tower's precomputed keyword inputs (`BackboneAdapter.vision_inputs`).
+        num_vision_tokens, num_objects: per sample N_b and K_b. grid_hw: per sample merged grid (h_b, w_b).
+        object_slots: per sample, per object, its phrase slots: a `slice` when they are consecutive (the usual
+            case), else a (T_k,) long tensor.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask_ids: torch.Tensor
+    image_mask: torch.Tensor
+    image_positions: torch.Tensor
+    position_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    queries: PhraseQueries
+    vision_inputs: dict[str, Any]
+    num_vision_tokens: list[int]
+    num_objects: list[int]
+    grid_hw: list[tuple[int, int]]
+    object_slots: list[list[slice | torch.Tensor]]
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> PreparedLMMInputs:
+        """Every tensor moved to `device` (`non_blocking` from pinned memory: no host wait)."""
+        return move_to(self, device, non_blocking=non_blocking)
 
 
 class FrozenQwenLMM(nn.Module):
@@ -86,6 +133,8 @@ class FrozenQwenLMM(nn.Module):
         self.hidden_size = config.text_config.hidden_size
         # The text decoder dispatches on this name (the vision tower keeps its own implementation).
         config.text_config._attn_implementation = CAPTURE_IMPLEMENTATIONS[attn_capture]
+        # The vision tower: one attention call per layer over all windows and images (`vision_attention.py`).
+        use_packed_vision_attention(qwen)
 
     @property
     def num_attention_channels(self) -> int:
@@ -108,6 +157,9 @@ class FrozenQwenLMM(nn.Module):
     ) -> LMMOutput:
         """Expand, position, run the frozen model once and capture attention maps and phrase hidden states.
 
+        `prepare` on the host, then `forward_prepared` on the model's device. Inputs already on the device are read
+        back first (host syncs): a training step prepares its CPU batch itself and calls `forward_prepared`.
+
         Args:
             input_ids: (B, L) long, compact (one `<|image_pad|>` per sample) or pre-expanded (N_b pads).
             attention_mask: (B, L), 1 on real tokens, a contiguous block (left or right padding).
@@ -118,9 +170,24 @@ class FrozenQwenLMM(nn.Module):
         Raises:
             ValueError: on inconsistent input (see `validate_lmm_inputs`), before the model runs.
         """
-        device = self.qwen.device
-        input_ids, attention_mask, mask_ids = (t.to(device) for t in (input_ids, attention_mask, mask_ids))
-        image_grid_thw = image_grid_thw.to(device)
+        host = [t.cpu() for t in (input_ids, attention_mask, image_grid_thw, mask_ids)]
+        prepared = self.prepare(host[0], host[1], pixel_values, host[2], host[3])
+        return self.forward_prepared(prepared.to(self.qwen.device))
+
+    def prepare(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        mask_ids: torch.Tensor,
+    ) -> PreparedLMMInputs:
+        """Validate the compact batch and build every index the forward needs, on the host (CPU tensors, arguments
+        as in `forward`): the values are read here, where reading them costs no device sync.
+
+        Raises:
+            ValueError: on inconsistent input (see `validate_lmm_inputs`).
+        """
         num_vision_tokens, num_objects = validate_lmm_inputs(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
             image_grid_thw=image_grid_thw, mask_ids=mask_ids, merge_size=self.merge_size,
@@ -136,16 +203,32 @@ class FrozenQwenLMM(nn.Module):
         position_ids = self.adapter.position_ids(
             image_mask=image_mask, attention_mask=attention_mask, grid_thw=image_grid_thw, merge_size=self.merge_size
         )
-
-        # Embeddings with the image features scattered in, in (sample, position) order.
-        inputs_embeds = self.qwen.model.get_input_embeddings()(input_ids)  # (B, L', D)
-        vision = self.adapter.encode_images(self.qwen, pixel_values.to(device), image_grid_thw)
-        image_features = vision.image_embeds.to(inputs_embeds.dtype)  # (sum_b N_b, D)
-        inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
-
         queries = PhraseQueries.build(
             mask_ids=mask_ids, image_mask=image_mask, attention_mask=attention_mask, num_objects=max(num_objects)
         )
+        return PreparedLMMInputs(
+            input_ids=input_ids, attention_mask=attention_mask, mask_ids=mask_ids, image_mask=image_mask,
+            image_positions=image_mask.flatten().nonzero().flatten(), position_ids=position_ids,
+            pixel_values=pixel_values, image_grid_thw=image_grid_thw, queries=queries,
+            vision_inputs=self.adapter.vision_inputs(self.qwen.config.vision_config, image_grid_thw),
+            num_vision_tokens=num_vision_tokens, num_objects=num_objects, grid_hw=[tuple(hw) for hw in grid_hw],
+            object_slots=_object_slots(queries, num_objects),
+        )
+
+    @torch.no_grad()
+    def forward_prepared(self, prepared: PreparedLMMInputs) -> LMMOutput:
+        """The device part of `forward`, on inputs from `prepare` moved to the model's device: no host sync."""
+        input_ids, attention_mask, image_mask = prepared.input_ids, prepared.attention_mask, prepared.image_mask
+        queries = prepared.queries
+
+        # Embeddings with the image features copied in, in (sample, position) order.
+        inputs_embeds = self.qwen.model.get_input_embeddings()(input_ids)  # (B, L', D)
+        vision = self.adapter.encode_images(self.qwen, prepared.pixel_values, prepared.image_grid_thw,
+                                            prepared.vision_inputs)
+        image_features = vision.image_embeds.to(inputs_embeds.dtype)  # (sum_b N_b, D)
+        inputs_embeds = inputs_embeds.flatten(0, 1).index_copy(0, prepared.image_positions, image_features)
+        inputs_embeds = inputs_embeds.view(*input_ids.shape, -1)  # (B * L', D) -> (B, L', D)
+
         capture = CaptureState(queries=queries)
         layer_rows: list[torch.Tensor] = []  # per layer (B, P, D): phrase-token hidden states
         row_index = queries.query_index.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1])  # (B, P, D)
@@ -163,23 +246,27 @@ class FrozenQwenLMM(nn.Module):
             # The adapter's decoder call passes `flmm_capture=capture` on to the text model, which hands unknown
             # keywords down to every attention call: the capture functions pop it from their `**kwargs`.
             last_hidden_state = self.adapter.run_decoder(
-                text_model, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                image_mask=image_mask, vision=vision, flmm_capture=capture,
+                text_model, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                position_ids=prepared.position_ids, image_mask=image_mask, vision=vision, flmm_capture=capture,
             )  # (B, L', D)
         finally:
             for hook in hooks:
                 hook.remove()
         layer_rows.append(last_hidden_state.gather(1, row_index))  # the last layer after the final norm
+        phrase_rows = torch.stack(layer_rows)  # (layers, B, P, D)
 
         return LMMOutput(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            mask_ids=mask_ids,
-            position_ids=position_ids,
+            mask_ids=prepared.mask_ids,
+            position_ids=prepared.position_ids,
             last_hidden_state=last_hidden_state,
-            attention_maps=_split_maps(capture.stacked(), num_objects, num_vision_tokens, grid_hw),
-            phrase_hidden_states=_split_phrase_states(torch.stack(layer_rows), queries, num_objects),
-            grid_hw=[tuple(hw) for hw in grid_hw],
+            attention_maps=_split_maps(capture.stacked(), prepared.num_objects, prepared.num_vision_tokens,
+                                       prepared.grid_hw),
+            phrase_hidden_states=_split_phrase_states(phrase_rows, prepared.object_slots),
+            grid_hw=list(prepared.grid_hw),
+            phrase_rows=phrase_rows,
+            queries=queries,
         )
 
 
@@ -349,12 +436,27 @@ def _split_maps(
     return out
 
 
-def _split_phrase_states(
-    layer_rows: torch.Tensor, queries: PhraseQueries, num_objects: list[int]
-) -> list[list[torch.Tensor]]:
-    """(layers, B, P, D) phrase rows -> per sample, per object (layers, T_k, D)."""
+def _object_slots(queries: PhraseQueries, num_objects: list[int]) -> list[list[slice | torch.Tensor]]:
+    """Per sample, per object, its phrase slots (host tensors in): a slice when consecutive, else an index tensor."""
     pool = queries.object_pool > 0  # (B, K, P)
+    slots = []
+    for b, count in enumerate(num_objects):
+        per_object = []
+        for k in range(count):
+            index = pool[b, k].nonzero().flatten()  # (T_k,)
+            first, last = int(index[0]), int(index[-1])
+            consecutive = last - first + 1 == index.numel()
+            per_object.append(slice(first, last + 1) if consecutive else index)
+        slots.append(per_object)
+    return slots
+
+
+def _split_phrase_states(
+    layer_rows: torch.Tensor, object_slots: list[list[slice | torch.Tensor]]
+) -> list[list[torch.Tensor]]:
+    """(layers, B, P, D) phrase rows -> per sample, per object (layers, T_k, D): views for consecutive slots."""
     return [
-        [layer_rows[:, b, pool[b, k]] for k in range(num_objects[b])]  # (layers, T_k, D)
-        for b in range(len(num_objects))
+        [layer_rows[:, b, slots] if isinstance(slots, slice) else layer_rows[:, b].index_select(1, slots)
+         for slots in sample_slots]  # (layers, T_k, D)
+        for b, sample_slots in enumerate(object_slots)
     ]
