@@ -20,7 +20,9 @@ only. It counts, per region:
 - host-to-device copies the host waits for: `.to(device)` of a host tensor without `non_blocking=True` (with it,
   the copy is asynchronous from the pinned memory the loaders use on CUDA), `torch.tensor(data, device=...)` and
   `new_tensor`, and a host tensor (more than one value) used as an operand of a device op.
+A tensor made with `device="cpu"` spelled out (as optimizers make their step counts) is a host tensor.
 Values read from host tensors (the compact CPU batch, the index lists built from it) are free: they never wait.
+Code in a `host_regions` region is host code: all it makes are host tensors, except what it moves with `.to(device)`.
 """
 
 from __future__ import annotations
@@ -171,6 +173,9 @@ class _TensorSet:
         key = id(tensor)
         self._refs[key] = weakref.ref(tensor, lambda _ref, key=key: self._refs.pop(key, None))
 
+    def discard(self, tensor: torch.Tensor) -> None:
+        self._refs.pop(id(tensor), None)
+
     def __contains__(self, tensor: torch.Tensor) -> bool:
         ref = self._refs.get(id(tensor))
         return ref is not None and ref() is tensor
@@ -179,9 +184,10 @@ class _TensorSet:
 class SyncCounter(TorchFunctionMode):
     """Counts host syncs per region (see the module docstring). Use inside `with SyncCounter(regions) as sync:`."""
 
-    def __init__(self, regions: Regions) -> None:
+    def __init__(self, regions: Regions, *, host_regions: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.regions = regions
+        self.host_regions = host_regions  # regions of host code: every tensor made there is a host tensor
         self.host = _TensorSet()
         self.counts: Counter = Counter()
         self.kinds: dict[str, Counter] = defaultdict(Counter)
@@ -208,6 +214,8 @@ class SyncCounter(TorchFunctionMode):
             if tensors and not self._is_host(tensors[0]):
                 self._count(f"read:{name}")
             return True
+        if kwargs.get("device") == "cpu":  # written out as the host (an optimizer's step count): stays there
+            return True
         if name in _COPYING_FACTORIES:
             target = kwargs.get("device")
             if name == "new_tensor" and target is None and not self._is_host(args[0]):
@@ -224,8 +232,10 @@ class SyncCounter(TorchFunctionMode):
             else:
                 moves = name == "cuda" or "device" in kwargs or any(
                     isinstance(a, (torch.device, str, torch.Tensor)) for a in args[1:])
-            if self._is_host(source) and moves and not non_blocking:
-                self._count(f"h2d:{name}")
+            if self._is_host(source) and moves:
+                if not non_blocking:
+                    self._count(f"h2d:{name}")
+                self.host.discard(source)  # on the CPU `.to(device)` returns the tensor itself: now a device copy
             return self._is_host(source) and not moves
         if not tensors:
             return name in _FACTORIES and kwargs.get("device") is None
@@ -250,7 +260,18 @@ class SyncCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        on_host = self._classify(getattr(func, "__name__", ""), args, kwargs)
+        name = getattr(func, "__name__", "")
+        if self.regions.current in self.host_regions:
+            moves = name == "to" and ("device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args[1:]))
+            if moves:
+                self.host.discard(args[0])
+            out = func(*args, **kwargs)
+            if not moves:
+                for leaf in tree_flatten(out)[0]:
+                    if isinstance(leaf, torch.Tensor):
+                        self.host.add(leaf)
+            return out
+        on_host = self._classify(name, args, kwargs)
         out = func(*args, **kwargs)
         if on_host:
             for leaf in tree_flatten(out)[0]:

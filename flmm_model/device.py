@@ -43,9 +43,6 @@ def pin_memory(value: T) -> T:
 
 
 def to_device(value: T, device: torch.device | str) -> T:
-    """Host structure -> `device` without the host waiting: pinned first, then copied asynchronously on CUDA; plain
-    `move_to` elsewhere."""
+    """Host structure -> `device` without the host waiting: on CUDA pinned first, then copied asynchronously."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return move_to(value, device)
-    return move_to(pin_memory(value), device, non_blocking=True)
+    return move_to(pin_memory(value) if device.type == "cuda" else value, device, non_blocking=True)

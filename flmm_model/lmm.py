@@ -77,6 +77,7 @@ class PreparedLMMInputs:
         num_vision_tokens, num_objects: per sample N_b and K_b. grid_hw: per sample merged grid (h_b, w_b).
         object_slots: per sample, per object, its phrase slots: a `slice` when they are consecutive (the usual
             case), else a (T_k,) long tensor.
+        has_padding: whether any sample is padded (without padding the decoder runs plain causal attention).
     """
 
     input_ids: torch.Tensor
@@ -93,6 +94,7 @@ class PreparedLMMInputs:
     num_objects: list[int]
     grid_hw: list[tuple[int, int]]
     object_slots: list[list[slice | torch.Tensor]]
+    has_padding: bool = True
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> PreparedLMMInputs:
         """Every tensor moved to `device` (`non_blocking` from pinned memory: no host wait)."""
@@ -212,7 +214,7 @@ class FrozenQwenLMM(nn.Module):
             pixel_values=pixel_values, image_grid_thw=image_grid_thw, queries=queries,
             vision_inputs=self.adapter.vision_inputs(self.qwen.config.vision_config, image_grid_thw),
             num_vision_tokens=num_vision_tokens, num_objects=num_objects, grid_hw=[tuple(hw) for hw in grid_hw],
-            object_slots=_object_slots(queries, num_objects),
+            object_slots=_object_slots(queries, num_objects), has_padding=not bool(attention_mask.all()),
         )
 
     @torch.no_grad()
@@ -245,8 +247,12 @@ class FrozenQwenLMM(nn.Module):
             # `register_capture_attention` put `attention.capture_sdpa_attention` / `attention.capture_eager_attention`.
             # The adapter's decoder call passes `flmm_capture=capture` on to the text model, which hands unknown
             # keywords down to every attention call: the capture functions pop it from their `**kwargs`.
+            decoder_mask = None  # no padding: transformers runs plain causal attention (flash on GPU)
+            if prepared.has_padding:
+                decoder_mask = _decoder_mask(attention_mask, additive=self.attn_capture == "eager",
+                                             dtype=inputs_embeds.dtype)
             last_hidden_state = self.adapter.run_decoder(
-                text_model, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                text_model, inputs_embeds=inputs_embeds, attention_mask=decoder_mask,
                 position_ids=prepared.position_ids, image_mask=image_mask, vision=vision, flmm_capture=capture,
             )  # (B, L', D)
         finally:
@@ -434,6 +440,21 @@ def _split_maps(
     for b, (k, n, (h, w)) in enumerate(zip(num_objects, num_vision_tokens, grid_hw, strict=True)):
         out.append(maps[b, :k, :, :n].reshape(k, maps.shape[2], h, w))  # (K_b, C, h_b, w_b)
     return out
+
+
+def _decoder_mask(attention_mask: torch.Tensor, *, additive: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The text decoder's (B, 1, L', L') attention mask, built on the device without reading it back (transformers'
+    own mask builder reads the padding mask to decide whether it can skip it: a host sync): query i attends key j
+    iff j <= i and j is a real token; a padding query also attends itself, so no row is empty (an empty row would
+    give NaN that 0-weighted keys still spread). Bool (True = attend), or additive 0 / dtype min with `additive`
+    (the eager capture). transformers takes a 4-D mask as is."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    causal = positions[None, :] <= positions[:, None]  # (L', L'), [query, key]
+    keys = attention_mask.bool()[:, None, :] | (positions[None, :] == positions[:, None])  # (B, L', L')
+    allowed = (causal & keys)[:, None]  # (B, 1, L', L')
+    if not additive:
+        return allowed
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
 def _object_slots(queries: PhraseQueries, num_objects: list[int]) -> list[list[slice | torch.Tensor]]:
