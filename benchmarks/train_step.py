@@ -42,7 +42,7 @@ from flmm_model.build import load_image_processor, load_tokenizer  # noqa: E402
 from flmm_model.config import ModelConfig  # noqa: E402
 from flmm_model.data import Collator, SyntheticDataset  # noqa: E402
 from flmm_model.device import to_device  # noqa: E402
-from flmm_model.distributed import autocast_context  # noqa: E402
+from flmm_model.distributed import autocast_context, precision_of  # noqa: E402
 from flmm_model.model import build_model  # noqa: E402
 
 # Named architectures: the model config, the default image side (px) and images per step.
@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--count-ops", action="store_true", help="profile one more step: ops and syncs per region")
     parser.add_argument("--trace", default=None, help="write a profiler trace (chrome JSON) of one step here")
+    parser.add_argument("--sam-cache", default=None, metavar="DIR",
+                        help="read SAM embeddings from a cache in DIR, filled before the timed steps (warm cache)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the parts (train.compile)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,19 +105,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with device:  # random weights initialised where they will run (fast on GPU, no CPU copy of a 7B model)
         model = build_model(model_cfg)
     model.to(device).train()
+    if args.compile:
+        model.compile_parts()
     tokenizer = load_tokenizer(model_cfg.tokenizer)
     image_processor = load_image_processor(min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels,
                                            backbone=model_cfg.qwen)
     dataset = SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=batch_size,
                                image_size=(side, side), max_objects=args.objects)
-    collator = Collator(pad_token_id=tokenizer.pad_token_id, head_inputs=model.head_input_spec())
-    batch = collator([dataset[i] for i in range(batch_size)])  # what the loader's workers hand the train loop
+    autocast = autocast_context(device, "auto")
+    sam_cache = model.open_sam_cache(args.sam_cache, precision=precision_of(autocast)) if args.sam_cache else None
+    collator = Collator(pad_token_id=tokenizer.pad_token_id, head_inputs=model.head_input_spec(sam_cache=sam_cache))
+    items = [dataset[i] for i in range(batch_size)]
+    if sam_cache is not None:  # fill the cache as the first epoch (or `run.py cache-sam`) would
+        prepared = to_device(model.prepare_batch(collator(items)), device)
+        with torch.no_grad(), autocast:
+            output = model(prepared)
+        for name, embedding in zip(prepared.sam_missing_names, output.get("sam_new_embeddings", []), strict=False):
+            sam_cache.write(name, embedding.cpu())
+    batch = collator(items)  # what the loader's workers hand the train loop (with a warm cache: no SAM pixels)
     num_vision = int((batch["image_grid_thw"].prod(dim=1) // 4).sum())
     num_objects = sum(len(p) for p in batch["phrases"])
     params = model.trainable_parameters()
     # foreach: what AdamW and clipping do on CUDA by default (one op over all tensors), also on the CPU here.
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, foreach=True)
-    autocast = autocast_context(device, "auto")
     window = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64, device=device)
 
     def train_step(regions: Regions | None = None) -> None:
@@ -196,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{trainable / 1e6:.2f} M trainable parameters; device {where}; torch {torch.__version__}")
     print(f"batch: {batch_size} images {side}x{side} ({num_vision} vision tokens in all, "
           f"{batch['input_ids'].shape[1]} compact tokens per sample), {num_objects} objects; "
-          f"precision {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+          f"precision {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
+          f"{'; SAM cache warm' if sam_cache is not None else ''}{'; compiled' if args.compile else ''}")
     header = f"{'region':26s}{'ms':>10s}{'share':>8s}"
     if ops is not None:
         header += f"{'ops':>8s}{'syncs':>7s}  sync kinds"

@@ -30,6 +30,7 @@ from flmm_model.checkpoint import save_pretrained as save_model_files
 from flmm_model.config import DEFAULT_INSTRUCTION, ModelConfig
 from flmm_model.data.head_inputs import HeadInputSpec
 from flmm_model.data.prompts import DEFAULT_SYSTEM
+from flmm_model.data.sam_cache import SamEmbeddingCache
 from flmm_model.device import to_device
 from flmm_model.errors import CheckpointError
 from flmm_model.frames import ObjectFrames, resize_on_canvas, size_mask
@@ -38,7 +39,7 @@ from flmm_model.losses import canvas_loss_terms
 from flmm_model.mask_head import UNetMaskHead
 from flmm_model.predictor import GroundingPredictor
 from flmm_model.prepare import PreparedBatch, text_slots, unet_groups
-from flmm_model.sam_refiner import SamRefiner, TextPromptProjector
+from flmm_model.sam_refiner import SamRefiner, TextPromptProjector, sam_cache_key
 
 
 class FrozenQwenSAM(nn.Module):
@@ -164,6 +165,19 @@ class FrozenQwenSAM(nn.Module):
                                 sum(p.numel() for p in rest if not p.requires_grad))
         return summary
 
+    def compile_parts(self, *, backend: str = "inductor") -> None:
+        """`torch.compile` in place (module names and checkpoints unchanged) the repeated blocks and the heads: the
+        vision blocks, the text decoder layers, SAM's image-encoder layers, the U-Net and SAM's mask decoder.
+
+        Shapes are dynamic (sequence lengths, grids and object counts change from batch to batch), so new shapes do
+        not recompile. The capture and the padded-token mask run as plain Python between compiled pieces.
+        """
+        modules = [*self.qwen.model.visual.blocks, *self.qwen.model.language_model.layers, self.mask_head]
+        if self.sam_refiner is not None:
+            modules += [*self.sam_refiner.sam.vision_encoder.layers, self.sam_refiner.sam.mask_decoder]
+        for module in modules:
+            module.compile(backend=backend, dynamic=True)
+
     # ------------------------------------------------------------------ forward
 
     def lmm_forward(
@@ -177,12 +191,27 @@ class FrozenQwenSAM(nn.Module):
         """The frozen Qwen2.5-VL stage on compact (or pre-expanded) ids; see `FrozenQwenLMM.forward`."""
         return self.lmm(input_ids, attention_mask, pixel_values, image_grid_thw, mask_ids)
 
-    def head_input_spec(self, *, targets: bool = True) -> HeadInputSpec:
+    def head_input_spec(self, *, targets: bool = True, sam_cache: SamEmbeddingCache | None = None) -> HeadInputSpec:
         """What the heads need from the data (`data.head_inputs`): give it to the loader to build it in workers.
-        `targets=False` for prediction (no ground-truth entries)."""
+        `targets=False` for prediction (no ground-truth entries); `sam_cache`: read SAM embeddings from it."""
         sam_size = self.sam_refiner.image_size if self.sam_refiner is not None else None
         return HeadInputSpec(sam_image_size=sam_size, coarse_size=self.mask_head.upsample_size,
-                             merge_size=self.lmm.merge_size, targets=targets)
+                             merge_size=self.lmm.merge_size, targets=targets, sam_cache=sam_cache)
+
+    def open_sam_cache(self, directory: str, *, precision: str) -> SamEmbeddingCache:
+        """The SAM embedding cache in `directory` for this model's SAM image encoder, input size and pixel budget, and
+        the encoder's `precision` ("bf16" under bf16 autocast, else "fp32"): see `data.sam_cache`.
+
+        Raises:
+            SamCacheError: the directory holds a cache built for another setup.
+            ValueError: the model has no SAM.
+        """
+        if self.sam_refiner is None:
+            raise ValueError("data.sam_cache: the model has no SAM refiner")
+        refiner = self.sam_refiner
+        size = self.image_processor.size  # the pixel budget: shortest_edge / longest_edge are min / max pixels
+        key = sam_cache_key(refiner, precision=precision, min_pixels=size.shortest_edge, max_pixels=size.longest_edge)
+        return SamEmbeddingCache(directory, key=key, embedding_shape=refiner.embedding_shape)
 
     def prepare_batch(self, batch: dict[str, Any]) -> PreparedBatch:
         """A collated CPU batch -> `PreparedBatch` (see `flmm_model.prepare`), on the host: the compact batch is
@@ -209,6 +238,8 @@ class FrozenQwenSAM(nn.Module):
         spec = self.head_input_spec(targets=has_gt)
         needed = {"sam_pixels"} if spec.sam_image_size is not None else set()
         needed |= {"gt_canvas", "coarse_targets"} if has_gt else set()
+        if "sam_embeddings" in batch:  # read from the SAM cache by the loader
+            needed |= {"sam_embeddings", "sam_missing", "sam_names"}
         entries = {name: batch[name] for name in needed if name in batch}
         if set(entries) != needed:
             entries = spec(batch)
@@ -223,16 +254,22 @@ class FrozenQwenSAM(nn.Module):
                                     **sam_sizes)
         groups, order = unet_groups(lmm.grid_hw, lmm.num_objects)
         text_index, text_valid = text_slots(lmm.object_slots, lmm.queries.query_index.shape[1])
-        sam_resized = None
+        sam_resized, encoded = None, list(range(len(image_sizes)))
+        if "sam_missing" in entries:
+            encoded = entries["sam_missing"].tolist()
         if sam is not None:
-            sam_resized = torch.tensor([sam.resized_size(size) for size in image_sizes], dtype=torch.float32)
+            sam_resized = torch.tensor([sam.resized_size(image_sizes[b]) for b in encoded],
+                                       dtype=torch.float32).reshape(-1, 2)
         return PreparedBatch(
             lmm=lmm, num_objects=lmm.num_objects, image_sizes=image_sizes, coarse_sizes=coarse_sizes,
             unet_groups=groups, coarse_order=order,
             coarse_canvas=(max(h for h, _ in coarse_sizes), max(w for _, w in coarse_sizes)),
             canvas=(max(h for h, _ in image_sizes), max(w for _, w in image_sizes)), frames=frames,
             object_image=object_image, text_index=text_index, text_valid=text_valid,
-            sam_pixels=entries.get("sam_pixels"), sam_resized=sam_resized, gt_canvas=entries.get("gt_canvas"),
+            sam_pixels=entries.get("sam_pixels"), sam_resized=sam_resized, sam_embeddings=entries.get("sam_embeddings"),
+            sam_missing=entries.get("sam_missing"),
+            sam_missing_names=[entries["sam_names"][b] for b in encoded] if "sam_names" in entries else [],
+            gt_canvas=entries.get("gt_canvas"),
             coarse_targets=entries.get("coarse_targets"),
         )
 
@@ -241,8 +278,9 @@ class FrozenQwenSAM(nn.Module):
             return batch
         return to_device(self.prepare_batch(batch), self.device)
 
-    def _heads(self, prepared: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, h'_max, w'_max) coarse and (K, H_max, W_max) float32 refined logits canvases of a prepared batch."""
+    def _heads(self, prepared: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(K, h'_max, w'_max) coarse and (K, H_max, W_max) float32 refined logits canvases of a prepared batch, and
+        the SAM embeddings computed for the images the SAM cache missed (None without a cache)."""
         lmm_out = self.lmm.forward_prepared(prepared.lmm)
         head_dtype = next(self.mask_head.parameters()).dtype
         outputs = []
@@ -259,9 +297,16 @@ class FrozenQwenSAM(nn.Module):
         frames = prepared.frames
         if self.sam_refiner is None:
             refined = resize_on_canvas(coarse[:, None].float(), frames.coarse, frames.original, prepared.canvas)
-            return coarse, refined[:, 0]
+            return coarse, refined[:, 0], None
         refiner = self.sam_refiner
-        image_embeddings = refiner.encode_images(refiner.normalize(prepared.sam_pixels, prepared.sam_resized))
+        image_embeddings, computed = prepared.sam_embeddings, None
+        if image_embeddings is None or prepared.sam_missing.numel():  # a shape: no read of the device
+            computed = refiner.encode_images(refiner.normalize(prepared.sam_pixels, prepared.sam_resized))
+            if image_embeddings is None:
+                image_embeddings, computed = computed, None
+            else:  # cached rows + the misses encoded now
+                image_embeddings = image_embeddings.index_copy(0, prepared.sam_missing,
+                                                               computed.to(image_embeddings.dtype))
         text_tokens = self.text_projector(lmm_out.phrase_rows)  # (B, P, prompt_dim)
         num_objects = coarse.shape[0]
         text_tokens = text_tokens.flatten(0, 1).index_select(0, prepared.text_index).view(num_objects, -1,
@@ -269,7 +314,7 @@ class FrozenQwenSAM(nn.Module):
         refined = refiner.refine(image_embeddings=image_embeddings.index_select(0, prepared.object_image),
                                  coarse=coarse, frames=frames, text_tokens=text_tokens,
                                  text_valid=prepared.text_valid, canvas=prepared.canvas)
-        return coarse, refined
+        return coarse, refined, computed
 
     def _split(self, prepared: PreparedBatch, coarse: torch.Tensor, refined: torch.Tensor
                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -291,7 +336,8 @@ class FrozenQwenSAM(nn.Module):
                 coarse logits upsampled when the model has no SAM).
         """
         prepared = self._prepared(batch)
-        return self._split(prepared, *self._heads(prepared))
+        coarse, refined, _ = self._heads(prepared)
+        return self._split(prepared, coarse, refined)
 
     def forward(self, batch: dict[str, Any] | PreparedBatch) -> dict[str, Any]:
         """Losses and logits for a collated batch (see `flmm_model.data.collate`), or one from `prepare_batch`
@@ -304,12 +350,13 @@ class FrozenQwenSAM(nn.Module):
             dict with `loss` (weighted sum of the four terms), `loss_mask_bce`, `loss_mask_dice` (coarse U-Net mask
             vs the ground truth resized to its grid), `loss_sam_bce`, `loss_sam_dice` (refined mask vs the
             ground truth at original size; absent without SAM), each the mean over the batch's masks of the
-            per-mask loss, `coarse_logits` and `mask_logits` (per sample).
+            per-mask loss, `coarse_logits` and `mask_logits` (per sample), and with a SAM cache that missed images
+            `sam_new_embeddings` (M, C, e, e), theirs (to write to the cache, `prepared.sam_missing_names`).
         """
         prepared = self._prepared(batch)
         if prepared.gt_canvas is None:
             raise ValueError("forward: the batch has no gt_masks (use predict_logits / predict_masks to predict)")
-        coarse, refined = self._heads(prepared)
+        coarse, refined, new_embeddings = self._heads(prepared)
         frames = prepared.frames
         coarse_terms = canvas_loss_terms(coarse, prepared.coarse_targets,
                                          size_mask(frames.coarse, *prepared.coarse_canvas), frames.coarse.prod(1))
@@ -322,6 +369,8 @@ class FrozenQwenSAM(nn.Module):
             loss = loss + self.bce_weight * out["loss_sam_bce"] + self.dice_weight * out["loss_sam_dice"]
         coarse_logits, mask_logits = self._split(prepared, coarse, refined)
         out.update(loss=loss, coarse_logits=coarse_logits, mask_logits=mask_logits)
+        if new_embeddings is not None:
+            out["sam_new_embeddings"] = new_embeddings
         return out
 
     @torch.no_grad()

@@ -45,7 +45,11 @@ class PreparedBatch:
         object_image: (K,) long, the sample of each object.
         text_index: (K * T,) long rows of the (B * P) phrase slots: object k's tokens, then its first token again as
             padding. text_valid: (K, T) bool, or None when every object has T tokens.
-        sam_pixels: (B, 3, S, S) uint8 SAM input canvas, or None without SAM. sam_resized: (B, 2) float (rh, rw).
+        sam_pixels: (M, 3, S, S) uint8 SAM input canvas of the images to encode in the step (all B, or the cache's
+            misses), or None without SAM. sam_resized: (M, 2) float (rh, rw) of those images.
+        sam_embeddings: (B, C, e, e) embeddings from the SAM cache (zeros for misses), or None without a cache.
+        sam_missing: (M,) long, the images the cache missed (encoded in the step), or None without a cache.
+        sam_missing_names: their cache entry names (the step's new embeddings are written under them).
         gt_canvas: (K, H_max, W_max) bool, coarse_targets: (K, h'_max, w'_max) float32; None without ground truth.
     """
 
@@ -63,6 +67,9 @@ class PreparedBatch:
     text_valid: torch.Tensor | None
     sam_pixels: torch.Tensor | None
     sam_resized: torch.Tensor | None
+    sam_embeddings: torch.Tensor | None
+    sam_missing: torch.Tensor | None
+    sam_missing_names: list[str]
     gt_canvas: torch.Tensor | None
     coarse_targets: torch.Tensor | None
 

@@ -42,6 +42,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from flmm_model.data.head_inputs import sam_input_canvas
+from flmm_model.data.sam_cache import CacheKey, encoder_fingerprint
 from flmm_model.device import move_to
 from flmm_model.frames import ObjectFrames, resize_on_canvas, sam_resized_size, size_mask
 
@@ -156,6 +157,11 @@ class SamRefiner(nn.Module):
         """Per-object frames (host tensors) from each object's image size and coarse grid size."""
         return ObjectFrames.build(original_sizes, coarse_sizes, image_size=self.image_size,
                                   mask_side=self.mask_input_size)
+
+    @property
+    def embedding_shape(self) -> tuple[int, int, int]:
+        """(C, e, e) of one image embedding."""
+        return (self.sam.config.mask_decoder_config.hidden_size, self.embedding_size, self.embedding_size)
 
     @property
     def encoder_dtype(self) -> torch.dtype:
@@ -380,6 +386,14 @@ class SamRefiner(nn.Module):
         return self.refine(image_embeddings=image_embeddings[None].expand(num_objects, -1, -1, -1),
                            coarse=coarse_logits, frames=self._frames_of(coarse_logits, original_size),
                            text_tokens=text_tokens, text_valid=text_valid, canvas=tuple(original_size))
+
+
+def sam_cache_key(refiner: SamRefiner, *, precision: str, min_pixels: int, max_pixels: int) -> CacheKey:
+    """The `data.sam_cache` key of a refiner's frozen image encoder (its weights' fingerprint, input size, dtype),
+    the encoder's precision ("bf16" / "fp32") and the run's pixel budget."""
+    return CacheKey(encoder=encoder_fingerprint(refiner.sam.vision_encoder), image_size=refiner.image_size,
+                    dtype=str(refiner.encoder_dtype).removeprefix("torch."), precision=precision,
+                    min_pixels=int(min_pixels), max_pixels=int(max_pixels))
 
 
 class TextPromptProjector(nn.Module):

@@ -50,6 +50,7 @@ from flmm_model.distributed import (
     barrier,
     check_device,
     init_distributed,
+    precision_of,
     shutdown_distributed,
     wrap_ddp,
 )
@@ -275,6 +276,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
         # ---- Model, optimizer (trainable parameters only), schedule.
         model = build_model(cfg.model).to(info.device)
+        if tc.compile:
+            model.compile_parts()
         params = model.trainable_parameters()
         # Fused AdamW on CUDA: one kernel for all parameters (on the CPU: the default loop).
         optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
@@ -307,10 +310,14 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 f"{total_steps} steps ({steps_per_epoch} per epoch), warm-up {warmup_steps}")
         ddp_model = wrap_ddp(model, info, find_unused_parameters=tc.find_unused_parameters)
         model.train()
-        # The loader's workers also build the heads' image inputs and targets; batches come pinned on CUDA.
+        sam_cache = None
+        if cfg.data.sam_cache:  # refused here, before any step, if built for another SAM setup
+            sam_cache = model.open_sam_cache(cfg.data.sam_cache, precision=precision_of(autocast))
+        # The loader's workers also build the heads' image inputs and targets (and read the SAM cache); batches come
+        # pinned on CUDA.
         loader = make_loader(train_set, sampler=sampler, batch_size=cfg.data.batch_size,
                              num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
-                             padding_side=cfg.data.padding_side, head_inputs=model.head_input_spec(),
+                             padding_side=cfg.data.padding_side, head_inputs=model.head_input_spec(sam_cache=sam_cache),
                              pin_memory=info.device.type == "cuda")
 
         def log_record(record: dict[str, Any]) -> None:
@@ -378,6 +385,10 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                         (output["loss"] / tc.grad_accum).backward()
                     window[:-1] += torch.stack([output[k].detach() for k in LOSS_KEYS]).double()
                     window[-1] += 1
+                    if "sam_new_embeddings" in output:  # images the cache missed: read back once, written for later
+                        for name, embedding in zip(prepared.sam_missing_names, output["sam_new_embeddings"].cpu(),
+                                                   strict=True):
+                            sam_cache.write(name, embedding)
                     window_images += len(batch["images"])
                     skipped += batch["num_skipped"]
                 micro_done += tc.grad_accum

@@ -8,6 +8,10 @@ without these entries (the predictor's, a test's) gets them from the model (`Fro
 Entries (B images, K objects of the batch in sample order):
     sam_pixels      (B, 3, S, S) uint8: each image resized (bilinear, antialias, rounded to integers, as
                     segment-anything's uint8 resize) so its longest side is S, top-left, zeros elsewhere.
+                    With a SAM embedding cache (`data.sam_cache`): only the M images it misses, (M, 3, S, S), and
+    sam_embeddings  (B, C, e, e): the cached embeddings (zeros for the missed images),
+    sam_missing     (M,) long: the missed images, to encode in the step,
+    sam_names       B cache entry names (`sam_cache.image_digest`).
     gt_canvas       (K, H_max, W_max) bool: object k's mask at its image's size, top-left, False elsewhere.
     coarse_targets  (K, h'_max, w'_max) float32: each mask resized to its image's coarse grid (`resize_gt_masks`:
                     the fraction of each cell inside the object), top-left, zeros elsewhere.
@@ -21,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from flmm_model.data.sam_cache import SamEmbeddingCache, image_digest
 from flmm_model.frames import coarse_grid_size, sam_resized_size
 from flmm_model.losses import resize_gt_masks
 
@@ -60,24 +65,36 @@ class HeadInputSpec:
         coarse_size: longest side of the coarse (U-Net) grid (`model.mask_head_size`).
         merge_size: patches per merged image token side (the coarse grid is computed from the merged grid).
         targets: also build the ground-truth entries (training); False for prediction.
+        sam_cache: read the images' SAM embeddings from this cache (`data.sam_cache`).
     """
 
     sam_image_size: int | None
     coarse_size: int
     merge_size: int
     targets: bool = True
+    sam_cache: SamEmbeddingCache | None = None
 
     def coarse_sizes(self, image_grid_thw: torch.Tensor) -> list[tuple[int, int]]:
         """Per sample (h', w') of the coarse grid, from the (B, 3) CPU patch grid."""
         return [coarse_grid_size(h // self.merge_size, w // self.merge_size, self.coarse_size)
                 for _, h, w in image_grid_thw.tolist()]
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The entries of the module docstring for a collated CPU batch (ground-truth entries only when it has
         ground truth)."""
         entries: dict[str, torch.Tensor] = {}
-        if self.sam_image_size is not None:
-            entries["sam_pixels"] = sam_input_canvas(list(batch["images"]), self.sam_image_size)
+        images = list(batch["images"])
+        if self.sam_image_size is not None and self.sam_cache is None:
+            entries["sam_pixels"] = sam_input_canvas(images, self.sam_image_size)
+        elif self.sam_image_size is not None:
+            names = [image_digest(image) for image in images]
+            cached = [self.sam_cache.read(name) for name in names]
+            missing = [b for b, embedding in enumerate(cached) if embedding is None]
+            dtype = getattr(torch, self.sam_cache.key.dtype)
+            empty = torch.zeros(self.sam_cache.embedding_shape, dtype=dtype)
+            entries.update(sam_embeddings=torch.stack([empty if e is None else e.to(dtype) for e in cached]),
+                           sam_pixels=sam_input_canvas([images[b] for b in missing], self.sam_image_size),
+                           sam_missing=torch.tensor(missing, dtype=torch.long), sam_names=names)
         gt_masks = batch.get("gt_masks")
         if self.targets and gt_masks and all(mask is not None for mask in gt_masks):
             entries["gt_canvas"] = gt_canvas(list(gt_masks))
