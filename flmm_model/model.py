@@ -6,9 +6,13 @@ The forward path of a collated batch (`flmm_model.data.collate`) to the losses:
 - `mask_head.py`: attention maps -> coarse mask logits (U-Net);
 - `sam_refiner.py`: phrase hidden states -> SAM prompt tokens; coarse logits + tokens -> refined logits;
 - `losses.py`: BCE + Dice on both masks; this file glues them.
-Per batch: the LMM runs once for all images; the U-Net runs per image (grids differ); SAM embeds all images in one
-call and decodes each image's objects together. Inference on PIL images: `predictor.py`; model files:
-`checkpoint.py`.
+A step is launch-bound on a GPU unless every part runs once for the batch, so: the batch is validated and every
+index is built on the host first (`prepare_batch`, `prepare.py`), copied to the device in one go, and the forward
+then reads nothing back. The LMM runs once for all images (its vision tower one attention call per block); the
+U-Net once per distinct attention grid; the text projection once; SAM embeds all images in one call (or reads them
+from `data.sam_cache`) and decodes all objects of the batch in one prompt-encoder and one mask-decoder call; the
+four losses are computed on padded canvases in one call each (`frames.py`). Inference on PIL images:
+`predictor.py`; model files: `checkpoint.py`.
 """
 
 from __future__ import annotations

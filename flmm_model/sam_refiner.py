@@ -22,6 +22,14 @@ Per object k the prompts are:
 The mask decoder predicts one mask (multimask_output=False) whose logits are mapped back like segment-anything's
 postprocessing: upsample to S x S, crop the resized-image part, resize to (H, W).
 
+All objects of a batch, of images of any sizes, are refined in one call of each SAM part (`SamRefiner.refine`):
+each object carries its sizes (`frames.ObjectFrames`), its coarse logits and refined logits sit at the top left of
+shared canvases, and the resizes above are one `grid_sample` each (`frames.resize_on_canvas`, the same bilinear
+interpolation as `F.interpolate`). Text prompts are padded to the longest; the decoder's attention
+(`decoder_attention`, registered with transformers like the LMM's capture) masks the padded tokens wherever tokens
+are the keys, so every object's mask is the one it gets alone. The frozen encoder's relative-position tables are
+looked up once on the device (`CachedRelativePositions`) instead of from a CPU index in every block.
+
 What trains: the prompt encoder and the mask decoder. Frozen: the image encoder (three ways: requires_grad_(False),
 kept in eval by `train()`, run under no_grad) and `shared_image_embedding`, the random Gaussian matrix of SAM's
 Fourier positional encoding (segment-anything's `pe_layer`, a buffer there, never trained). In transformers it is a

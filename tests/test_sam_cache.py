@@ -4,6 +4,7 @@ another SAM setup, torn or damaged entries recomputed, atomic writes, and `run.p
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,8 @@ def test_cached_step_equals_uncached_and_skips_the_encoder(model, photos, tmp_pa
     items = make_items(model, photos)
     expected = model(collate(items, pad_token_id=model.tokenizer.pad_token_id))
     cache = model.open_sam_cache(str(tmp_path / "cache"), precision="fp32")
+    spec = pickle.loads(pickle.dumps(model.head_input_spec(sam_cache=cache)))  # DataLoader workers get a copy
+    assert spec.sam_cache.key == cache.key
     calls = []
     hook = model.sam_refiner.sam.vision_encoder.register_forward_hook(lambda *args: calls.append(1))
     try:
