@@ -7,6 +7,7 @@ Commands (a dict maps each name to a plain function returning a dict):
     chat         ask the frozen LMM about an image; its answer, with grounded phrases as masks and an overlay
     demo         a web demo (Gradio, the [demo] extra): segment phrases in uploaded images, with an HTTP API
     convert-sam  convert an original segment-anything checkpoint (sam_vit_l_0b3195.pth) to the transformers layout
+    cache-sam    fill data.sam_cache with the SAM image embeddings of every training image
 
 `main(argv)` is the whole program and returns the command's dict (or raises); `cli(argv)` runs it as the command line
 does: every failure becomes one line `error: ...` on stderr and an exit status, 2 for a mistake the user can fix (a
@@ -174,6 +175,15 @@ def build_parser() -> _Parser:
     convert.add_argument("--checkpoint", required=True, help="e.g. sam_vit_l_0b3195.pth")
     convert.add_argument("--arch", required=True, choices=["sam_vit_b", "sam_vit_l", "sam_vit_h", "tiny"])
     convert.add_argument("--out", required=True, help="output directory")
+
+    cache = commands.add_parser(
+        "cache-sam", help="fill data.sam_cache with the SAM embeddings of the training images",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_schema_epilog(("model", "data", "train")),
+        description="Encode every data.train image with the frozen SAM image encoder and store the embeddings in "
+                    "data.sam_cache (once; entries already there are kept), so training skips the encoder. The "
+                    "cache is keyed by the SAM weights, input size, dtype, train.precision and the pixel budget: "
+                    "run it with the training config. Several GPUs: torchrun --nproc_per_node N run.py cache-sam")
+    _config_args(cache)
     return parser
 
 
@@ -247,8 +257,15 @@ def cmd_convert_sam(args: argparse.Namespace) -> dict[str, Any]:
     return {"out_dir": out_dir}
 
 
+def cmd_cache_sam(args: argparse.Namespace) -> dict[str, Any]:
+    from flmm_model.cache_sam import cache_sam
+    from flmm_model.config_loader import load_config
+
+    return cache_sam(load_config(args.config, args.overrides))
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "chat": cmd_chat, "demo": cmd_demo,
-            "convert-sam": cmd_convert_sam}
+            "convert-sam": cmd_convert_sam, "cache-sam": cmd_cache_sam}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -4,10 +4,14 @@ Any Qwen-VL preset works (`--arch`, all families: see `flmm_model.backbones.PRES
 random weights from the preset's config.
 
 Modes, all on the same model and batch in one run:
-  sdpa      the default: SDPA forward, softmax recomputed for the phrase-token query rows only
-  eager     the reference mode: eager attention, each layer's phrase rows pooled and its full map freed
-  baseline  F-LMM style: eager attention with `output_attentions=True` (+ hidden states), every layer's
-            (B, heads, L, L) map kept until the forward ends, pooled afterwards
+  sdpa      the default: SDPA forward, softmax recomputed for the phrase-token query rows only; the vision tower
+            with the packed attention (one call per block); timed as training runs it: `forward_prepared` on a
+            batch prepared on the host beforehand (`FrozenQwenLMM.prepare`, then one copy to the device)
+  eager     the reference mode: eager attention, each layer's phrase rows pooled and its full map freed (timed
+            the same way)
+  baseline  F-LMM style: the stock transformers forward (SDPA vision tower, one call per window) with eager
+            attention and `output_attentions=True` (+ hidden states), every layer's (B, heads, L, L) map kept until
+            the forward ends, pooled afterwards
 
 Each mode runs in its own process. Peak memory is the rise above the level before the call (model and inputs
 excluded): `torch.cuda.max_memory_allocated` on GPU, the process RSS sampled every millisecond on CPU (a coarser
@@ -38,6 +42,7 @@ from peak_memory import PeakMemory  # noqa: E402  (benchmarks/, the script's fol
 
 from flmm_model.attention import CaptureState, PhraseQueries  # noqa: E402
 from flmm_model.backbones import PRESETS, adapter_for, qwen_config  # noqa: E402
+from flmm_model.device import to_device  # noqa: E402
 from flmm_model.lmm import FrozenQwenLMM  # noqa: E402
 
 MODES = ("baseline", "eager", "sdpa")
@@ -116,9 +121,13 @@ def run_mode(args: argparse.Namespace) -> None:
         expanded = dict(input_ids=out.input_ids, attention_mask=out.attention_mask, mask_ids=out.mask_ids)
         del out
         config.text_config._attn_implementation = "eager"
+        config.vision_config._attn_implementation = "sdpa"  # the stock vision attention, one call per window
         seconds, peak, maps = measure(lambda: baseline_forward(lmm, batch, expanded), device, args.repeats)
     else:
-        seconds, peak, out = measure(lambda: lmm(**batch), device, args.repeats)
+        host = {k: v.cpu() for k, v in batch.items()}
+        prepared = to_device(lmm.prepare(host["input_ids"], host["attention_mask"], batch["pixel_values"],
+                                         host["image_grid_thw"], host["mask_ids"]), device)
+        seconds, peak, out = measure(lambda: lmm.forward_prepared(prepared), device, args.repeats)
         maps = [m.flatten(2) for m in out.attention_maps]
     torch.save([m.float().cpu().flatten(2) for m in maps], args.maps_file)
     seq_len = int(batch["input_ids"].shape[1]) + n_vision - 1

@@ -1,17 +1,24 @@
-"""Throughput and peak memory of full FrozenQwenSAM training steps, split into the frozen LMM, the frozen SAM image
-encoder and the trainable heads; on GPU also the model FLOPs utilisation (MFU) of the frozen parts.
+"""Throughput of full FrozenQwenSAM training steps, per region: time, and with `--count-ops` the kernel-launching ops
+and host syncs (torch.profiler and `op_count.SyncCounter`, meant for the CPU, where launches and syncs cannot hide).
 
-A training step is what `flmm_model.train` does: forward (LMM once for the batch, U-Net per image, SAM encoder for
-all images, SAM decoder per image), the four losses, backward through the heads, gradient clipping and an AdamW
-step; bf16 autocast on CUDA, fp32 on CPU. The parts are timed on their own with the same inputs: the LMM forward
-(`model.lmm_forward`, no grad) and the SAM image encoder (no grad); "heads" is the rest of the step (U-Net, text
-prompts, SAM prompt encoder + mask decoder, losses, backward, optimizer). FLOPs come from
-`torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and attention as executed); MFU = FLOPs / time /
-peak bf16 dense FLOP/s of the GPU. Weights are random (presets): speed and memory do not depend on their values.
+A step is what `flmm_model.train` does for one micro-batch of the loader (collated, with the heads' image inputs
+and targets built as the loader's workers build them): the host preparation and the copy to the device, the
+forward (LMM once for the batch, the heads, the four losses), backward through the heads, the loss bookkeeping of
+the log window, gradient clipping and an AdamW step; bf16 autocast on CUDA, fp32 on CPU. Weights are random
+(presets): speed does not depend on their values. AdamW and clipping run their `foreach` versions, as on CUDA.
 
-    python benchmarks/train_step.py --arch demo                          # CPU, the demo's shapes
-    python benchmarks/train_step.py --arch 3b_sam_l --device cuda        # Qwen2.5-VL-3B + SAM ViT-L shapes
-    python benchmarks/train_step.py --arch 7b_sam_l --device cuda --batch-size 4
+Regions (each op counts for the innermost one): `host prep + copy` (validation and indices of the CPU batch, then
+the asynchronous copy: its ops run on the host even on a GPU machine, so they launch no kernel and are left out of
+the totals), `vision tower` (Qwen's ViT + merger), `text decoder + capture` (the text model with the attention
+capture), `SAM encoder` (frozen image encoder), `glue + heads fwd` (the rest of the forward: embeddings, U-Net, text
+prompts, SAM prompt encoder + mask decoder, losses), `heads bwd`, `optimizer` (clipping, AdamW, zero_grad) and
+`loss bookkeeping`.
+
+    python benchmarks/train_step.py --arch demo                                      # CPU, the demo's shapes
+    python benchmarks/train_step.py --arch 3b_narrow --count-ops --repeats 1         # 3B + SAM-L structure, CPU
+    python benchmarks/train_step.py --arch 3b_sam_l --device cuda --trace /tmp/trace  # H200: 3B + SAM ViT-L shapes
+
+The last line is machine-readable: `throughput: samples/s=<x> step_ms=<y> peak_mib=<z>`.
 """
 
 from __future__ import annotations
@@ -28,49 +35,36 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from peak_memory import PeakMemory  # noqa: E402  (benchmarks/, the script's folder)
+from op_count import Regions, SyncCounter, count_kernel_ops  # noqa: E402  (benchmarks/, the script's folder)
+from peak_memory import PeakMemory  # noqa: E402
 
 from flmm_model.build import load_image_processor, load_tokenizer  # noqa: E402
 from flmm_model.config import ModelConfig  # noqa: E402
 from flmm_model.data import Collator, SyntheticDataset  # noqa: E402
-from flmm_model.distributed import autocast_context  # noqa: E402
+from flmm_model.device import to_device  # noqa: E402
+from flmm_model.distributed import autocast_context, precision_of  # noqa: E402
 from flmm_model.model import build_model  # noqa: E402
 
-# Named architectures: the model config and the default image side (px) of the synthetic batch.
+# Named architectures: the model config, the default image side (px) and images per step.
 ARCHS: dict[str, dict[str, Any]] = {
     "demo": dict(model=dict(qwen="tiny", sam="tiny", dtype="float32", max_pixels=224 * 224,
-                            mask_head_widths=[32, 64, 128, 256]), image_size=224),
+                            mask_head_widths=[32, 64, 128, 256]), image_size=224, batch_size=4),
+    # The real layer structure of Qwen2.5-VL-3B + SAM ViT-L at tiny widths: op and sync counts on the CPU.
+    "3b_narrow": dict(model=dict(qwen="qwen2_5_vl_3b_narrow", sam="sam_vit_l_narrow", dtype="float32",
+                                 max_pixels=672 * 672, mask_head_widths=[16, 32, 64, 128]),
+                      image_size=672, batch_size=8),
     "3b_sam_l": dict(model=dict(qwen="qwen2_5_vl_3b", sam="sam_vit_l", dtype="bfloat16", max_pixels=672 * 672),
-                     image_size=672),
+                     image_size=672, batch_size=8),
     "7b_sam_l": dict(model=dict(qwen="qwen2_5_vl_7b", sam="sam_vit_l", dtype="bfloat16", max_pixels=672 * 672),
-                     image_size=672),
+                     image_size=672, batch_size=8),
 }
+LOSS_KEYS = ("loss", "loss_mask_bce", "loss_mask_dice", "loss_sam_bce", "loss_sam_dice")
+HOST_REGION = "host prep + copy"
+REGION_ORDER = (HOST_REGION, "vision tower", "text decoder + capture", "SAM encoder", "glue + heads fwd", "heads bwd",
+                "optimizer", "loss bookkeeping", "outside")
 
 # Peak dense bf16 tensor FLOP/s by GPU name (vendor data sheets, without sparsity).
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
-def timed(fn, *, device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
-    """Median seconds per call over `repeats` calls after `warmup` calls, and the peak memory (MiB) seen."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    with PeakMemory(device, interval_s=0.002) as memory:
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), memory.peak_mib
-
-
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -88,12 +82,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="demo")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per step")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the arch's)")
     parser.add_argument("--image-size", type=int, default=None, help="side of the square synthetic images (px)")
     parser.add_argument("--objects", type=int, default=3, help="at most this many objects per image")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--count-ops", action="store_true", help="profile one more step: ops and syncs per region")
+    parser.add_argument("--trace", default=None, help="write a profiler trace (chrome JSON) of one step here")
+    parser.add_argument("--sam-cache", default=None, metavar="DIR",
+                        help="read SAM embeddings from a cache in DIR, filled before the timed steps (warm cache)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the parts (train.compile)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,74 +100,143 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arch = ARCHS[args.arch]
     device = torch.device(args.device)
     side = args.image_size or arch["image_size"]
+    batch_size = args.batch_size or arch["batch_size"]
     model_cfg = ModelConfig(**arch["model"])
     with device:  # random weights initialised where they will run (fast on GPU, no CPU copy of a 7B model)
         model = build_model(model_cfg)
     model.to(device).train()
+    if args.compile:
+        model.compile_parts()
     tokenizer = load_tokenizer(model_cfg.tokenizer)
     image_processor = load_image_processor(min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels,
                                            backbone=model_cfg.qwen)
-    dataset = SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=args.batch_size,
+    dataset = SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=batch_size,
                                image_size=(side, side), max_objects=args.objects)
-    batch = Collator(pad_token_id=tokenizer.pad_token_id)([dataset[i] for i in range(args.batch_size)])
+    autocast = autocast_context(device, "auto")
+    sam_cache = model.open_sam_cache(args.sam_cache, precision=precision_of(autocast)) if args.sam_cache else None
+    collator = Collator(pad_token_id=tokenizer.pad_token_id, head_inputs=model.head_input_spec(sam_cache=sam_cache))
+    items = [dataset[i] for i in range(batch_size)]
+    if sam_cache is not None:  # fill the cache as the first epoch (or `run.py cache-sam`) would
+        prepared = to_device(model.prepare_batch(collator(items)), device)
+        with torch.no_grad(), autocast:
+            output = model(prepared)
+        for name, embedding in zip(prepared.sam_missing_names, output.get("sam_new_embeddings", []), strict=False):
+            sam_cache.write(name, embedding.cpu())
+    batch = collator(items)  # what the loader's workers hand the train loop (with a warm cache: no SAM pixels)
     num_vision = int((batch["image_grid_thw"].prod(dim=1) // 4).sum())
     num_objects = sum(len(p) for p in batch["phrases"])
     params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01)
-    autocast = autocast_context(device, "auto")
+    # foreach: what AdamW and clipping do on CUDA by default (one op over all tensors), also on the CPU here.
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, foreach=True)
+    window = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64, device=device)
 
-    def train_step() -> None:
-        with autocast:
-            loss = model(batch)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def train_step(regions: Regions | None = None) -> None:
+        regions = regions or Regions()
+        with regions.region(HOST_REGION):
+            prepared = to_device(model.prepare_batch(batch), device)
+        with regions.region("glue + heads fwd"), autocast:
+            output = model(prepared)
+        with regions.region("heads bwd"):
+            output["loss"].backward()
+        with regions.region("loss bookkeeping"):
+            window[:-1] += torch.stack([output[k].detach() for k in LOSS_KEYS]).double()
+            window[-1] += 1
+        with regions.region("optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    device_batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def hooked(regions: Regions) -> list[Any]:
+        handles = regions.hook(model.qwen.model.visual, "vision tower")
+        handles += regions.hook(model.qwen.model.language_model, "text decoder + capture")
+        if model.sam_refiner is not None:
+            handles += regions.hook(model.sam_refiner.sam.vision_encoder, "SAM encoder")
+        return handles
 
-    def lmm_forward() -> None:
-        with autocast, torch.no_grad():
-            model.lmm_forward(device_batch["input_ids"], device_batch["attention_mask"], device_batch["pixel_values"],
-                              device_batch["image_grid_thw"], device_batch["mask_ids"])
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-    def sam_encoder() -> None:
-        refiner = model.sam_refiner
-        with autocast, torch.no_grad():
-            refiner.encode_images(refiner.preprocess(list(batch["images"])))
+    for _ in range(args.warmup):
+        train_step()
+    synchronize()
+    times = []
+    with PeakMemory(device, interval_s=0.002) as memory:
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            train_step()
+            synchronize()
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
 
-    step_s, step_mib = timed(train_step, device=device, repeats=args.repeats, warmup=args.warmup)
-    lmm_s, lmm_mib = timed(lmm_forward, device=device, repeats=args.repeats, warmup=1)
-    sam_s, sam_mib = timed(sam_encoder, device=device, repeats=args.repeats, warmup=1)
-    lmm_flops, sam_flops = count_flops(lmm_forward), count_flops(sam_encoder)
-    peak = peak_flops(device)
+    timed = Regions(timed=True, device=device)  # one more step, timed per region
+    handles = hooked(timed)
+    train_step(timed)
+    region_s = timed.times()
+    for handle in handles:
+        handle.remove()
 
-    def mfu(flops: float, seconds: float) -> str:
-        return f"{100 * flops / seconds / peak:6.1f}%" if peak else "     -"
+    ops = syncs = None
+    if args.count_ops:
+        regions = Regions()
+        handles = hooked(regions)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            with SyncCounter(regions, host_regions=(HOST_REGION,)) as counter:
+                counter.mark_host(batch)  # the CPU batch from the loader
+                # Host tensors on a GPU too: AdamW's step counts.
+                counter.mark_host([state["step"] for state in optimizer.state.values()])
+                train_step(regions)
+        for handle in handles:
+            handle.remove()
+        ops, syncs = count_kernel_ops(profile), counter.counts
+        sync_kinds = counter.kinds
+    if args.trace:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profile:
+            train_step()
+            synchronize()
+        os.makedirs(args.trace, exist_ok=True)
+        profile.export_chrome_trace(os.path.join(args.trace, f"train_step_{args.arch}.json"))
+    with FlopCounterMode(display=False) as flop_counter:
+        train_step()
+    step_flops = flop_counter.get_total_flops()
 
-    heads_s = max(step_s - lmm_s - sam_s, 0.0)
     trainable = sum(p.numel() for p in params)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"arch {args.arch}: qwen {model_cfg.qwen} + sam {model_cfg.sam}, frozen dtype {model_cfg.dtype}, "
-          f"{trainable / 1e6:.2f} M trainable parameters; device {where}")
-    print(f"batch: {args.batch_size} images {side}x{side} ({num_vision} vision tokens in all, "
+          f"{trainable / 1e6:.2f} M trainable parameters; device {where}; torch {torch.__version__}")
+    print(f"batch: {batch_size} images {side}x{side} ({num_vision} vision tokens in all, "
           f"{batch['input_ids'].shape[1]} compact tokens per sample), {num_objects} objects; "
-          f"precision {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
-    print(f"{'part':38s}{'ms/step':>10s}{'share':>8s}{'peak MiB':>10s}{'GFLOP':>10s}{'MFU':>8s}")
-    rows = [("LMM forward (frozen, no grad)", lmm_s, lmm_mib, lmm_flops, mfu(lmm_flops, lmm_s)),
-            ("SAM image encoder (frozen, no grad)", sam_s, sam_mib, sam_flops, mfu(sam_flops, sam_s)),
-            ("heads fwd+bwd+AdamW (rest of the step)", heads_s, float("nan"), None, "     -"),
-            ("full training step", step_s, step_mib, None, mfu(lmm_flops + sam_flops, step_s))]
-    for name, seconds, mib, flops, utilisation in rows:
-        gflop = f"{flops / 1e9:10.1f}" if flops is not None else f"{'-':>10s}"
-        mem = f"{mib:10.0f}" if mib == mib else f"{'-':>10s}"
-        print(f"{name:38s}{1e3 * seconds:10.1f}{100 * seconds / step_s:7.0f}%{mem}{gflop}{utilisation:>8s}")
-    samples_per_s = args.batch_size / step_s
-    print(f"throughput: {samples_per_s:.2f} samples/s; peak memory of a training step: {step_mib:.0f} MiB"
-          + ("" if device.type == "cuda" else " (process RSS)"))
-    return {"samples_per_s": samples_per_s, "step_s": step_s, "lmm_s": lmm_s, "sam_encoder_s": sam_s,
-            "heads_s": heads_s, "step_peak_mib": step_mib, "lmm_gflop": lmm_flops / 1e9,
-            "sam_gflop": sam_flops / 1e9}
+          f"precision {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
+          f"{'; SAM cache warm' if sam_cache is not None else ''}{'; compiled' if args.compile else ''}")
+    header = f"{'region':26s}{'ms':>10s}{'share':>8s}"
+    if ops is not None:
+        header += f"{'ops':>8s}{'syncs':>7s}  sync kinds"
+    print(header)
+    total = sum(seconds for name, seconds in region_s.items() if name != HOST_REGION)
+    names = [n for n in REGION_ORDER if n in region_s or (ops and n in ops) or (syncs and n in syncs)]
+    for name in names:
+        line = f"{name:26s}{1e3 * region_s.get(name, 0.0):10.1f}{100 * region_s.get(name, 0.0) / total:7.0f}%"
+        if ops is not None:
+            kinds = ", ".join(f"{k} {v}" for k, v in sync_kinds[name].most_common())
+            line += f"{ops.get(name, 0):8d}{syncs.get(name, 0):7d}  {kinds}"
+        print(line)
+    if ops is not None:
+        heads = sum(ops.get(n, 0) for n in ("glue + heads fwd", "heads bwd", "loss bookkeeping", "outside"))
+        device_ops = sum(count for name, count in ops.items() if name != HOST_REGION)
+        print(f"{'total (without host prep)':26s}{1e3 * total:10.1f}{100:7.0f}%{device_ops:8d}"
+              f"{sum(syncs.values()):7d}")
+        print(f"targets: vision tower ops {ops.get('vision tower', 0)} (<= 1500), heads + glue ops {heads} (<= 3000, "
+              f"fwd + bwd + bookkeeping), syncs {sum(syncs.values())} (<= 30)")
+    peak = peak_flops(device)
+    mfu = f", {100 * step_flops / step_s / peak:.1f}% MFU" if peak else ""
+    print(f"step: {step_flops / 1e12:.2f} TFLOP{mfu}")
+    samples_per_s = batch_size / step_s
+    print(f"throughput: samples/s={samples_per_s:.2f} step_ms={1e3 * step_s:.1f} peak_mib={memory.peak_mib:.0f}")
+    return {"samples_per_s": samples_per_s, "step_s": step_s, "peak_mib": memory.peak_mib, "regions_s": region_s,
+            "ops": ops, "syncs": syncs}
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ class PhraseQueries:
         object_pool: (B, K, P) float, row k averages the tokens of object k (1 / num_tokens on k's tokens, else 0).
         image_index: (B, N) long, positions of the image tokens in order (N = most image tokens; padded with 0).
         key_valid: (B, L) bool, the attention mask of the expanded sequence (padding keys are never attended).
+        key_allowed: (B, P, L) bool, the keys each phrase slot attends: causal (key position <= query position)
+            and not padding. Built once, used by every layer.
     """
 
     query_index: torch.Tensor
@@ -50,6 +52,7 @@ class PhraseQueries:
     object_pool: torch.Tensor
     image_index: torch.Tensor
     key_valid: torch.Tensor
+    key_allowed: torch.Tensor
 
     @classmethod
     def build(
@@ -62,7 +65,10 @@ class PhraseQueries:
         one_hot = (query_object.unsqueeze(1) == torch.arange(num_objects, device=mask_ids.device)[None, :, None])
         one_hot = (one_hot & query_valid.unsqueeze(1)).float()  # (B, K, P)
         object_pool = one_hot / one_hot.sum(-1, keepdim=True).clamp(min=1.0)
-        return cls(query_index, query_valid, object_pool, image_index, attention_mask.bool())
+        key_valid = attention_mask.bool()
+        positions = torch.arange(mask_ids.shape[1], device=mask_ids.device)
+        key_allowed = (positions[None, None, :] <= query_index[:, :, None]) & key_valid[:, None, :]  # (B, P, L)
+        return cls(query_index, query_valid, object_pool, image_index, key_valid, key_allowed)
 
 
 @dataclass
@@ -105,20 +111,21 @@ def _phrase_weight_rows(
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) for the phrase rows only, in fp32: (B, heads, P, L).
 
-    query (B, heads, L, d) and key (B, kv_heads, L, d) are after RoPE. The causal + padding mask is rebuilt from the
-    positions: a phrase token at position i attends key j iff j <= i and j is not padding. Autocast is switched off
-    here, so the scores stay fp32 when the forward runs under a bf16 training autocast.
+    query (B, heads, L, d) and key (B, kv_heads, L, d) are after RoPE. The rows are computed per key-value head group
+    (query heads h*rep .. (h+1)*rep - 1 share kv head h), so K is never repeated over the heads; only K itself is
+    cast to fp32. The mask is `queries.key_allowed` (causal + padding). Autocast is switched off here, so the scores
+    stay fp32 when the forward runs under a bf16 training autocast.
     """
     batch, heads, _, head_dim = query.shape
     num_kv_heads, length = key.shape[1], key.shape[2]
+    num_queries = queries.query_index.shape[1]
     row_index = queries.query_index[:, None, :, None].expand(batch, heads, -1, head_dim)
-    positions = torch.arange(length, device=query.device)
-    allowed = (positions[None, None, :] <= queries.query_index[:, :, None]) & queries.key_valid[:, None, :]  # (B, P, L)
     with torch.autocast(query.device.type, enabled=False):
         query_rows = query.gather(2, row_index).float()  # (B, heads, P, d)
-        key = key.float().repeat_interleave(heads // num_kv_heads, dim=1)  # (B, heads, L, d): GQA, h -> kv h // rep
-        scores = torch.matmul(query_rows, key.transpose(2, 3)) * scaling  # (B, heads, P, L)
-        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        query_rows = query_rows.view(batch, num_kv_heads, heads // num_kv_heads * num_queries, head_dim)
+        scores = torch.matmul(query_rows, key.float().transpose(2, 3)) * scaling  # (B, kv_heads, rep * P, L)
+        scores = scores.view(batch, heads, num_queries, length)  # (B, heads, P, L)
+        scores = torch.where(queries.key_allowed[:, None], scores, torch.finfo(scores.dtype).min)
         return torch.softmax(scores, dim=-1)
 
 

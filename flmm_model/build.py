@@ -45,6 +45,15 @@ SAM_ARCHS: dict[str, dict[str, dict[str, Any]]] = {
                                   global_attn_indexes=[2, 5, 8, 11]), prompt={}, decoder={}),
     "sam_vit_l": dict(vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                                   global_attn_indexes=[5, 11, 17, 23]), prompt={}, decoder={}),
+    # CPU op counts: SAM ViT-L's structure (24 blocks, 14-token windows, global attention in 5 / 11 / 17 / 23; the
+    # released prompt encoder and mask decoder layout) at tiny widths and a 512-pixel input (memory: the global blocks'
+    # relative-position bias is (images, heads, tokens, tokens)).
+    "sam_vit_l_narrow": dict(
+        vision=dict(hidden_size=64, output_channels=64, num_hidden_layers=24, num_attention_heads=16, image_size=512,
+                    global_attn_indexes=[5, 11, 17, 23], num_pos_feats=32, mlp_dim=128, initializer_range=0.02),
+        prompt=dict(hidden_size=64, image_size=512),
+        decoder=dict(hidden_size=64, mlp_dim=128, num_attention_heads=8, iou_head_hidden_dim=64),
+    ),
     "sam_vit_h": dict(vision=dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
                                   global_attn_indexes=[7, 15, 23, 31]), prompt={}, decoder={}),
 }

@@ -110,6 +110,10 @@ class DataConfig:
     padding_side: str = _field("right", help="padding side of input_ids", choices=["right", "left"])
     on_error: str = _field("raise", help="bad sample: raise | skip (counted and reported)",
                            choices=["raise", "skip"])
+    sam_cache: str | None = _field(None, help="directory of SAM image embeddings: read by the loader, missing ones "
+                                              "computed and written in the step (`run.py cache-sam` fills it "
+                                              "beforehand); refused if built for another SAM checkpoint, input size, "
+                                              "precision or pixel budget; null = no cache")
 
 
 @dataclass
@@ -141,6 +145,8 @@ class TrainConfig:
     find_unused_parameters: bool = _field(True, help="DDP: tolerate trainable parameters without gradient "
                                                      "(e.g. SAM prompt embeddings a step does not use)")
     progress: bool = _field(True, help="show a progress bar (rank 0)")
+    compile: bool = _field(False, help="torch.compile the vision blocks, text decoder layers, SAM encoder layers and "
+                                       "the heads (dynamic shapes); off by default: not measured faster yet")
 
 
 @dataclass

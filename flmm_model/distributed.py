@@ -86,6 +86,11 @@ def autocast_context(device: torch.device, precision: str) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def precision_of(autocast: Any) -> str:
+    """"bf16" when `autocast` (from `autocast_context`) is a bf16 autocast, else "fp32"."""
+    return "bf16" if isinstance(autocast, torch.autocast) else "fp32"
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
     MASTER_PORT); a plain `python run.py` is a world of one and creates no group.

@@ -6,14 +6,19 @@ chosen from `config.model_type`.
 
 Data pipelines tokenize the chat text with ONE `<|image_pad|>` per image (what the chat template emits). Qwen needs
 N = t * H * W / merge^2 pads per image, N depending on the image size. `FrozenQwenLMM` expands ids, attention mask
-and `mask_ids` itself, on the model's device, with vectorized tensor ops, then builds the 3-D M-RoPE positions and
+and `mask_ids` itself, with vectorized tensor ops, then builds the 3-D M-RoPE positions and
 runs the text decoder on `inputs_embeds`. Pre-expanded input (N pads already there, as the HF processor makes it)
 passes through unchanged, so both give identical results.
 
 A sample may hold several images (one placeholder block each; `image_grid_thw` has one row per image, in sample
 and placeholder order). Grounding reads the attention to ONE image per sample: the first, unless `grounded_image`
-names another. `prepare_inputs` is the one expansion path: the teacher-forced `forward` (with attention capture)
-and `generate` (transformers' generation on the expanded embeddings and positions) both start from it.
+names another. `prepare` is the one expansion path: the teacher-forced `forward` (with attention capture) and
+`generate` (transformers' generation on the expanded embeddings and positions) both start from it.
+
+`prepare` runs on the host (CPU tensors in): validation, expansion, positions and every index are built where
+reading a value costs no device sync; `PreparedLMMInputs.to(device)` moves them in one go, and `forward_prepared`
+then runs on the device without reading anything back. A training step prepares its batch in the data loader's
+process and calls `forward_prepared`; `forward` does both (inputs already on the device are read back first).
 
 Shapes: B samples, I images, L compact length, L' expanded length, D hidden size, K objects, P phrase tokens,
 N image tokens.
@@ -21,7 +26,6 @@ N image tokens.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +35,8 @@ from torch import nn
 
 from flmm_model.attention import CAPTURE_IMPLEMENTATIONS, CaptureState, PhraseQueries, register_capture_attention
 from flmm_model.backbones import QwenVLModel, VisionFeatures, adapter_for
+from flmm_model.backbones.vision_attention import use_packed_vision_attention
+from flmm_model.device import move_to
 
 
 @dataclass
@@ -50,6 +56,9 @@ class LMMOutput:
             after every decoder layer (as `output_hidden_states[1:]`: the last one after the final norm).
         grid_hw: per sample, the merged grid (h_b, w_b) of the sample's grounded image.
         grounded_image: per sample, the index (among the sample's images) of the image the maps refer to.
+        phrase_rows: (num_layers, B, P, D), the same hidden states for every phrase-token slot of the batch at once
+            (slot p of sample b is token `queries.query_index[b, p]`; padded slots hold junk).
+        queries: the `PhraseQueries` of the batch (slots, objects, grounded image tokens).
     """
 
     input_ids: torch.Tensor
@@ -61,6 +70,69 @@ class LMMOutput:
     phrase_hidden_states: list[list[torch.Tensor]]
     grid_hw: list[tuple[int, int]]
     grounded_image: list[int] = field(default_factory=list)
+    phrase_rows: torch.Tensor | None = None
+    queries: PhraseQueries | None = None
+
+
+@dataclass
+class PreparedLMMInputs:
+    """The LMM stage's inputs after validation, vision-token expansion and indexing, built on the host from the
+    compact CPU batch by `FrozenQwenLMM.prepare` and moved to the device in one go (`to`): the forward then reads no
+    value back from the device.
+
+    Attributes:
+        input_ids, attention_mask, mask_ids: (B, L') expanded, as in `LMMOutput` (mask_ids all -1 for generation).
+        image_mask: (B, L') bool, True on the image tokens of every image.
+        grounded_mask: (B, L') bool, the image tokens of each sample's grounded image.
+        image_positions: (sum_i N_i,) long, flat (b * L' + position) index of every image token, in feature order.
+        position_ids: (3, B, L') long M-RoPE positions.
+        pixel_values, image_grid_thw: as given (pixel rows of all images; (I, 3) grid).
+        queries: `PhraseQueries` (phrase slots, object pooling, grounded image tokens, causal + padding key mask);
+            None for generation (no phrase).
+        vision_inputs: the vision tower's precomputed keyword inputs (`BackboneAdapter.vision_inputs`).
+        num_vision_tokens: per image (I), N_i. grid_hw: per image, the merged grid (h_i, w_i).
+        num_objects: per sample, K_b (0 for generation).
+        images_per_sample: per sample, its number of images.
+        grounded_image: per sample, the grounded image's index among the sample's images.
+        grounded_index: per sample, the grounded image's index among all I images.
+        object_slots: per sample, per object, its phrase slots: a `slice` when they are consecutive (the usual
+            case), else a (T_k,) long tensor.
+        has_padding: whether any sample is padded (without padding the decoder runs plain causal attention).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask_ids: torch.Tensor
+    image_mask: torch.Tensor
+    grounded_mask: torch.Tensor
+    image_positions: torch.Tensor
+    position_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    queries: PhraseQueries | None
+    vision_inputs: dict[str, Any]
+    num_vision_tokens: list[int]
+    grid_hw: list[tuple[int, int]]
+    num_objects: list[int]
+    images_per_sample: list[int]
+    grounded_image: list[int]
+    grounded_index: list[int]
+    object_slots: list[list[slice | torch.Tensor]]
+    has_padding: bool = True
+
+    @property
+    def grounded_grid_hw(self) -> list[tuple[int, int]]:
+        """Per sample, the merged grid (h_b, w_b) of its grounded image."""
+        return [self.grid_hw[i] for i in self.grounded_index]
+
+    @property
+    def grounded_grid_thw(self) -> torch.Tensor:
+        """(B, 3) long, per sample the (t, H, W) patch grid of its grounded image."""
+        return self.image_grid_thw[self.grounded_index]
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> PreparedLMMInputs:
+        """Every tensor moved to `device` (`non_blocking` from pinned memory: no host wait)."""
+        return move_to(self, device, non_blocking=non_blocking)
 
 
 class FrozenQwenLMM(nn.Module):
@@ -97,6 +169,8 @@ class FrozenQwenLMM(nn.Module):
         self.hidden_size = config.text_config.hidden_size
         # The text decoder dispatches on this name (the vision tower keeps its own implementation).
         config.text_config._attn_implementation = CAPTURE_IMPLEMENTATIONS[attn_capture]
+        # The vision tower: one attention call per layer over all windows and images (`vision_attention.py`).
+        use_packed_vision_attention(qwen)
 
     @property
     def num_attention_channels(self) -> int:
@@ -120,6 +194,9 @@ class FrozenQwenLMM(nn.Module):
     ) -> LMMOutput:
         """Expand, position, run the frozen model once and capture attention maps and phrase hidden states.
 
+        `prepare` on the host, then `forward_prepared` on the model's device. Inputs already on the device are read
+        back first (host syncs): a training step prepares its CPU batch itself and calls `forward_prepared`.
+
         Args:
             input_ids: (B, L) long; each image of a sample is one `<|vision_start|>...<|vision_end|>` block holding
                 one `<|image_pad|>` (compact) or N_i of them (pre-expanded, as the HF processor makes it).
@@ -135,57 +212,11 @@ class FrozenQwenLMM(nn.Module):
         Raises:
             ValueError: on inconsistent input (see `validate_lmm_inputs`), before the model runs.
         """
-        prepared = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, mask_ids=mask_ids,
-                                       grounded_image=grounded_image)
-        queries = PhraseQueries.build(
-            mask_ids=prepared.mask_ids, image_mask=prepared.grounded_mask, attention_mask=prepared.attention_mask,
-            num_objects=max(prepared.num_objects),
-        )
-        inputs_embeds = prepared.inputs_embeds
-        capture = CaptureState(queries=queries)
-        layer_rows: list[torch.Tensor] = []  # per layer (B, P, D): phrase-token hidden states
-        row_index = queries.query_index.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1])  # (B, P, D)
+        prepared = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, mask_ids=mask_ids,
+                                grounded_image=grounded_image)
+        return self.forward_prepared(prepared.to(self.qwen.device))
 
-        def keep_phrase_rows(_module, _args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            layer_rows.append(hidden.gather(1, row_index))
-
-        text_model = self.qwen.model.language_model
-        hooks = [layer.register_forward_hook(keep_phrase_rows) for layer in text_model.layers[:-1]]
-        try:
-            # Attention capture: every text attention layer looks up `config.text_config._attn_implementation`
-            # ("flmm_sdpa" / "flmm_eager", set in __init__) in transformers' ALL_ATTENTION_FUNCTIONS, where
-            # `register_capture_attention` put `attention.capture_sdpa_attention` / `attention.capture_eager_attention`.
-            # The adapter's decoder call passes `flmm_capture=capture` on to the text model, which hands unknown
-            # keywords down to every attention call: the capture functions pop it from their `**kwargs`.
-            last_hidden_state = self.adapter.run_decoder(
-                text_model, inputs_embeds=inputs_embeds, attention_mask=prepared.attention_mask,
-                position_ids=prepared.position_ids, image_mask=prepared.image_mask, vision=prepared.vision,
-                flmm_capture=capture,
-            )  # (B, L', D)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        layer_rows.append(last_hidden_state.gather(1, row_index))  # the last layer after the final norm
-
-        grounded_tokens = [prepared.num_vision_tokens[i] for i in prepared.grounded_index]
-        grid_hw = [prepared.grid_hw[i] for i in prepared.grounded_index]
-        return LMMOutput(
-            input_ids=prepared.input_ids,
-            attention_mask=prepared.attention_mask,
-            mask_ids=prepared.mask_ids,
-            position_ids=prepared.position_ids,
-            last_hidden_state=last_hidden_state,
-            attention_maps=_split_maps(capture.stacked(), prepared.num_objects, grounded_tokens, grid_hw),
-            phrase_hidden_states=_split_phrase_states(torch.stack(layer_rows), queries, prepared.num_objects),
-            grid_hw=[tuple(hw) for hw in grid_hw],
-            grounded_image=list(prepared.grounded_image),
-        )
-
-    # ------------------------------------------------------------------ shared by forward and generate
-
-    @torch.no_grad()
-    def prepare_inputs(
+    def prepare(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
@@ -194,21 +225,17 @@ class FrozenQwenLMM(nn.Module):
         *,
         mask_ids: torch.Tensor | None = None,
         grounded_image: Sequence[int] | torch.Tensor | None = None,
-    ) -> PreparedInputs:
-        """The one expansion path of the teacher-forced forward and of generation: validate, expand the image
-        placeholders, build the M-RoPE positions, run the vision tower and scatter its features into the embeddings.
-
-        Args: as `forward`; `mask_ids` None means no phrase (generation), and no object is required then.
+    ) -> PreparedLMMInputs:
+        """Validate the batch and build every index the forward (or `generate`) needs, on the host: the values are
+        read here, where reading them costs no device sync. Arguments as in `forward` (moved to the CPU first;
+        `pixel_values` stays where it is); `mask_ids` None means no phrase (generation), and no object is required.
 
         Raises:
-            ValueError: on inconsistent input (see `validate_lmm_inputs`), before the vision tower runs.
+            ValueError: on inconsistent input (see `validate_lmm_inputs`).
         """
-        device = self.qwen.device
+        input_ids, attention_mask, image_grid_thw = (t.cpu() for t in (input_ids, attention_mask, image_grid_thw))
         needs_objects = mask_ids is not None
-        if mask_ids is None:
-            mask_ids = torch.full_like(input_ids, -1)
-        input_ids, attention_mask, mask_ids = (t.to(device) for t in (input_ids, attention_mask, mask_ids))
-        image_grid_thw = image_grid_thw.to(device)
+        mask_ids = torch.full_like(input_ids, -1) if mask_ids is None else mask_ids.cpu()
         layout = validate_lmm_inputs(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
             image_grid_thw=image_grid_thw, mask_ids=mask_ids, merge_size=self.merge_size,
@@ -225,21 +252,88 @@ class FrozenQwenLMM(nn.Module):
             image_mask=image_mask, attention_mask=attention_mask, grid_thw=image_grid_thw, merge_size=self.merge_size
         )
         block = image_block_index(image_mask)  # (B, L'), global image index of each image token
-        target = torch.tensor(layout.grounded_index, device=device)  # (B,)
-        grounded_mask = image_mask & (block == target[:, None])  # (B, L'), the grounded image's tokens
-
-        # Embeddings with the image features scattered in, in (sample, position) order = image order.
-        inputs_embeds = self.qwen.model.get_input_embeddings()(input_ids)  # (B, L', D)
-        vision = self.adapter.encode_images(self.qwen, pixel_values.to(device), image_grid_thw)
-        image_features = vision.image_embeds.to(inputs_embeds.dtype)  # (sum_i N_i, D)
-        inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
-        return PreparedInputs(
-            input_ids=input_ids, attention_mask=attention_mask, mask_ids=mask_ids, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, image_mask=image_mask, grounded_mask=grounded_mask, vision=vision,
-            num_vision_tokens=layout.num_vision_tokens, num_objects=layout.num_objects,
-            images_per_sample=layout.images_per_sample, grounded_image=layout.grounded_image,
-            grounded_index=layout.grounded_index,
+        grounded_mask = image_mask & (block == torch.tensor(layout.grounded_index)[:, None])  # (B, L')
+        queries, object_slots = None, []
+        if needs_objects:
+            queries = PhraseQueries.build(mask_ids=mask_ids, image_mask=grounded_mask, attention_mask=attention_mask,
+                                          num_objects=max(layout.num_objects))
+            object_slots = _object_slots(queries, layout.num_objects)
+        return PreparedLMMInputs(
+            input_ids=input_ids, attention_mask=attention_mask, mask_ids=mask_ids, image_mask=image_mask,
+            grounded_mask=grounded_mask, image_positions=image_mask.flatten().nonzero().flatten(),
+            position_ids=position_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw, queries=queries,
+            vision_inputs=self.adapter.vision_inputs(self.qwen.config.vision_config, image_grid_thw),
+            num_vision_tokens=layout.num_vision_tokens,
             grid_hw=[tuple(hw) for hw in (image_grid_thw[:, 1:] // self.merge_size).tolist()],
+            num_objects=layout.num_objects, images_per_sample=layout.images_per_sample,
+            grounded_image=layout.grounded_image, grounded_index=layout.grounded_index, object_slots=object_slots,
+            has_padding=not bool(attention_mask.all()),
+        )
+
+    @torch.no_grad()
+    def embed(self, prepared: PreparedLMMInputs) -> tuple[torch.Tensor, VisionFeatures]:
+        """(B, L', D) token embeddings with every image's features copied in (in (sample, position) order = image
+        order), and the vision tower's output, for prepared inputs on the model's device."""
+        input_ids = prepared.input_ids
+        inputs_embeds = self.qwen.model.get_input_embeddings()(input_ids)  # (B, L', D)
+        vision = self.adapter.encode_images(self.qwen, prepared.pixel_values, prepared.image_grid_thw,
+                                            prepared.vision_inputs)
+        image_features = vision.image_embeds.to(inputs_embeds.dtype)  # (sum_i N_i, D)
+        inputs_embeds = inputs_embeds.flatten(0, 1).index_copy(0, prepared.image_positions, image_features)
+        return inputs_embeds.view(*input_ids.shape, -1), vision  # (B * L', D) -> (B, L', D)
+
+    @torch.no_grad()
+    def forward_prepared(self, prepared: PreparedLMMInputs) -> LMMOutput:
+        """The device part of `forward`, on inputs from `prepare` moved to the model's device: no host sync."""
+        if prepared.queries is None:
+            raise ValueError("forward_prepared: the inputs were prepared without mask_ids (for generation)")
+        attention_mask, queries = prepared.attention_mask, prepared.queries
+        inputs_embeds, vision = self.embed(prepared)
+        capture = CaptureState(queries=queries)
+        layer_rows: list[torch.Tensor] = []  # per layer (B, P, D): phrase-token hidden states
+        row_index = queries.query_index.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1])  # (B, P, D)
+
+        def keep_phrase_rows(_module, _args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            layer_rows.append(hidden.gather(1, row_index))
+
+        text_model = self.qwen.model.language_model
+        hooks = [layer.register_forward_hook(keep_phrase_rows) for layer in text_model.layers[:-1]]
+        try:
+            # Attention capture: every text attention layer looks up `config.text_config._attn_implementation`
+            # ("flmm_sdpa" / "flmm_eager", set in __init__) in transformers' ALL_ATTENTION_FUNCTIONS, where
+            # `register_capture_attention` put `attention.capture_sdpa_attention` / `attention.capture_eager_attention`.
+            # The adapter's decoder call passes `flmm_capture=capture` on to the text model, which hands unknown
+            # keywords down to every attention call: the capture functions pop it from their `**kwargs`.
+            decoder_mask = None  # no padding: transformers runs plain causal attention (flash on GPU)
+            if prepared.has_padding:
+                decoder_mask = _decoder_mask(attention_mask, additive=self.attn_capture == "eager",
+                                             dtype=inputs_embeds.dtype)
+            last_hidden_state = self.adapter.run_decoder(
+                text_model, inputs_embeds=inputs_embeds, attention_mask=decoder_mask,
+                position_ids=prepared.position_ids, image_mask=prepared.image_mask, vision=vision,
+                flmm_capture=capture,
+            )  # (B, L', D)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        layer_rows.append(last_hidden_state.gather(1, row_index))  # the last layer after the final norm
+        phrase_rows = torch.stack(layer_rows)  # (layers, B, P, D)
+
+        grounded_tokens = [prepared.num_vision_tokens[i] for i in prepared.grounded_index]
+        grid_hw = prepared.grounded_grid_hw
+        return LMMOutput(
+            input_ids=prepared.input_ids,
+            attention_mask=attention_mask,
+            mask_ids=prepared.mask_ids,
+            position_ids=prepared.position_ids,
+            last_hidden_state=last_hidden_state,
+            attention_maps=_split_maps(capture.stacked(), prepared.num_objects, grounded_tokens, grid_hw),
+            phrase_hidden_states=_split_phrase_states(phrase_rows, prepared.object_slots),
+            grid_hw=list(grid_hw),
+            grounded_image=list(prepared.grounded_image),
+            phrase_rows=phrase_rows,
+            queries=queries,
         )
 
     @torch.no_grad()
@@ -253,7 +347,7 @@ class FrozenQwenLMM(nn.Module):
     ) -> torch.Tensor:
         """Generate with the frozen model from compact (or pre-expanded) ids, expanded exactly as `forward` expands.
 
-        The prompt goes through `prepare_inputs` (the same expansion, positions and image features as the forward),
+        The prompt goes through `prepare` and `embed` (the same expansion, positions and image features as the forward),
         is left-aligned (decoding appends on the right), and the family's adapter runs transformers' `generate` on
         it with the expanded M-RoPE positions: `generate` extends each position row by +1 per new token, which is
         exactly what the model's own 3-D positions do after the last prompt token. No attention is captured.
@@ -274,61 +368,25 @@ class FrozenQwenLMM(nn.Module):
         if generate_options.get("return_dict_in_generate"):
             raise ValueError("generate: returns the new token ids; return_dict_in_generate is not supported")
         generate_options.setdefault("do_sample", False)
-        prepared = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
-        if not bool(prepared.attention_mask[:, -1].all()):  # right padding: roll each row so its padding comes first
-            width = prepared.attention_mask.shape[1]
-            shift = width - prepared.attention_mask.sum(1)  # (B,)
+        prepared = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw).to(self.qwen.device)
+        inputs_embeds, vision = self.embed(prepared)
+        ids, mask, positions, image_mask = (prepared.input_ids, prepared.attention_mask, prepared.position_ids,
+                                            prepared.image_mask)
+        if not bool(mask[:, -1].all()):  # right padding: roll each row so its padding comes first
+            width = mask.shape[1]
+            shift = width - mask.sum(1)  # (B,)
             columns = (torch.arange(width, device=shift.device)[None, :] - shift[:, None]) % width  # (B, L')
 
             def roll(tensor: torch.Tensor, dim: int) -> torch.Tensor:
                 return tensor.gather(dim, _expand_index(columns, tensor, dim))
 
-            prepared = dataclasses.replace(
-                prepared, input_ids=roll(prepared.input_ids, 1), attention_mask=roll(prepared.attention_mask, 1),
-                position_ids=roll(prepared.position_ids, 2), inputs_embeds=roll(prepared.inputs_embeds, 1),
-                image_mask=roll(prepared.image_mask, 1),
-            )
-        new_ids = self.adapter.generate(
-            self.qwen, input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
-            position_ids=prepared.position_ids, inputs_embeds=prepared.inputs_embeds, image_mask=prepared.image_mask,
-            vision=prepared.vision, **generate_options,
+            ids, mask, positions = roll(ids, 1), roll(mask, 1), roll(positions, 2)
+            inputs_embeds, image_mask = roll(inputs_embeds, 1), roll(image_mask, 1)
+        return self.adapter.generate(
+            self.qwen, input_ids=ids, attention_mask=mask, position_ids=positions, inputs_embeds=inputs_embeds,
+            image_mask=image_mask, vision=vision, **generate_options,
         )
-        return new_ids
 
-
-@dataclass
-class PreparedInputs:
-    """A batch after validation, expansion and the vision tower: what the decoder (forward or generate) runs on.
-
-    Attributes:
-        input_ids, attention_mask, mask_ids: (B, L') expanded (mask_ids all -1 for generation).
-        position_ids: (3, B, L') M-RoPE positions.
-        inputs_embeds: (B, L', D) token embeddings with the image features scattered in.
-        image_mask: (B, L') bool, the image tokens of every image.
-        grounded_mask: (B, L') bool, the image tokens of each sample's grounded image.
-        vision: the vision tower's output (all images, image order).
-        num_vision_tokens: per image (I), N_i.
-        num_objects: per sample, K_b (0 for generation).
-        images_per_sample: per sample, its number of images.
-        grounded_image: per sample, the grounded image's index among the sample's images.
-        grounded_index: per sample, the grounded image's index among all I images.
-        grid_hw: per image, the merged grid (h_i, w_i).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    mask_ids: torch.Tensor
-    position_ids: torch.Tensor
-    inputs_embeds: torch.Tensor
-    image_mask: torch.Tensor
-    grounded_mask: torch.Tensor
-    vision: VisionFeatures
-    num_vision_tokens: list[int]
-    num_objects: list[int]
-    images_per_sample: list[int]
-    grounded_image: list[int]
-    grounded_index: list[int]
-    grid_hw: list[tuple[int, int]]
 
 
 @dataclass
@@ -570,12 +628,42 @@ def _split_maps(
     return out
 
 
-def _split_phrase_states(
-    layer_rows: torch.Tensor, queries: PhraseQueries, num_objects: list[int]
-) -> list[list[torch.Tensor]]:
-    """(layers, B, P, D) phrase rows -> per sample, per object (layers, T_k, D)."""
+def _decoder_mask(attention_mask: torch.Tensor, *, additive: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The text decoder's (B, 1, L', L') attention mask, built on the device without reading it back (transformers'
+    own mask builder reads the padding mask to decide whether it can skip it: a host sync): query i attends key j
+    iff j <= i and j is a real token; a padding query also attends itself, so no row is empty (an empty row would
+    give NaN that 0-weighted keys still spread). Bool (True = attend), or additive 0 / dtype min with `additive`
+    (the eager capture). transformers takes a 4-D mask as is."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    causal = positions[None, :] <= positions[:, None]  # (L', L'), [query, key]
+    keys = attention_mask.bool()[:, None, :] | (positions[None, :] == positions[:, None])  # (B, L', L')
+    allowed = (causal & keys)[:, None]  # (B, 1, L', L')
+    if not additive:
+        return allowed
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+def _object_slots(queries: PhraseQueries, num_objects: list[int]) -> list[list[slice | torch.Tensor]]:
+    """Per sample, per object, its phrase slots (host tensors in): a slice when consecutive, else an index tensor."""
     pool = queries.object_pool > 0  # (B, K, P)
+    slots = []
+    for b, count in enumerate(num_objects):
+        per_object = []
+        for k in range(count):
+            index = pool[b, k].nonzero().flatten()  # (T_k,)
+            first, last = int(index[0]), int(index[-1])
+            consecutive = last - first + 1 == index.numel()
+            per_object.append(slice(first, last + 1) if consecutive else index)
+        slots.append(per_object)
+    return slots
+
+
+def _split_phrase_states(
+    layer_rows: torch.Tensor, object_slots: list[list[slice | torch.Tensor]]
+) -> list[list[torch.Tensor]]:
+    """(layers, B, P, D) phrase rows -> per sample, per object (layers, T_k, D): views for consecutive slots."""
     return [
-        [layer_rows[:, b, pool[b, k]] for k in range(num_objects[b])]  # (layers, T_k, D)
-        for b in range(len(num_objects))
+        [layer_rows[:, b, slots] if isinstance(slots, slice) else layer_rows[:, b].index_select(1, slots)
+         for slots in sample_slots]  # (layers, T_k, D)
+        for b, sample_slots in enumerate(object_slots)
     ]

@@ -88,6 +88,31 @@ def mask_loss_terms(logits: Tensor | Sequence[Tensor], targets: Tensor | Sequenc
     return {"bce": bce.mean(), "dice": dice.mean()}
 
 
+def canvas_loss_terms(logits: Tensor, targets: Tensor, valid: Tensor, counts: Tensor,
+                      eps: float = 1.0) -> dict[str, Tensor]:
+    """BCE and Dice per mask for masks of different sizes on one canvas: what `bce_loss` and `dice_loss` give each
+    mask at its own size, for all masks in one call.
+
+    Args:
+        logits: (N, H, W) mask logits; mask n occupies the top-left part where `valid[n]` is True.
+        targets: (N, H, W) ground truth in [0, 1] (bool or float), zero outside the valid part.
+        valid: (N, H, W) bool. counts: (N,) float, the number of valid pixels of each mask.
+        eps: Dice smoothing (as `dice_loss`).
+
+    Returns:
+        dict with float32 (N,) tensors `bce` and `dice`.
+    """
+    _check_shapes("canvas_loss_terms", logits, targets)
+    logits, targets, weight = logits.float(), targets.float(), valid.float()
+    per_pixel = F.binary_cross_entropy_with_logits(logits, targets, weight=weight, reduction="none")
+    bce = per_pixel.flatten(1).sum(dim=1) / counts  # (N,)
+    probs = (logits.sigmoid() * weight).flatten(1)  # (N, H*W), zero outside each mask
+    target = targets.flatten(1)
+    intersection = (probs * target).sum(dim=1)
+    total = probs.sum(dim=1) + target.sum(dim=1)
+    return {"bce": bce, "dice": 1.0 - (2.0 * intersection + eps) / (total + eps)}
+
+
 def resize_gt_masks(gt_masks: Tensor, size: tuple[int, int]) -> Tensor:
     """Ground-truth masks resized to a coarse grid as soft targets: about the fraction of each cell inside.
 

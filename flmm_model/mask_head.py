@@ -13,12 +13,13 @@ is rounded to the patch grid), which is what the SAM refiner assumes when it map
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from flmm_model.frames import coarse_grid_size
 
 
 class ConvStage(nn.Module):
@@ -92,8 +93,7 @@ class UNetMaskHead(nn.Module):
 
         The scale is s = upsample_size / max(height, width); each side is rounded half up: floor(side * s + 0.5).
         """
-        scale = self.upsample_size / max(height, width)
-        return max(1, math.floor(height * scale + 0.5)), max(1, math.floor(width * scale + 0.5))
+        return coarse_grid_size(height, width, self.upsample_size)
 
     def forward(self, attn_maps: Tensor) -> Tensor:
         """Predict coarse mask logits.

@@ -41,6 +41,7 @@ from flmm_model.config import ConfigError, ExperimentConfig
 from flmm_model.config_loader import config_to_yaml
 from flmm_model.data.collate import make_loader
 from flmm_model.data.registry import NamedDataset, build_datasets
+from flmm_model.device import to_device
 from flmm_model.distributed import (
     ShardedSampler,
     all_gather_objects,
@@ -49,6 +50,7 @@ from flmm_model.distributed import (
     barrier,
     check_device,
     init_distributed,
+    precision_of,
     shutdown_distributed,
     wrap_ddp,
 )
@@ -175,7 +177,8 @@ def validate(model: torch.nn.Module, val_sets: list[NamedDataset], *, cfg: Exper
                                  pad=False)
         loader = make_loader(entry.dataset, sampler=sampler, batch_size=cfg.eval.batch_size,
                              num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
-                             padding_side=cfg.data.padding_side)
+                             padding_side=cfg.data.padding_side, head_inputs=model.head_input_spec(targets=False),
+                             pin_memory=info.device.type == "cuda")
         scores[entry.label] = score_dataset(model, loader, metric=entry.metric, autocast=autocast, baselines=True,
                                             progress=False, desc=f"val {entry.label}")
     return scores
@@ -240,9 +243,6 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         pad_token_id = prompt.tokenizer.pad_token_id
         sampler = ShardedSampler(len(train_set), rank=info.rank, world_size=info.world_size, shuffle=True,
                                  seed=tc.seed, pad=True)
-        loader = make_loader(train_set, sampler=sampler, batch_size=cfg.data.batch_size,
-                             num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
-                             padding_side=cfg.data.padding_side)
         micro_per_epoch = math.ceil(sampler.shard_size() / cfg.data.batch_size)
         steps_per_epoch = micro_per_epoch // tc.grad_accum
         if steps_per_epoch < 1:
@@ -276,8 +276,12 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
         # ---- Model, optimizer (trainable parameters only), schedule.
         model = build_model(cfg.model).to(info.device)
+        if tc.compile:
+            model.compile_parts()
         params = model.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        # Fused AdamW on CUDA: one kernel for all parameters (on the CPU: the default loop).
+        optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                                      fused=info.device.type == "cuda" or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, WarmupCosine(warmup_steps=warmup_steps, total_steps=total_steps))
         autocast = autocast_context(info.device, tc.precision)
@@ -306,6 +310,15 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 f"{total_steps} steps ({steps_per_epoch} per epoch), warm-up {warmup_steps}")
         ddp_model = wrap_ddp(model, info, find_unused_parameters=tc.find_unused_parameters)
         model.train()
+        sam_cache = None
+        if cfg.data.sam_cache:  # refused here, before any step, if built for another SAM setup
+            sam_cache = model.open_sam_cache(cfg.data.sam_cache, precision=precision_of(autocast))
+        # The loader's workers also build the heads' image inputs and targets (and read the SAM cache); batches come
+        # pinned on CUDA.
+        loader = make_loader(train_set, sampler=sampler, batch_size=cfg.data.batch_size,
+                             num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
+                             padding_side=cfg.data.padding_side, head_inputs=model.head_input_spec(sam_cache=sam_cache),
+                             pin_memory=info.device.type == "cuda")
 
         def log_record(record: dict[str, Any]) -> None:
             if info.is_main:
@@ -344,7 +357,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         # ---- The loop: one optimizer step = grad_accum micro-batches on every rank.
         bar = tqdm(total=total_steps, initial=step, disable=not (info.is_main and tc.progress), desc="train",
                    dynamic_ncols=True)
-        window = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64)  # loss sums of the log window, micro count
+        # Loss sums of the log window and the micro-batch count, on the device: read once per log step.
+        window = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64, device=info.device)
         window_images, window_start = 0, time.perf_counter()
         last_saved, scores, stopped_early, last_loss = -1, {}, False, float("nan")
         skipped = 0  # bad samples dropped by the datasets (data.on_error=skip), this process
@@ -361,14 +375,20 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                         raise UserError(f"epoch {epoch}: a batch with no usable sample (all skipped as bad data, "
                                         f"data.on_error=skip); see the warnings that name them")
                     last_micro = micro == tc.grad_accum - 1
+                    # Validated and indexed on the host, then one asynchronous copy: the step reads nothing back.
+                    prepared = to_device(model.prepare_batch(batch), info.device)
                     # DDP: all-reduce gradients only on the last micro-batch of the step.
                     sync = contextlib.nullcontext() if last_micro or ddp_model is model else ddp_model.no_sync()
                     with sync:
                         with autocast:
-                            output = ddp_model(batch)
+                            output = ddp_model(prepared)
                         (output["loss"] / tc.grad_accum).backward()
-                    window[:-1] += torch.stack([output[k].detach().double() for k in LOSS_KEYS]).cpu()
+                    window[:-1] += torch.stack([output[k].detach() for k in LOSS_KEYS]).double()
                     window[-1] += 1
+                    if "sam_new_embeddings" in output:  # images the cache missed: read back once, written for later
+                        for name, embedding in zip(prepared.sam_missing_names, output["sam_new_embeddings"].cpu(),
+                                                   strict=True):
+                            sam_cache.write(name, embedding)
                     window_images += len(batch["images"])
                     skipped += batch["num_skipped"]
                 micro_done += tc.grad_accum

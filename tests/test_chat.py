@@ -254,3 +254,29 @@ def test_visual_cot_grounds_the_thought_crops_and_answers_with_both_views(model,
                  f"answer the question: {question}{COT_ANSWER_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n")
     expected = hf_answer(reference_qwen, model, round_two, [image, cot.crop], 32)
     assert torch.equal(cot.answer_output.token_ids, expected) and cot.answer == cot.answer_output.answer
+
+
+def test_heads_read_the_grounded_image_of_a_two_image_sample(model, photos):
+    """Coarse logits of the heads = the U-Net on the LMM's maps of the grounded image (images of different sizes:
+    the coarse grid and the mask size must come from the grounded image, not from the sample's first one)."""
+    images = [photos[3].resize((168, 112)), photos[0].resize((112, 168))]
+    prompt = f"{SYSTEM}<|im_start|>user\n{BLOCK}{BLOCK}Where is it?<|im_end|>\n<|im_start|>assistant\n"
+    item_masks = hand_built_masks(model, prompt, "It is here.", [(0, 5)], images, grounded_image=1)
+    assert item_masks.shape == (1, 168, 112)
+    text = prompt + "It is here.<|im_end|>\n"
+    ids = torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"])[None]
+    mask_ids = torch.full_like(ids, -1)
+    mask_ids[0, len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])] = 0  # the token "It"
+    pixels, grids = zip(*(qwen_image_inputs(image, model.image_processor) for image in images), strict=True)
+    pixel_values, grid_thw = torch.cat(pixels), torch.cat(grids)
+    item = dict(input_ids=ids[0], mask_ids=mask_ids[0], pixel_values=pixel_values, image_grid_thw=grid_thw,
+                image=image_tensor(images[1]), gt_masks=None, grounded_image=1, phrases=["It"], meta={})
+    batch = collate([item], pad_token_id=model.tokenizer.pad_token_id)
+    with torch.no_grad():
+        coarse, refined = model.predict_logits(batch)
+        maps = model.lmm(ids, torch.ones_like(ids), pixel_values, grid_thw, mask_ids, grounded_image=[1])
+        expected = model.mask_head(maps.attention_maps[0])
+    h, w = (grid_thw[1, 1:] // 2).tolist()
+    assert maps.attention_maps[0].shape[-2:] == (h, w)
+    assert coarse[0].shape == expected.shape and torch.allclose(coarse[0], expected, atol=1e-5)
+    assert refined[0].shape == (1, 168, 112)

@@ -64,3 +64,34 @@ def test_collator_in_a_dataloader(tokenizer, image_processor):
 def test_collate_rejects_a_bad_padding_side(tokenizer):
     with pytest.raises(ValueError, match="padding_side"):
         Collator(pad_token_id=tokenizer.pad_token_id, padding_side="middle")
+
+
+class _EpochEcho(torch.utils.data.Dataset):
+    """Items that say which epoch the copy that built them was set to."""
+
+    def __init__(self) -> None:
+        self.epoch = -1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return self.epoch, index
+
+
+def test_persistent_workers_see_every_epoch():
+    """Persistent workers keep their dataset copy; the epoch travels with the indices (`set_epoch` in the main
+    process alone would leave the workers drawing epoch 0's random choices forever)."""
+    from flmm_model.data.collate import EpochIndexed, EpochSampler
+    from flmm_model.distributed import ShardedSampler
+
+    dataset = _EpochEcho()
+    sampler = ShardedSampler(len(dataset), shuffle=False, pad=False)
+    loader = torch.utils.data.DataLoader(EpochIndexed(dataset), sampler=EpochSampler(sampler), batch_size=2,
+                                         num_workers=1, persistent_workers=True, collate_fn=list)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        assert [item for batch in loader for item in batch] == [(epoch, index) for index in range(4)]

@@ -6,17 +6,19 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
 
 from flmm_model.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from flmm_model.data import collate, image_tensor, qwen_image_inputs
 from flmm_model.data.prompts import encode_grounded, expression_parts
+from flmm_model.device import to_device
 from flmm_model.model import FrozenQwenSAM, build_model
 
 PHRASES = [["the cup of coffee", "the saucer"], ["a man in a space suit"], ["the cat", "its left ear", "the wall"]]
 MODEL_CFG = dict(qwen="tiny", sam="tiny", max_pixels=224 * 224, seed=0)
 
 
-def make_batch(model: FrozenQwenSAM, photos: list[Image.Image]) -> dict:
+def make_batch(model: FrozenQwenSAM, photos: list[Image.Image], padding_side: str = "left") -> dict:
     """A collated batch of three real photos of different sizes with 2, 1 and 3 objects (boxes as masks)."""
     items = []
     for image, phrases in zip(photos[:3], PHRASES, strict=True):
@@ -28,7 +30,7 @@ def make_batch(model: FrozenQwenSAM, photos: list[Image.Image]) -> dict:
             gt[k, height * k // 4: height * (k + 2) // 4, width // 5: width * (k + 3) // 5] = True
         items.append(dict(input_ids=input_ids, mask_ids=mask_ids, pixel_values=pixel_values, image_grid_thw=grid,
                           image=image_tensor(image), gt_masks=gt, phrases=phrases, meta={"image_id": len(items)}))
-    return collate(items, pad_token_id=model.tokenizer.pad_token_id, padding_side="left")
+    return collate(items, pad_token_id=model.tokenizer.pad_token_id, padding_side=padding_side)
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +167,32 @@ def test_lmm_stage_alone_without_sam(photos):
     assert all(p.grad is not None for p in model.mask_head.parameters())
     width, height = photos[0].size
     assert model.segment(photos[0], "the cup").shape == (1, height, width)
+
+
+class _HostReads(TorchFunctionMode):
+    """Records every read of tensor values into Python and every op whose output size depends on tensor values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero",
+                    "masked_select", "unique", "unique_consecutive"):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_training_step_on_a_prepared_batch_reads_nothing_back_from_the_device(model, photos, padding_side):
+    """Everything the step needs is built on the host (`prepare_batch`); the forward and backward on the device then
+    never wait for it (on a GPU each read would be a host sync)."""
+    batch = make_batch(model, photos, padding_side=padding_side)
+    prepared = to_device(model.prepare_batch(batch), model.device)
+    model.train()
+    with _HostReads() as recorder:
+        out = model(prepared)
+        out["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    assert recorder.reads == []

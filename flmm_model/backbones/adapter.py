@@ -6,7 +6,8 @@ model (chosen from `config.model_type`) for everything family-specific:
 - builders and presets: the transformers config and model classes, and named configs (random weights);
 - the image processor: patch, merge and temporal patch sizes, normalization mean / std;
 - the chat template: the image block and the default system prompt;
-- the vision forward: `pixel_values` -> merged image features (plus Qwen3-VL's deepstack features);
+- the vision forward: `pixel_values` -> merged image features (plus Qwen3-VL's deepstack features), and the
+  grid-derived inputs of the vision tower computed on the host beforehand (no host sync inside the forward);
 - the decoder call: how the text model is run on `inputs_embeds` (Qwen3-VL also takes its deepstack inputs);
 - the M-RoPE positions: one shared function today (`mrope.py`), referenced by each adapter;
 - generation: how transformers' `generate` is called on the expanded prompt (Qwen3-VL's deepstack inputs reach the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -56,7 +58,10 @@ class BackboneAdapter:
         image_mean, image_std: per-channel normalization of the image processor (RGB, values in [0, 1]).
         image_block: the chat template's text for one image, with a single `<|image_pad|>`.
         default_system: the system prompt the chat template adds when none is given, or None (no system turn).
-        encode_images: (model, pixel_values, image_grid_thw) -> `VisionFeatures`; runs the vision tower.
+        encode_images: (model, pixel_values, image_grid_thw, vision_inputs=None) -> `VisionFeatures`; runs the
+            vision tower (its attention: `vision_attention.packed_attention` once `FrozenQwenLMM` is built on it).
+        vision_inputs: (vision_config, CPU image_grid_thw) -> the tower's precomputed keyword inputs (rotary
+            positions, segment boundaries, windows, the packed-attention plan), built on the host.
         run_decoder: (text_model, *, inputs_embeds, attention_mask, position_ids, image_mask, vision,
             **attention_kwargs) -> (B, L', D) last hidden state after the final norm; `attention_kwargs` reach
             every attention call of the text decoder.
@@ -79,7 +84,8 @@ class BackboneAdapter:
     image_std: tuple[float, float, float]
     image_block: str
     default_system: str | None
-    encode_images: Callable[[PreTrainedModel, torch.Tensor, torch.Tensor], VisionFeatures]
+    encode_images: Callable[..., VisionFeatures]
+    vision_inputs: Callable[[PretrainedConfig, torch.Tensor], dict[str, Any]]
     run_decoder: Callable[..., torch.Tensor]
     position_ids: Callable[..., torch.Tensor]
     generate: Callable[..., torch.Tensor]

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from transformers import PretrainedConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.vision_utils import get_vision_window_index
 
 from flmm_model.backbones import qwen2_vl
 from flmm_model.backbones.adapter import BackboneAdapter
 from flmm_model.backbones.mrope import mrope_position_ids
+from flmm_model.backbones.vision_attention import VisionPlan
 
 
 def _config(
@@ -77,12 +81,40 @@ def qwen2_5_vl_7b() -> Qwen2_5_VLConfig:
     )
 
 
+def qwen2_5_vl_3b_narrow() -> Qwen2_5_VLConfig:
+    """CPU op counts: Qwen2.5-VL-3B's layer structure (32 vision blocks with 112-pixel windows and full attention in
+    blocks 7 / 15 / 23 / 31; 36 text layers of 16 heads and 2 KV heads) at tiny widths (vision 128, text 128)."""
+    return _config(
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=36, num_attention_heads=16,
+                  num_key_value_heads=2, mrope_section=[1, 1, 2]),
+        vision=dict(_VISION_3B_7B, hidden_size=128, intermediate_size=256, out_hidden_size=128),
+        tie_word_embeddings=True,
+    )
+
+
+def vision_inputs(vision_config: PretrainedConfig, grid_thw: torch.Tensor) -> dict[str, Any]:
+    """Qwen2-VL's grid-derived vision inputs (`qwen2_vl.vision_inputs`) plus the windows of the window blocks: the
+    window order of the merged tokens, the windows' `cu_window_seqlens` and longest window, and their padded
+    layout in the plan."""
+    inputs = qwen2_vl.vision_inputs(vision_config, grid_thw)
+    window_index, cu_window_seqlens = get_vision_window_index(
+        grid_thw, spatial_merge_size=vision_config.spatial_merge_size, window_size=vision_config.window_size,
+        patch_size=vision_config.patch_size)
+    max_window_seqlen = int((cu_window_seqlens[1:] - cu_window_seqlens[:-1]).max())
+    num_tokens = int(inputs["cu_seqlens"][-1])
+    inputs.update(window_index=window_index, cu_window_seqlens=cu_window_seqlens, max_window_seqlen=max_window_seqlen,
+                  flmm_vision_plan=VisionPlan.build([(inputs["cu_seqlens"], inputs["max_seqlen"]),
+                                                     (cu_window_seqlens, max_window_seqlen)], num_tokens))
+    return inputs
+
+
 ADAPTER = BackboneAdapter(
     model_type="qwen2_5_vl",
     name="Qwen2.5-VL",
     config_class=Qwen2_5_VLConfig,
     model_class=Qwen2_5_VLForConditionalGeneration,
-    presets={"tiny": tiny, "mid": mid, "qwen2_5_vl_3b": qwen2_5_vl_3b, "qwen2_5_vl_7b": qwen2_5_vl_7b},
+    presets={"tiny": tiny, "mid": mid, "qwen2_5_vl_3b": qwen2_5_vl_3b, "qwen2_5_vl_7b": qwen2_5_vl_7b,
+             "qwen2_5_vl_3b_narrow": qwen2_5_vl_3b_narrow},
     patch_size=14,
     merge_size=2,
     temporal_patch_size=2,
@@ -91,6 +123,7 @@ ADAPTER = BackboneAdapter(
     image_block=qwen2_vl.IMAGE_BLOCK,
     default_system=qwen2_vl.DEFAULT_SYSTEM,
     encode_images=qwen2_vl.encode_images,
+    vision_inputs=vision_inputs,
     run_decoder=qwen2_vl.run_decoder,
     position_ids=mrope_position_ids,
     generate=qwen2_vl.generate,

@@ -11,12 +11,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
 from flmm_model.backbones.adapter import BackboneAdapter, VisionFeatures
 from flmm_model.backbones.mrope import mrope_position_ids
+from flmm_model.backbones.vision_attention import VisionPlan
 
 # The chat template of every released Qwen2-VL / Qwen2.5-VL checkpoint: one image block per image, and this system
 # turn when the conversation has none.
@@ -24,10 +26,29 @@ IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
-def encode_images(model: PreTrainedModel, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
-    """Vision tower + merger: `pixel_values` (sum_b t*H*W, patch_dim) -> (sum_b N_b, D) image features."""
-    per_image = model.model.get_image_features(pixel_values, image_grid_thw).pooler_output  # N_b rows each
-    return VisionFeatures(image_embeds=torch.cat(per_image, dim=0))  # (sum_b N_b, D)
+def encode_images(
+    model: PreTrainedModel, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+    vision_inputs: dict[str, Any] | None = None,
+) -> VisionFeatures:
+    """Vision tower + merger: `pixel_values` (sum_b t*H*W, patch_dim) -> (sum_b N_b, D) image features.
+
+    `vision_inputs` (from `vision_inputs`, moved to the device) are the tower's grid-derived inputs computed on the
+    host; without them the tower derives them from `image_grid_thw` itself (reading it: host syncs).
+    """
+    visual = model.model.visual
+    out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw, **(vision_inputs or {}))
+    return VisionFeatures(image_embeds=out.pooler_output)  # (sum_b N_b, D), images in order
+
+
+def vision_inputs(vision_config: PretrainedConfig, grid_thw: torch.Tensor) -> dict[str, Any]:
+    """The vision tower's grid-derived inputs, computed on the host from the CPU `grid_thw` (B, 3) with transformers'
+    own helpers: rotary positions, the images' `cu_seqlens` and longest image, and the padded layout of
+    `vision_attention.packed_attention` (`flmm_vision_plan`)."""
+    cu_seqlens = get_vision_cu_seqlens(grid_thw)  # (B + 1,) int32
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return dict(position_ids=get_vision_position_ids(grid_thw, vision_config.spatial_merge_size),
+                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                flmm_vision_plan=VisionPlan.build([(cu_seqlens, max_seqlen)], int(cu_seqlens[-1])))
 
 
 def run_decoder(
@@ -142,6 +163,7 @@ ADAPTER = BackboneAdapter(
     image_block=IMAGE_BLOCK,
     default_system=DEFAULT_SYSTEM,
     encode_images=encode_images,
+    vision_inputs=vision_inputs,
     run_decoder=run_decoder,
     position_ids=mrope_position_ids,
     generate=generate,

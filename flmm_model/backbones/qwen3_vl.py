@@ -17,21 +17,36 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
+from flmm_model.backbones import qwen2_vl
 from flmm_model.backbones.adapter import BackboneAdapter, VisionFeatures
 from flmm_model.backbones.mrope import mrope_position_ids
 
 
-def encode_images(model: PreTrainedModel, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
+def encode_images(
+    model: PreTrainedModel, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+    vision_inputs: dict[str, Any] | None = None,
+) -> VisionFeatures:
     """Vision tower: (sum_b t*H*W, patch_dim) -> (sum_b N_b, D) merged features and one such tensor per deepstack
-    block."""
-    out = model.model.get_image_features(pixel_values, image_grid_thw)
-    image_embeds = torch.cat(out.pooler_output, dim=0)  # (sum_b N_b, D)
-    deepstack_embeds = [torch.cat(per_image, dim=0) for per_image in out.deepstack_features]  # each (sum_b N_b, D)
-    return VisionFeatures(image_embeds=image_embeds, deepstack_embeds=deepstack_embeds)
+    block. `vision_inputs`: as in `qwen2_vl.encode_images`."""
+    visual = model.model.visual
+    out = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw, **(vision_inputs or {}))
+    return VisionFeatures(image_embeds=out.pooler_output, deepstack_embeds=list(out.deepstack_features))
+
+
+def vision_inputs(vision_config: PretrainedConfig, grid_thw: torch.Tensor) -> dict[str, Any]:
+    """Qwen2-VL's grid-derived vision inputs (`qwen2_vl.vision_inputs`) plus the taps and weights that resample the
+    learned position table to each image's grid."""
+    inputs = qwen2_vl.vision_inputs(vision_config, grid_thw)
+    interp_indices, interp_weights = get_vision_interpolation_indices_and_weights(
+        grid_thw, num_grid_per_side=int(vision_config.num_position_embeddings**0.5), mode="bilinear",
+        align_corners=True, spatial_merge_size=vision_config.spatial_merge_size)
+    inputs.update(interp_indices=interp_indices, interp_weights=interp_weights)
+    return inputs
 
 
 def run_decoder(
@@ -156,6 +171,7 @@ ADAPTER = BackboneAdapter(
     image_block="<|vision_start|><|image_pad|><|vision_end|>",
     default_system=None,  # the chat template emits no system turn unless the conversation has one
     encode_images=encode_images,
+    vision_inputs=vision_inputs,
     run_decoder=run_decoder,
     position_ids=mrope_position_ids,
     generate=generate,

@@ -8,10 +8,13 @@ from typing import Any
 
 import torch
 
+from flmm_model.data.head_inputs import HeadInputSpec
+
 PADDING_SIDES = ("right", "left")
 
 
-def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_side: str = "right") -> dict[str, Any]:
+def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_side: str = "right",
+            head_inputs: HeadInputSpec | None = None) -> dict[str, Any]:
     """Pad the token tensors, concatenate the image patches in sample order, keep the rest as per-sample lists.
 
     `None` items (samples a dataset skipped as bad data) are dropped and counted in `num_skipped`. If every item was
@@ -21,6 +24,8 @@ def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_si
         items: item dicts or None.
         pad_token_id: id written into padded `input_ids` positions (e.g. `tokenizer.pad_token_id`).
         padding_side: "right" or "left" (left for batched generation).
+        head_inputs: a model's `HeadInputSpec`: also build the heads' host inputs (`sam_pixels`, `gt_canvas`,
+            `coarse_targets`; see `flmm_model.data.head_inputs`), here in the loader's workers instead of in the step.
 
     Returns:
         input_ids: (B, L) long, padded with `pad_token_id`; L is the longest compact sequence.
@@ -29,6 +34,7 @@ def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_si
         pixel_values: (sum_i t_i*h_i*w_i, 1176) float32, samples concatenated in batch order (a multi-image
             item's images in its placeholder order).
         image_grid_thw: (I, 3) long, one row per image (I = B when every item holds one image).
+        grounded_grid_thw: (B, 3) long, the row of each sample's grounded image.
         grounded_image: B ints, the image of each sample its phrases refer to (item key `grounded_image`,
             default 0: the first); `images` holds that image.
         images: B tensors (3, H_i, W_i) uint8.
@@ -36,6 +42,7 @@ def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_si
         phrases: B lists of K_i strings.
         metas: B meta dicts.
         num_skipped: number of None items dropped.
+        sam_pixels, gt_canvas, coarse_targets: with `head_inputs` (B > 0).
     """
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side: expected one of {PADDING_SIDES}, found {padding_side!r}")
@@ -62,19 +69,24 @@ def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_si
     else:
         pixel_values = torch.zeros((0, 0), dtype=torch.float32)
         image_grid_thw = torch.zeros((0, 3), dtype=torch.long)
-    return dict(
+    batch = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
         mask_ids=mask_ids,
         pixel_values=pixel_values,
         image_grid_thw=image_grid_thw,
         grounded_image=[int(item.get("grounded_image", 0)) for item in kept],
+        grounded_grid_thw=torch.stack([item["image_grid_thw"].reshape(-1, 3)[int(item.get("grounded_image", 0))]
+                                       for item in kept]).long() if kept else torch.zeros((0, 3), dtype=torch.long),
         images=[item["image"] for item in kept],
         gt_masks=[item["gt_masks"] for item in kept],
         phrases=[item["phrases"] for item in kept],
         metas=[item["meta"] for item in kept],
         num_skipped=len(items) - batch_size,
     )
+    if head_inputs is not None and kept:
+        batch.update(head_inputs(batch))
+    return batch
 
 
 @dataclass(frozen=True)
@@ -86,21 +98,67 @@ class Collator:
 
     pad_token_id: int
     padding_side: str = "right"
+    head_inputs: HeadInputSpec | None = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side: expected one of {PADDING_SIDES}, found {self.padding_side!r}")
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
-        return collate(items, pad_token_id=self.pad_token_id, padding_side=self.padding_side)
+        return collate(items, pad_token_id=self.pad_token_id, padding_side=self.padding_side,
+                       head_inputs=self.head_inputs)
+
+
+class EpochIndexed(torch.utils.data.Dataset):
+    """A dataset addressed by (epoch, index) pairs (from `EpochSampler`): persistent workers keep their copy of the
+    dataset across epochs, where the main process's `set_epoch` never reaches, so the epoch travels with each index
+    and the copy that builds the item selects it first."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+        self.epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if epoch != self.epoch:
+            for part in getattr(self.dataset, "datasets", [self.dataset]):
+                if hasattr(part, "set_epoch"):
+                    part.set_epoch(epoch)
+            self.epoch = epoch
+        return self.dataset[index]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """(epoch, index) pairs of a sampler with an `epoch` attribute (`ShardedSampler`), for `EpochIndexed`."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = getattr(self.sampler, "epoch", 0)
+        return ((epoch, index) for index in self.sampler)
 
 
 def make_loader(dataset: torch.utils.data.Dataset, *, sampler: torch.utils.data.Sampler, batch_size: int,
-                num_workers: int, pad_token_id: int, padding_side: str = "right") -> torch.utils.data.DataLoader:
+                num_workers: int, pad_token_id: int, padding_side: str = "right",
+                head_inputs: HeadInputSpec | None = None, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader with the project's collate. It draws its worker seeds from a private generator, so creating an
-    iterator never advances the global torch RNG (exact resume depends on that)."""
+    iterator never advances the global torch RNG (exact resume depends on that).
+
+    `head_inputs`: build the heads' host inputs in the workers (see `collate`). `pin_memory`: batches come in
+    page-locked memory, so their copies to a CUDA device run asynchronously (`non_blocking=True`). Worker processes
+    persist across epochs (`EpochIndexed` hands them each epoch with the indices).
+    """
+    if num_workers > 0:
+        dataset, sampler = EpochIndexed(dataset), EpochSampler(sampler)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=Collator(pad_token_id=pad_token_id, padding_side=padding_side),
-        generator=torch.Generator().manual_seed(0), pin_memory=False,
+        collate_fn=Collator(pad_token_id=pad_token_id, padding_side=padding_side, head_inputs=head_inputs),
+        generator=torch.Generator().manual_seed(0), pin_memory=pin_memory, persistent_workers=num_workers > 0,
     )
