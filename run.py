@@ -5,6 +5,7 @@ Commands (a dict maps each name to a plain function returning a dict):
     eval         score a checkpoint on data.test: RefCOCO/+/g cIoU & gIoU, PNG Average Recall
     predict      masks for phrases on one image: a PNG per phrase and an overlay
     convert-sam  convert an original segment-anything checkpoint (sam_vit_l_0b3195.pth) to the transformers layout
+    pretrain-lmm caption-pretrain the tiny Qwen2.5-VL on the synthetic scenes (the demo's frozen LMM)
 
 `main(argv)` is the whole program and returns the command's dict; only the `__main__` block exits the process.
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
+DEFAULT_PRETRAIN_CONFIG = REPO / "configs" / "demo_lmm.yaml"
 
 OVERRIDES_HELP = """\
 overrides:
@@ -116,16 +118,41 @@ def build_parser() -> _Parser:
     convert.add_argument("--checkpoint", required=True, help="e.g. sam_vit_l_0b3195.pth")
     convert.add_argument("--arch", required=True, choices=["sam_vit_b", "sam_vit_l", "sam_vit_h", "tiny"])
     convert.add_argument("--out", required=True, help="output directory")
+
+    pretrain = commands.add_parser(
+        "pretrain-lmm", help="caption-pretrain the tiny Qwen2.5-VL on the synthetic scenes (the demo's LMM)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_schema_epilog(("model", "data", "train")),
+        description="Next-token prediction of the synthetic scenes' phrases after the image, in Qwen2.5-VL's chat "
+                    "format. Writes config.yaml, metrics.jsonl, metrics.png, checkpoints/step_N/ and, when done, "
+                    "the transformers checkpoint <train.out_dir>/qwen (set model.qwen to it).")
+    pretrain.add_argument("--config", default=str(DEFAULT_PRETRAIN_CONFIG),
+                          help=f"pretraining YAML (default: {DEFAULT_PRETRAIN_CONFIG.relative_to(REPO)})")
+    pretrain.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
+    pretrain.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                          help="continue from the newest checkpoint in train.out_dir (or from CHECKPOINT)")
     return parser
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from flmm_model.config import load_config
-    from flmm_model.train import train
+    from flmm_model.pretrain_lmm import ensure_pretrained_lmm
+    from flmm_model.train import attention_only_config, train
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
-    return train(cfg)
+    ensure_pretrained_lmm(cfg.model)  # model.qwen_pretrain: pretrain the LMM first when model.qwen is missing
+    compare = {}
+    if cfg.train.attention_only_baseline and not cfg.model.attention_only:
+        compare["attention-only heads"] = train(attention_only_config(cfg))["val"]
+    return train(cfg, compare=compare)
+
+
+def cmd_pretrain_lmm(args: argparse.Namespace) -> dict[str, Any]:
+    from flmm_model.config import load_config
+    from flmm_model.pretrain_lmm import pretrain_lmm
+
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    return pretrain_lmm(load_config(args.config, overrides))
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,7 +184,8 @@ def cmd_convert_sam(args: argparse.Namespace) -> dict[str, Any]:
     return {"out_dir": out_dir}
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "convert-sam": cmd_convert_sam}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "convert-sam": cmd_convert_sam,
+            "pretrain-lmm": cmd_pretrain_lmm}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

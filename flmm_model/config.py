@@ -64,6 +64,10 @@ class ModelConfig:
     dice_weight: float = _field(1.0, help="weight of the Dice terms (coarse and SAM masks)")
     instruction: str | None = _field(None, help="user-turn instruction; null = the built-in one")
     seed: int = _field(0, help="seed for the random weights of presets and the trainable heads")
+    attention_only: bool = _field(False, help="ablation: masks from the U-Net on the attention maps alone (no "
+                                              "hidden-state text prompts, no SAM; model.sam is not built)")
+    qwen_pretrain: str | None = _field(None, help="a `run.py pretrain-lmm` config whose output is model.qwen; "
+                                                  "`run.py train` runs it first when model.qwen does not exist")
 
 
 @dataclass
@@ -137,6 +141,9 @@ class TrainConfig:
     find_unused_parameters: bool = _field(True, help="DDP: tolerate trainable parameters without gradient "
                                                      "(e.g. SAM prompt embeddings a step does not use)")
     progress: bool = _field(True, help="show a progress bar (rank 0)")
+    attention_only_baseline: bool = _field(False, help="`run.py train` first trains the same heads with "
+                                                       "model.attention_only=true (same data, steps, seed) in "
+                                                       "<out_dir>/attention_only; its scores join the final table")
 
 
 @dataclass

@@ -14,6 +14,7 @@ same loss trajectory as a run that never stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -55,6 +56,7 @@ from flmm_model.evaluate import (
     print_table,
     score_dataset,
 )
+from flmm_model.pointing import pointing_rows, score_pointing
 
 LOSS_KEYS = ("loss", "loss_mask_bce", "loss_mask_dice", "loss_sam_bce", "loss_sam_dice")
 
@@ -144,6 +146,32 @@ def versus_baselines(scores: dict[str, dict[str, float]]) -> dict[str, dict[str,
     return rows
 
 
+def attention_only_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The attention-only ablation of a run: the same config with `model.attention_only=true` (the U-Net alone on
+    the attention maps: no text prompts, no SAM, only the coarse-mask loss), in `<train.out_dir>/attention_only`."""
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, attention_only=True),
+        train=dataclasses.replace(cfg.train, out_dir=str(Path(cfg.train.out_dir) / "attention_only"),
+                                  attention_only_baseline=False))
+
+
+def report_rows(scores: dict[str, dict[str, float]], *, compare: dict[str, dict[str, dict[str, float]]],
+                pointing: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The final table: per dataset the model, the runs in `compare` (name -> label -> scores), the trivial
+    baselines, and the pointing accuracy of the LMM's raw attention next to chance."""
+    rows: dict[str, dict[str, float]] = {}
+    for label in scores:
+        ours = versus_baselines({label: scores[label]})
+        rows[f"{label} model"] = ours.pop(f"{label} model")
+        for name, other in compare.items():
+            if label in other:
+                rows[f"{label} {name}"] = versus_baselines({label: other[label]})[f"{label} model"]
+        rows.update(ours)
+        if label in pointing:
+            rows.update(pointing_rows(label, pointing[label]))
+    return rows
+
+
 def validate(model: torch.nn.Module, val_sets: list[tuple[str, str, Any]], *, cfg: ExperimentConfig, info: Any,
              autocast: Any) -> dict[str, dict[str, float]]:
     """Score every validation dataset (sharded over ranks, metric sums reduced), with the trivial baselines.
@@ -183,12 +211,18 @@ def check_resume_setup(state: dict[str, Any], *, checkpoint: str | Path, world_s
                          f"start a new run")
 
 
-def train(cfg: ExperimentConfig) -> dict[str, Any]:
+def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float]]] | None = None) -> dict[str, Any]:
     """Train FrozenQwenSAM's heads as `cfg` says; returns the run's summary (and the trained, unwrapped model).
+
+    Args:
+        cfg: the experiment.
+        compare: validation scores of other runs (name -> dataset label -> metrics, as this function's `val`),
+            shown as rows of the final table (e.g. the attention-only ablation).
 
     Returns:
         dict with `out_dir`, `steps`, `checkpoint` (newest checkpoint dir), `stopped_early`, `last_loss`,
-        `val` (label -> metrics of the model, and of the all-foreground / empty baselines) and `model`.
+        `val` (label -> metrics of the model, and of the all-foreground / empty baselines), `pointing` (label ->
+        pointing accuracy of the frozen LMM's attention and chance, `flmm_model.pointing`) and `model`.
     """
     from flmm_model.build import build_model, load_image_processor, load_tokenizer
 
@@ -252,6 +286,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
         # ---- Model, optimizer (trainable parameters only), schedule.
         model = build_model(cfg.model).to(info.device)
+        loss_keys = LOSS_KEYS if model.sam_refiner is not None else LOSS_KEYS[:3]  # attention-only: no SAM terms
         params = model.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -320,7 +355,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         # ---- The loop: one optimizer step = grad_accum micro-batches on every rank.
         bar = tqdm(total=total_steps, initial=step, disable=not (info.is_main and tc.progress), desc="train",
                    dynamic_ncols=True)
-        window = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64)  # loss sums of the log window, micro count
+        window = torch.zeros(len(loss_keys) + 1, dtype=torch.float64)  # loss sums of the log window, micro count
         window_images, window_start = 0, time.perf_counter()
         last_saved, scores, stopped_early, last_loss = -1, {}, False, float("nan")
         skipped = 0  # bad samples dropped by the datasets (data.on_error=skip), this process
@@ -342,7 +377,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                         with autocast:
                             output = ddp_model(batch)
                         (output["loss"] / tc.grad_accum).backward()
-                    window[:-1] += torch.stack([output[k].detach().double() for k in LOSS_KEYS]).cpu()
+                    window[:-1] += torch.stack([output[k].detach().double() for k in loss_keys]).cpu()
                     window[-1] += 1
                     window_images += len(batch["images"])
                     skipped += batch["num_skipped"]
@@ -363,7 +398,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     last_loss = means[0]
                     record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr,
                               "grad_norm": float(grad_norm), "images_per_s": images_per_s}
-                    record.update(dict(zip(LOSS_KEYS, means, strict=True)))
+                    record.update(dict(zip(loss_keys, means, strict=True)))
                     log_record(record)
                     bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.2f}")
                     window.zero_()
@@ -384,9 +419,17 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 epoch, micro_done, skipped = epoch + 1, 0, 0
         bar.close()
 
+        pointing: dict[str, dict[str, float]] = {}
         if not stopped_early:
             if val_sets:
                 scores = run_validation()
+                for label, _, dataset in val_sets:  # the frozen LMM's own grounding, for the final table
+                    val_sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size,
+                                                 shuffle=False, pad=False)
+                    val_loader = make_loader(dataset, sampler=val_sampler, batch_size=cfg.eval.batch_size, cfg=cfg)
+                    pointing[label] = score_pointing(model.lmm, val_loader)
+                log_record({"kind": "pointing", "step": step, **{f"{label}/{k}": v for label, metrics in
+                                                                  pointing.items() for k, v in metrics.items()}})
             if last_saved != step:
                 checkpoint()
         final = latest_checkpoint(ckpt_root)
@@ -394,10 +437,12 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             if not stopped_early:
                 plot_metrics(read_metrics(metrics_path), out_dir / "metrics.png")
             if scores:
-                print_table(versus_baselines(scores), title=f"validation after {step} steps: the model against the "
-                                                            f"all-foreground and empty-mask baselines (%)")
+                print_table(report_rows(scores, compare=compare or {}, pointing=pointing),
+                            title=f"validation after {step} steps: the model against the all-foreground and "
+                                  f"empty-mask baselines, and the pointing accuracy of the frozen LMM's attention (%)")
             log(f"run directory: {out_dir}  (metrics.jsonl, metrics.png, config.yaml); checkpoint: {final}")
         return {"out_dir": str(out_dir), "steps": step, "checkpoint": str(final) if final else None,
-                "stopped_early": stopped_early, "last_loss": last_loss, "val": scores, "model": model}
+                "stopped_early": stopped_early, "last_loss": last_loss, "val": scores, "pointing": pointing,
+                "model": model}
     finally:
         shutdown_distributed(info)
