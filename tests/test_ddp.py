@@ -21,7 +21,7 @@ TINY = [
     "data.train=[{type: synthetic, length: 7, seed: 0, image_size: [64, 112]}]",
     "data.val=[]", "data.test=[{type: synthetic, split: test, length: 5, seed: 3, image_size: [64, 112]}]",
     "data.batch_size=2", "train.progress=false", "eval.progress=false", "train.num_threads=1", "train.lr=1e-3",
-    "train.log_every=1", "train.attention_only_baseline=false",
+    "train.log_every=1", "train.attention_only_baseline=false", "data.num_workers=0",
 ]
 
 

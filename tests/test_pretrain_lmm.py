@@ -27,7 +27,7 @@ DEMO = str(REPO / "configs" / "demo.yaml")
 INSTRUCTION = "Please give me a description of the image."
 # configs/demo_lmm.yaml made smaller: 12 small scenes (3 batches of 4 per epoch), at most 16 vision tokens.
 TINY = [
-    "model.max_pixels=12544", "data.batch_size=4", "eval.batch_size=4", "train.progress=false",
+    "model.max_pixels=12544", "data.batch_size=4", "data.num_workers=0", "eval.batch_size=4", "train.progress=false",
     "train.num_threads=1", "train.log_every=1", "train.val_every=0", "train.save_every=0", "train.lr=5e-3",
     "train.warmup_ratio=0", "data.train=[{type: synthetic, length: 12, seed: 0, image_size: [64, 112]}]",
     "data.val=[{type: synthetic, split: val, length: 3, seed: 1, image_size: [64, 112]}]",

@@ -23,7 +23,7 @@ TINY = [
     "data.train=[{type: synthetic, length: 10, seed: 0, image_size: [64, 112]}]",
     "data.val=[{type: synthetic, split: val, length: 3, seed: 1, image_size: [64, 112]}]",
     "data.batch_size=2", "train.progress=false", "train.num_threads=2", "train.lr=1e-3",
-    "train.attention_only_baseline=false",
+    "train.attention_only_baseline=false", "data.num_workers=0",
 ]
 
 
