@@ -7,7 +7,7 @@ green triangles.") in the assistant turn, after the image and the instruction, i
 default system prompt. The phrases come in a random order, so naming a shape's colour and kind needs a look at it.
 
 What trains: the vision tower and merger, every text decoder layer and the final norm, and of the input embedding
-and the output head only the rows of the tokens the prompts and captions use (`caption_vocabulary`: about 50 of
+and the output head only the rows of the tokens the prompts and captions use (`caption_vocabulary`: 43 of
 151,936). The output rows of every other token are set to zero, so their logit is 0 and the full-vocabulary
 next-token loss of the written model is computed exactly from the trained rows:
 log Z = logaddexp(logsumexp(trained logits), log(V - n)). That avoids a (tokens x 151,936) logit matrix and an AdamW
@@ -242,7 +242,8 @@ def _check_pretrain_config(cfg: ExperimentConfig) -> None:
         raise ValueError(f"model.dtype: caption pretraining trains in float32 weights (use train.precision=bf16 "
                          f"for autocast on a GPU), found {cfg.model.dtype!r}")
     if os.environ.get("WORLD_SIZE", "1") != "1":
-        raise ValueError("pretrain-lmm runs in one process; start it without torchrun")
+        raise ValueError("pretrain-lmm runs in one process; start it without torchrun (for a config whose "
+                         "model.qwen_pretrain must run first: `python run.py pretrain-lmm --config <that config>`)")
 
 
 @torch.no_grad()
