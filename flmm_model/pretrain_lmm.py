@@ -268,7 +268,8 @@ def _validate(caption_lm: CaptionLM, val_sets: list[tuple[str, Any]], *, cfg: Ex
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished directory `tmp` to `final`, replacing an older `final` without a moment of absence."""
+    """Rename the finished directory `tmp` to `final`. An older `final` is first renamed aside and deleted after, so
+    `final` is never a half-written directory (a crash in between leaves the old one as `.old-*`)."""
     if final.exists():
         old = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.rename(final, old)
@@ -334,6 +335,7 @@ def pretrain_lmm(cfg: ExperimentConfig) -> dict[str, Any]:
                                   f"train.out_dir to a new directory, or train.overwrite=true to replace it")
         for old in list_checkpoints(ckpt_root):
             shutil.rmtree(old)
+        shutil.rmtree(export_dir(cfg), ignore_errors=True)  # an LMM of the earlier run must not pass for this one
 
     # ---- Model (the checkpoint's weights when resuming), optimizer over the trainable parameters, schedule.
     qwen = build_qwen(str(resume_from) if resume_from else cfg.model.qwen, seed=cfg.model.seed)
