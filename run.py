@@ -8,6 +8,7 @@ Commands (a dict maps each name to a plain function returning a dict):
     demo         a web demo (Gradio, the [demo] extra): segment phrases in uploaded images, with an HTTP API
     convert-sam  convert an original segment-anything checkpoint (sam_vit_l_0b3195.pth) to the transformers layout
     cache-sam    fill data.sam_cache with the SAM image embeddings of every training image
+    pretrain-lmm caption-pretrain the tiny Qwen2.5-VL on the synthetic scenes (the demo's frozen LMM)
 
 `main(argv)` is the whole program and returns the command's dict (or raises); `cli(argv)` runs it as the command line
 does: every failure becomes one line `error: ...` on stderr and an exit status, 2 for a mistake the user can fix (a
@@ -30,6 +31,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
+DEFAULT_PRETRAIN_CONFIG = REPO / "configs" / "demo_lmm.yaml"
 
 OVERRIDES_HELP = """\
 overrides:
@@ -184,16 +186,38 @@ def build_parser() -> _Parser:
                     "cache is keyed by the SAM weights, input size, dtype, train.precision and the pixel budget: "
                     "run it with the training config. Several GPUs: torchrun --nproc_per_node N run.py cache-sam")
     _config_args(cache)
+
+    pretrain = commands.add_parser(
+        "pretrain-lmm", help="caption-pretrain the tiny Qwen2.5-VL on the synthetic scenes (the demo's LMM)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_schema_epilog(("model", "data", "train")),
+        description="Next-token prediction of the synthetic scenes' phrases after the image, in Qwen2.5-VL's chat "
+                    "format. Writes config.yaml, metrics.jsonl, metrics.png, checkpoints/step_N/ and, when done, "
+                    "the transformers checkpoint <train.out_dir>/qwen (set model.qwen to it).")
+    pretrain.add_argument("--config", default=str(DEFAULT_PRETRAIN_CONFIG),
+                          help=f"pretraining YAML (default: {DEFAULT_PRETRAIN_CONFIG.relative_to(REPO)})")
+    pretrain.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
+    pretrain.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                          help="continue from the newest checkpoint in train.out_dir (or from CHECKPOINT)")
     return parser
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from flmm_model.config_loader import load_config
-    from flmm_model.train import train
+    from flmm_model.pretrain_lmm import ensure_pretrained_lmm
+    from flmm_model.train import train_with_ablation
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
-    return train(cfg)
+    ensure_pretrained_lmm(cfg.model)  # model.qwen_pretrain: pretrain the LMM first when model.qwen is missing
+    return train_with_ablation(cfg)
+
+
+def cmd_pretrain_lmm(args: argparse.Namespace) -> dict[str, Any]:
+    from flmm_model.config_loader import load_config
+    from flmm_model.pretrain_lmm import pretrain_lmm
+
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    return pretrain_lmm(load_config(args.config, overrides))
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -265,7 +289,7 @@ def cmd_cache_sam(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "chat": cmd_chat, "demo": cmd_demo,
-            "convert-sam": cmd_convert_sam, "cache-sam": cmd_cache_sam}
+            "convert-sam": cmd_convert_sam, "cache-sam": cmd_cache_sam, "pretrain-lmm": cmd_pretrain_lmm}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

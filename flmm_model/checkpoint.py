@@ -380,8 +380,9 @@ def recover_checkpoints(root: str | Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(*, root: str | Path, step: int, weights: dict[str, torch.Tensor], model_config: dict[str, Any],
-                    trainer_state: dict[str, Any], config_yaml: str, keep_last: int) -> Path:
+def save_checkpoint(*, root: str | Path, step: int, weights: dict[str, torch.Tensor] | None = None,
+                    model_config: dict[str, Any] | None = None, trainer_state: dict[str, Any], config_yaml: str,
+                    keep_last: int, write_model: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint `root/step_<step>` atomically and delete all but the newest `keep_last` checkpoints (never
     the one just written). See the module docstring for what a kill at any point leaves.
 
@@ -393,6 +394,9 @@ def save_checkpoint(*, root: str | Path, step: int, weights: dict[str, torch.Ten
         trainer_state: optimizer / scheduler / data position / RNG states (a plain dict of tensors and numbers).
         config_yaml: the resolved experiment config.
         keep_last: how many checkpoints to keep.
+        write_model: instead of `weights` + `model_config`, a function that writes the model files into the
+            directory it is given (`pretrain_lmm` writes a whole transformers checkpoint: model.safetensors and
+            config.json as well).
     Returns:
         The checkpoint directory.
     Raises:
@@ -406,7 +410,10 @@ def save_checkpoint(*, root: str | Path, step: int, weights: dict[str, torch.Ten
         root.mkdir(parents=True, exist_ok=True)
         recover_checkpoints(root)
         tmp.mkdir()
-        save_pretrained(tmp, weights=weights, model_config=model_config)
+        if write_model is not None:
+            write_model(tmp)
+        else:
+            save_pretrained(tmp, weights=weights, model_config=model_config)
         torch.save(trainer_state, tmp / TRAINER_STATE)
         (tmp / CONFIG_FILE).write_text(config_yaml)
         _fsync_tree(tmp)

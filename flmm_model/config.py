@@ -58,6 +58,10 @@ class ModelConfig:
                                         "longer sample is bad data (raise or skip), a longer segment() text an "
                                         "error. eval / predict take it from this config, not the checkpoint")
     seed: int = _field(0, help="seed for the random weights of presets and the trainable heads")
+    attention_only: bool = _field(False, help="ablation: masks from the U-Net on the attention maps alone (no "
+                                              "hidden-state text prompts, no SAM; model.sam is not built)")
+    qwen_pretrain: str | None = _field(None, help="a `run.py pretrain-lmm` config whose output is model.qwen; "
+                                                  "`run.py train` runs it first when model.qwen does not exist")
 
 
 @dataclass
@@ -147,6 +151,9 @@ class TrainConfig:
     progress: bool = _field(True, help="show a progress bar (rank 0)")
     compile: bool = _field(False, help="torch.compile the vision blocks, text decoder layers, SAM encoder layers and "
                                        "the heads (dynamic shapes); off by default: not measured faster yet")
+    attention_only_baseline: bool = _field(False, help="`run.py train` first trains the same heads with "
+                                                       "model.attention_only=true (same data, steps, seed) in "
+                                                       "<out_dir>/attention_only; its scores join the final table")
 
 
 @dataclass

@@ -143,6 +143,59 @@ class PngRecallMetric:
         return result
 
 
+def pointing_hits(attn_maps: torch.Tensor, gt_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pointing game of attention maps on the image-token grid: is the argmax cell inside the object?
+
+    Cell (r, c) of an h x w grid covers the pixels [r * H / h, (r + 1) * H / h) x [c * W / w, (c + 1) * W / w) of the
+    original H x W image (Qwen's resize keeps the whole image); it counts as inside an object when the pixel under
+    its centre, (floor((r + 0.5) * H / h), floor((c + 0.5) * W / w)), belongs to the object's mask. Chance is the
+    hit rate of a uniformly random cell: the fraction of cells inside the object. Ties go to the first cell in
+    row-major order.
+
+    Args:
+        attn_maps: (K, h, w) non-negative attention (any float dtype), one map per object.
+        gt_masks: (K, H, W) bool ground truth at the original image size.
+
+    Returns:
+        hits: (K,) bool, the argmax cell is inside object k.
+        chance: (K,) float64 in [0, 1], fraction of cells inside object k.
+    """
+    if attn_maps.ndim != 3 or gt_masks.ndim != 3 or attn_maps.shape[0] != gt_masks.shape[0]:
+        raise ValueError(f"pointing_hits: expected attn_maps (K, h, w) and gt_masks (K, H, W) with the same K, found "
+                         f"{tuple(attn_maps.shape)} and {tuple(gt_masks.shape)}")
+    if gt_masks.dtype != torch.bool:
+        raise ValueError(f"pointing_hits: gt_masks must be bool, found {gt_masks.dtype}")
+    (_, h, w), (_, height, width) = attn_maps.shape, gt_masks.shape
+    rows = ((torch.arange(h, dtype=torch.float64) + 0.5) * height / h).floor().long()  # (h,), pixel row of centres
+    cols = ((torch.arange(w, dtype=torch.float64) + 0.5) * width / w).floor().long()  # (w,)
+    inside = gt_masks.cpu()[:, rows][:, :, cols].flatten(1)  # (K, h*w): cell centre inside the object
+    best = attn_maps.detach().float().cpu().flatten(1).argmax(dim=1)  # (K,), row-major cell index
+    hits = inside.gather(1, best[:, None])[:, 0]  # (K,)
+    return hits, inside.double().mean(dim=1)
+
+
+class PointingMetric:
+    """Pointing accuracy of attention maps (see `pointing_hits`) next to chance, accumulated over objects."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums = torch.zeros(3, dtype=torch.float64)  # hits, chance sum, object count
+
+    def update(self, attn_maps: torch.Tensor, gt_masks: torch.Tensor) -> None:
+        """Add one sample's objects: attn_maps (K, h, w), gt_masks (K, H, W) bool."""
+        hits, chance = pointing_hits(attn_maps, gt_masks)
+        self._sums += torch.stack([hits.double().sum(), chance.sum(), torch.tensor(float(hits.numel()))])
+
+    def compute(self) -> dict[str, float]:
+        """{"pointing", "pointing_chance"} x100 and "count" (objects), over all processes; NaN when count is 0."""
+        hits, chance, count = all_reduce_sum(self._sums).tolist()
+        if count == 0:
+            return {"pointing": math.nan, "pointing_chance": math.nan, "count": 0}
+        return {"pointing": 100.0 * hits / count, "pointing_chance": 100.0 * chance / count, "count": int(count)}
+
+
 class ReasonSegMetric:
     """ReasonSeg gIoU / cIoU with ignored pixels left out of both intersection and union (LISA's and F-LMM's rule).
 

@@ -14,6 +14,7 @@ same loss trajectory as a run that never stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -57,6 +58,7 @@ from flmm_model.distributed import (
 from flmm_model.errors import CheckpointError, UserError
 from flmm_model.evaluate import print_table, score_dataset
 from flmm_model.model import build_model
+from flmm_model.pointing import pointing_rows, score_pointing
 
 LOSS_KEYS = ("loss", "loss_mask_bce", "loss_mask_dice", "loss_sam_bce", "loss_sam_dice")
 
@@ -167,6 +169,67 @@ def versus_baselines(scores: dict[str, dict[str, float]]) -> dict[str, dict[str,
     return rows
 
 
+def attention_only_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The attention-only ablation of a run: the same config with `model.attention_only=true` (the U-Net alone on
+    the attention maps: no text prompts, no SAM, only the coarse-mask loss), in `<train.out_dir>/attention_only`.
+    A resumed run resumes its ablation from the ablation's own newest checkpoint."""
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, attention_only=True),
+        train=dataclasses.replace(cfg.train, out_dir=str(Path(cfg.train.out_dir) / "attention_only"),
+                                  attention_only_baseline=False, resume="latest" if cfg.train.resume else None))
+
+
+def earlier_run_error(ckpt_root: Path) -> FileExistsError:
+    return FileExistsError(f"{ckpt_root} holds checkpoints of an earlier run: pass --resume to continue it, set "
+                           f"train.out_dir to a new directory, or train.overwrite=true to delete them")
+
+
+def check_run_setup(cfg: ExperimentConfig) -> None:
+    """The cheap checks of a training run, made before any weights load (or another run trains first): model paths,
+    device, the run directory, and the checkpoint to resume (read and checked) or the earlier run's checkpoints
+    (refused without train.overwrite). `train` makes them again as it starts."""
+    tc = cfg.train
+    check_model_paths(cfg.model)
+    check_device(tc.device, key="train.device")
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training dataset configured")
+    ckpt_root = prepare_output_dir(tc.out_dir, what="train.out_dir") / "checkpoints"
+    if tc.resume == "latest" and latest_checkpoint(ckpt_root) is not None:
+        load_checkpoint(ckpt_root, trainer_state=True)
+    elif tc.resume and tc.resume != "latest":
+        load_checkpoint(tc.resume, trainer_state=True)
+    elif not tc.resume and not tc.overwrite and latest_checkpoint(ckpt_root) is not None:
+        raise earlier_run_error(ckpt_root)
+
+
+def train_with_ablation(cfg: ExperimentConfig) -> dict[str, Any]:
+    """`run.py train`: `train(cfg)`, preceded by its attention-only ablation (`attention_only_config`) when
+    `train.attention_only_baseline` is set; the ablation's validation scores join the run's final table. The run's
+    own mistakes (paths, device, out_dir, the checkpoint to resume) are reported before the ablation trains."""
+    if not cfg.train.attention_only_baseline or cfg.model.attention_only:
+        return train(cfg)
+    check_run_setup(cfg)
+    ablation = train(attention_only_config(cfg))
+    return train(cfg, compare={"attention-only heads": ablation["val"]})
+
+
+def report_rows(scores: dict[str, dict[str, float]], *, compare: dict[str, dict[str, dict[str, float]]],
+                pointing: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The final table: per dataset the model, the runs in `compare` (name -> label -> scores), the trivial
+    baselines, and the pointing accuracy of the LMM's raw attention next to chance."""
+    rows: dict[str, dict[str, float]] = {}
+    for label in scores:
+        ours = versus_baselines({label: scores[label]})
+        rows[f"{label} model"] = ours.pop(f"{label} model")
+        for name, other in compare.items():
+            if label in other:
+                rows[f"{label} {name}"] = versus_baselines({label: other[label]})[f"{label} model"]
+        rows.update(ours)
+        if label in pointing:
+            rows.update(pointing_rows(label, pointing[label]))
+    return rows
+
+
 def validate(model: torch.nn.Module, val_sets: list[NamedDataset], *, cfg: ExperimentConfig, info: Any,
              autocast: Any, pad_token_id: int) -> dict[str, dict[str, float]]:
     """Score every validation dataset with its own metric (sharded over ranks, metric sums reduced), with the
@@ -210,12 +273,18 @@ def check_resume_setup(state: dict[str, Any], *, checkpoint: str | Path, world_s
                               f"{state['total_steps']} steps, or start a new run")
 
 
-def train(cfg: ExperimentConfig) -> dict[str, Any]:
+def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float]]] | None = None) -> dict[str, Any]:
     """Train FrozenQwenSAM's heads as `cfg` says; returns the run's summary (and the trained, unwrapped model).
+
+    Args:
+        cfg: the experiment.
+        compare: validation scores of other runs (name -> dataset label -> metrics, as this function's `val`),
+            shown as rows of the final table (e.g. the attention-only ablation).
 
     Returns:
         dict with `out_dir`, `steps`, `checkpoint` (newest checkpoint dir), `stopped_early`, `last_loss`,
-        `val` (label -> metrics of the model, and of the all-foreground / empty baselines) and `model`.
+        `val` (label -> metrics of the model, and of the all-foreground / empty baselines), `pointing` (label ->
+        pointing accuracy of the frozen LMM's attention and chance, `flmm_model.pointing`) and `model`.
     """
     tc = cfg.train
     check_model_paths(cfg.model)
@@ -267,8 +336,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                                batch_size=cfg.data.batch_size, grad_accum=tc.grad_accum, total_steps=total_steps)
         if resume_from is None and latest_checkpoint(ckpt_root) is not None:
             if not tc.overwrite:
-                raise FileExistsError(f"{ckpt_root} holds checkpoints of an earlier run: pass --resume to continue it, "
-                                      f"set train.out_dir to a new directory, or train.overwrite=true to delete them")
+                raise earlier_run_error(ckpt_root)
             barrier()  # every rank has looked before rank 0 deletes
             if info.is_main:
                 log(f"train.overwrite: deleting the earlier run's checkpoints in {ckpt_root}")
@@ -278,6 +346,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         model = build_model(cfg.model).to(info.device)
         if tc.compile:
             model.compile_parts()
+        loss_keys = LOSS_KEYS if model.sam_refiner is not None else LOSS_KEYS[:3]  # attention-only: no SAM terms
         params = model.trainable_parameters()
         # Fused AdamW on CUDA: one kernel for all parameters (on the CPU: the default loop).
         optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
@@ -358,7 +427,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         bar = tqdm(total=total_steps, initial=step, disable=not (info.is_main and tc.progress), desc="train",
                    dynamic_ncols=True)
         # Loss sums of the log window and the micro-batch count, on the device: read once per log step.
-        window = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64, device=info.device)
+        window = torch.zeros(len(loss_keys) + 1, dtype=torch.float64, device=info.device)
         window_images, window_start = 0, time.perf_counter()
         last_saved, scores, stopped_early, last_loss = -1, {}, False, float("nan")
         skipped = 0  # bad samples dropped by the datasets (data.on_error=skip), this process
@@ -383,7 +452,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                         with autocast:
                             output = ddp_model(prepared)
                         (output["loss"] / tc.grad_accum).backward()
-                    window[:-1] += torch.stack([output[k].detach() for k in LOSS_KEYS]).double()
+                    window[:-1] += torch.stack([output[k].detach() for k in loss_keys]).double()
                     window[-1] += 1
                     if "sam_new_embeddings" in output:  # images the cache missed: read back once, written for later
                         for name, embedding in zip(prepared.sam_missing_names, output["sam_new_embeddings"].cpu(),
@@ -408,7 +477,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     last_loss = means[0]
                     record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr,
                               "grad_norm": float(grad_norm), "images_per_s": images_per_s}
-                    record.update(dict(zip(LOSS_KEYS, means, strict=True)))
+                    record.update(dict(zip(loss_keys, means, strict=True)))
                     log_record(record)
                     bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.2f}")
                     window.zero_()
@@ -429,9 +498,19 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 epoch, micro_done, skipped = epoch + 1, 0, 0
         bar.close()
 
+        pointing: dict[str, dict[str, float]] = {}
         if not stopped_early:
             if val_sets:
                 scores = run_validation()
+                for entry in val_sets:  # the frozen LMM's own grounding, for the final table
+                    val_sampler = ShardedSampler(len(entry.dataset), rank=info.rank, world_size=info.world_size,
+                                                 shuffle=False, pad=False)
+                    val_loader = make_loader(entry.dataset, sampler=val_sampler, batch_size=cfg.eval.batch_size,
+                                             num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
+                                             padding_side=cfg.data.padding_side)
+                    pointing[entry.label] = score_pointing(model.lmm, val_loader)
+                log_record({"kind": "pointing", "step": step, **{f"{label}/{k}": v for label, metrics in
+                                                                  pointing.items() for k, v in metrics.items()}})
             if last_saved != step:
                 checkpoint()
         final = latest_checkpoint(ckpt_root)
@@ -439,10 +518,12 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             if not stopped_early:
                 plot_metrics(read_metrics(metrics_path), out_dir / "metrics.png")
             if scores:
-                print_table(versus_baselines(scores), title=f"validation after {step} steps: the model against the "
-                                                            f"all-foreground and empty-mask baselines (%)")
+                print_table(report_rows(scores, compare=compare or {}, pointing=pointing),
+                            title=f"validation after {step} steps: the model against the all-foreground and "
+                                  f"empty-mask baselines, and the pointing accuracy of the frozen LMM's attention (%)")
             log(f"run directory: {out_dir}  (metrics.jsonl, metrics.png, config.yaml); checkpoint: {final}")
         return {"out_dir": str(out_dir), "steps": step, "checkpoint": str(final) if final else None,
-                "stopped_early": stopped_early, "last_loss": last_loss, "val": scores, "model": model}
+                "stopped_early": stopped_early, "last_loss": last_loss, "val": scores, "pointing": pointing,
+                "model": model}
     finally:
         shutdown_distributed(info)

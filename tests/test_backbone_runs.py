@@ -14,7 +14,7 @@ from PIL import Image
 import run
 from flmm_model.model import FrozenQwenSAM
 
-DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo_random_lmm.yaml")
 SMALL = [
     "model.mask_head_widths=[8,16,32,64]", "model.mask_head_size=32", "model.max_pixels=12544",
     "data.train=[{type: synthetic, length: 4, seed: 0, image_size: [64, 112]}]",

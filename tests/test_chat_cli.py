@@ -18,7 +18,7 @@ from flmm_model.config import ModelConfig
 from flmm_model.model import FrozenQwenSAM, build_model
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO = str(REPO / "configs" / "demo_random_lmm.yaml")
 SMALL = ModelConfig(mask_head_widths=[8, 16, 32, 64], mask_head_size=32, max_pixels=12544)
 QUESTION = "What is the cat looking at?"
 

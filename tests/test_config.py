@@ -16,9 +16,10 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_configs_dir_has_demo_and_recipes():
     names = {path.name for path in CONFIGS}
-    assert {"demo.yaml", "qwen2_5_vl_3b_sam_l_refcoco_png.yaml", "qwen2_5_vl_7b_sam_l_refcoco_png.yaml",
-            "qwen2_5_vl_3b_sam_l_eval.yaml", "qwen2_5_vl_7b_sam_l_eval.yaml", "qwen3_vl_4b_sam_l_refcoco_png.yaml",
-            "qwen3_vl_8b_sam_l_refcoco_png.yaml", "qwen3_vl_4b_sam_l_eval.yaml", "qwen3_vl_8b_sam_l_eval.yaml"} <= names
+    assert {"demo.yaml", "demo_lmm.yaml", "demo_random_lmm.yaml", "qwen2_5_vl_3b_sam_l_refcoco_png.yaml",
+            "qwen2_5_vl_7b_sam_l_refcoco_png.yaml", "qwen2_5_vl_3b_sam_l_eval.yaml", "qwen2_5_vl_7b_sam_l_eval.yaml",
+            "qwen3_vl_4b_sam_l_refcoco_png.yaml", "qwen3_vl_8b_sam_l_refcoco_png.yaml", "qwen3_vl_4b_sam_l_eval.yaml",
+            "qwen3_vl_8b_sam_l_eval.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -41,11 +42,21 @@ def test_recipe_configs_follow_flmm_recipe():
         assert cfg.model.dtype == "bfloat16" and cfg.model.max_pixels == 672 * 672
 
 
-def test_demo_config_uses_tiny_presets_and_synthetic_data():
-    cfg = load_config(Path(CONFIGS[0].parent) / "demo.yaml")
-    assert (cfg.model.qwen, cfg.model.sam, cfg.model.tokenizer) == ("tiny", "tiny", None)
-    assert {ds.type for ds in cfg.data.train + cfg.data.val + cfg.data.test} == {"synthetic"}
-    check_model_paths(cfg.model)
+def test_demo_configs_use_tiny_presets_and_synthetic_data():
+    random_lmm = load_config(Path(CONFIGS[0].parent) / "demo_random_lmm.yaml")
+    assert (random_lmm.model.qwen, random_lmm.model.sam, random_lmm.model.tokenizer) == ("tiny", "tiny", None)
+    check_model_paths(random_lmm.model)
+    # The demo freezes the tiny preset after caption pretraining (configs/demo_lmm.yaml writes its model.qwen).
+    demo, pretrain = (load_config(Path(CONFIGS[0].parent) / name) for name in ("demo.yaml", "demo_lmm.yaml"))
+    assert (demo.model.sam, demo.model.tokenizer, pretrain.model.qwen) == ("tiny", None, "tiny")
+    assert demo.model.qwen == f"{pretrain.train.out_dir}/qwen" and demo.model.qwen_pretrain == "configs/demo_lmm.yaml"
+    for cfg in (demo, random_lmm, pretrain):
+        assert {ds.type for ds in cfg.data.train + cfg.data.val + cfg.data.test} == {"synthetic"}
+    # Same prompt and pixel budget for pretraining and grounding; the LMM never sees the demo's images.
+    assert demo.model.instruction == random_lmm.model.instruction == pretrain.model.instruction
+    assert (demo.model.min_pixels, demo.model.max_pixels) == (pretrain.model.min_pixels, pretrain.model.max_pixels)
+    demo_seeds = {ds.seed for ds in demo.data.train + demo.data.val + demo.data.test}
+    assert not demo_seeds & {ds.seed for ds in pretrain.data.train + pretrain.data.val}
 
 
 def test_unknown_key_in_yaml_names_key_and_suggests(tmp_path):

@@ -15,13 +15,13 @@ from safetensors.torch import load_file, save_file
 from flmm_model.distributed import ShardedSampler, all_reduce_sum
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO = str(REPO / "configs" / "demo_random_lmm.yaml")  # tiny random LMM
 TINY = [
     "model.mask_head_widths=[8,16,32,64]", "model.mask_head_size=32", "model.max_pixels=12544",
     "data.train=[{type: synthetic, length: 7, seed: 0, image_size: [64, 112]}]",
     "data.val=[]", "data.test=[{type: synthetic, split: test, length: 5, seed: 3, image_size: [64, 112]}]",
     "data.batch_size=2", "train.progress=false", "eval.progress=false", "train.num_threads=1", "train.lr=1e-3",
-    "train.log_every=1",
+    "train.log_every=1", "train.attention_only_baseline=false", "data.num_workers=0",
 ]
 
 

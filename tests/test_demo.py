@@ -41,7 +41,7 @@ from gradio_client import handle_file  # noqa: E402
 from flmm_model.demo import MODEL_QUEUE, DemoModel, build_app, example_scenes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO = str(REPO / "configs" / "demo_random_lmm.yaml")
 MAX_SIDE = 512  # the server's --max-side: images above it take the downscaling path
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Headless Chromium on a closed network: no background connections (they are refused, many at a time).

@@ -15,7 +15,7 @@ from flmm_model.model import FrozenQwenSAM, build_model
 from flmm_model.overlay import contour, draw_overlay
 from flmm_model.predict import load_image, slugify
 
-DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo_random_lmm.yaml")  # tiny random LMM
 
 
 def test_predict_writes_masks_equal_to_segment_and_an_overlay(tmp_path, photos):

@@ -19,7 +19,7 @@ from flmm_model.data.reason_seg import flmm_question
 from flmm_model.metrics import ReasonSegMetric
 from flmm_model.model import build_model
 
-DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo_random_lmm.yaml")
 SMALL_MODEL = dict(mask_head_widths=[8, 16, 32, 64], mask_head_size=32, max_pixels=12544)
 
 

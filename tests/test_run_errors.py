@@ -23,7 +23,7 @@ from flmm_model.config import ModelConfig
 from flmm_model.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO = str(REPO / "configs" / "demo_random_lmm.yaml")
 SMALL = ModelConfig(mask_head_widths=[8, 16, 32, 64], mask_head_size=32, max_pixels=12544)
 
 
@@ -210,7 +210,7 @@ def test_full_disk_while_training_saves_says_free_disk_space(tmp_path, capsys, m
     status, err = _cli(capsys, ["train", "--config", DEMO, f"train.out_dir={out}", "train.max_steps=1",
                                 "data.train=[{type: synthetic, length: 2, seed: 0, image_size: [64, 80]}]",
                                 "data.val=[]", "model.mask_head_widths=[8,16,32,64]", "model.max_pixels=12544",
-                                "train.progress=false"])
+                                "train.progress=false", "train.attention_only_baseline=false"])
     assert status == 2 and "Traceback" not in err, err
     assert "writing the checkpoint step_0000001 failed: no space left in" in err and "free disk space there" in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []  # the partial write was removed

@@ -16,7 +16,7 @@ import run
 from flmm_model.checkpoint import TRAINER_STATE, list_checkpoints, load_trainer_state
 from flmm_model.train import warmup_cosine
 
-DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo_random_lmm.yaml")  # tiny random LMM
 
 # The demo config made smaller still: a narrow U-Net, at most 16 vision tokens, small images, few samples.
 TINY = [
@@ -24,6 +24,7 @@ TINY = [
     "data.train=[{type: synthetic, length: 10, seed: 0, image_size: [64, 112]}]",
     "data.val=[{type: synthetic, split: val, length: 3, seed: 1, image_size: [64, 112]}]",
     "data.batch_size=2", "train.progress=false", "train.num_threads=2", "train.lr=1e-3",
+    "train.attention_only_baseline=false", "data.num_workers=0",
 ]
 
 

@@ -28,6 +28,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 _COUNT_WORDS = {2: "two", 3: "three"}
 _MAX_SAME = 3  # at most three objects share a colour and shape
+# How two same-kind shapes are told apart: side by side (horizontal) or one above the other (vertical).
+_POSITION_WORDS = {"horizontal": ("on the left", "on the right"), "vertical": ("at the top", "at the bottom")}
 
 
 @dataclass
@@ -153,7 +155,7 @@ def _expressions(
             (_, (ax, ay)), (_, (bx, by)) = members
             horizontal = abs(ax - bx) >= abs(ay - by)
             ordered = sorted(members, key=lambda member: member[1][0] if horizontal else member[1][1])
-            words = ("on the left", "on the right") if horizontal else ("at the top", "at the bottom")
+            words = _POSITION_WORDS["horizontal" if horizontal else "vertical"]
             for (mask, _), word in zip(ordered, words, strict=True):
                 phrases.append(f"the {colour} {shape} {word}")
                 masks.append(mask)
@@ -163,6 +165,17 @@ def _expressions(
             masks.append(np.logical_or.reduce([mask for mask, _ in members]))
             plural.append(True)
     return phrases, masks, plural
+
+
+def all_phrases() -> list[str]:
+    """Every referring expression `make_scene` can produce (the vocabulary a captioning model of the scenes needs)."""
+    phrases = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            phrases.append(f"the {colour} {shape}")
+            phrases += [f"the {colour} {shape} {word}" for pair in _POSITION_WORDS.values() for word in pair]
+            phrases += [f"the {count} {colour} {shape}s" for count in _COUNT_WORDS.values()]
+    return phrases
 
 
 class SyntheticDataset(torch.utils.data.Dataset):

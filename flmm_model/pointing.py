@@ -1,0 +1,45 @@
+"""Does the frozen LMM's raw attention point at the object a phrase names? The pointing game over a dataset.
+
+For each object: the attention maps F-LMM captures (every layer and head, from the phrase's tokens to the image
+tokens, averaged over the phrase's tokens) are averaged over all layers and heads into one (h, w) map, and the
+argmax cell is checked against the ground-truth mask (`flmm_model.metrics.pointing_hits`). No training is
+involved: the number says how much grounding the LMM's attention carries before any head sees it. Chance is the
+hit rate of a uniformly random cell.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flmm_model.lmm import FrozenQwenLMM
+from flmm_model.metrics import PointingMetric
+
+
+@torch.no_grad()
+def score_pointing(lmm: FrozenQwenLMM, loader: torch.utils.data.DataLoader) -> dict[str, float]:
+    """Pointing accuracy of the LMM's layer- and head-averaged attention over every object of `loader`.
+
+    Args:
+        lmm: the frozen LMM stage (e.g. `FrozenQwenSAM.lmm`).
+        loader: collated batches with `gt_masks` (this process's shard; the sums are reduced over processes).
+
+    Returns:
+        {"pointing", "pointing_chance"} in percent and "count" (objects).
+    """
+    metric = PointingMetric()
+    for batch in loader:
+        if len(batch["images"]) == 0:
+            continue
+        out = lmm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
+                  batch["mask_ids"], grounded_image=batch.get("grounded_image"))
+        for maps, gt_masks in zip(out.attention_maps, batch["gt_masks"], strict=True):
+            metric.update(maps.mean(dim=1), gt_masks)  # (K, C, h, w) -> (K, h, w): all layers and heads
+    return metric.compute()
+
+
+def pointing_rows(label: str, scores: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Table rows `<label> LMM attention pointing` and `<label> pointing chance` (column "pointing (%)")."""
+    return {f"{label} LMM attention pointing": {"pointing (%)": scores["pointing"]},
+            f"{label} pointing chance": {"pointing (%)": scores["pointing_chance"]}}
