@@ -157,9 +157,11 @@ def build_parser() -> _Parser:
     demo = commands.add_parser(
         "demo", help="web demo in the browser (needs the [demo] extra)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_schema_epilog(("model",)),
-        description="Serve a Gradio web demo of a checkpoint: upload an image, type one phrase per line, get the "
-                    "overlay, the masks as PNGs and each phrase's pixel share; the same as the HTTP API /segment "
-                    "(see README). The model loads once, before the server starts; requests run one at a time. "
+        description="Serve a Gradio web demo of a checkpoint. Segment: upload an image, type one phrase per line, "
+                    "get the overlay, the masks as PNGs and each phrase's pixel share. Chat: ask about the image, get "
+                    "the answer with its grounded phrases (typed, or its noun phrases with the [nlp] extra) "
+                    "highlighted over several turns. The same as the HTTP API /segment and /chat (see README). The "
+                    "model loads once, before the server starts; requests run one at a time. "
                     "Needs Gradio: pip install -e \".[demo]\"")
     _config_args(demo)
     demo.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its newest checkpoint)")
@@ -169,6 +171,9 @@ def build_parser() -> _Parser:
     demo.add_argument("--max-side", type=int, default=2048,
                       help="longest image side the model sees; larger images are downscaled (masks come back at the "
                            "original size)")
+    demo.add_argument("--max-new-tokens", type=int, default=512, help="longest answer of the Chat tab, in tokens")
+    demo.add_argument("--spacy-model", default="en_core_web_sm",
+                      help="spaCy English pipeline for the Chat tab's noun phrases")
 
     convert = commands.add_parser(
         "convert-sam", help="convert sam_vit_*.pth (segment-anything) to a transformers SamModel dir",
@@ -262,11 +267,13 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, args.overrides)
     if args.max_side < 28:
         raise UsageError(f"--max-side: expected at least 28 pixels, found {args.max_side}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens: expected at least 1, found {args.max_new_tokens}")
     problem = address_problem(args.host, args.port)
     if problem:
         raise UsageError(problem)
     return serve_demo(cfg.model, checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
-                      max_side=args.max_side)
+                      max_side=args.max_side, max_new_tokens=args.max_new_tokens, spacy_model=args.spacy_model)
 
 
 def cmd_convert_sam(args: argparse.Namespace) -> dict[str, Any]:

@@ -2,19 +2,20 @@
 
 Two layers:
 - `DemoModel` (no Gradio): owns the model and a lock, checks the user's input before the model runs (`read_image`,
-  `check_phrases`: every bad input becomes an `InputError` whose message the page shows), and runs `segment`
-  (huge images are downscaled for the model; masks come back at the original size).
+  `check_phrases`, `check_question`: every bad input becomes an `InputError` whose message the page shows), and runs
+  `segment` (phrases -> masks) and `chat` (a question, with the conversation so far -> the answer and the masks of
+  its typed or noun phrases, from `FrozenQwenSAM.chat`). Huge images are downscaled for the model; masks come back
+  at the original size.
 - The app: each tab is one function `tab(gr, demo_model, *, files, examples)` that builds its components and
-  registers its events; `build_app` renders the tabs of `TABS` into one `gr.Blocks`. Every event that touches the
-  model joins one queue (`concurrency_id=MODEL_QUEUE`, limit 1) and the model call also holds `DemoModel.lock`, so
-  requests wait in line and never run two at a time on the model.
+  registers its events; `build_app` renders the tabs of `TABS` (Segment, Chat) into one `gr.Blocks`. Every event
+  that touches the model joins one queue (`concurrency_id=MODEL_QUEUE`, limit 1) and the model call also holds
+  `DemoModel.lock`, so requests wait in line and never run two at a time on the model. Each model event is also a
+  named endpoint (`/segment`, `/chat`) whose image payload skips Gradio's preprocessing (`read_image` gives our
+  messages) and whose `InputError` becomes a `gr.Error`, shown in the page (or raised by `gradio_client`).
 
-Adding a tab (the Chat tab, once `FrozenQwenSAM.chat` exists): a `DemoModel.chat(image, question, phrases)` method
-that checks the question with `check_text` (and typed phrases with `check_phrases`) and calls the model under
-`self.lock`; a `chat_tab(gr, demo_model, *, files, examples)` that reads the image with `upload_path` +
-`read_image`, registers its button with `api_name="chat"`, `preprocess=False`, `concurrency_limit=1`,
-`concurrency_id=MODEL_QUEUE`, and turns `InputError` into `gr.Error` as `segment_tab` does (overlay colours from
-`flmm_model.overlay.colour`); and `chat_tab` appended to `TABS`.
+The Chat tab keeps the conversation in per-session state (`gr.State`: the image's fingerprint and the (question,
+answer) turns, passed as `history=` to `FrozenQwenSAM.chat`, which renders them with the model's chat template). A
+new image, or the Clear button, starts a new conversation; an API client's session is a conversation too.
 
 Gradio is an optional extra (`pip install -e ".[demo]"`): only `build_app` and `serve_demo` import it, and nothing in
 the package imports this module.
@@ -23,6 +24,7 @@ the package imports this module.
 from __future__ import annotations
 
 import errno
+import hashlib
 import html
 import shutil
 import signal
@@ -30,7 +32,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,9 +49,10 @@ from flmm_model.data.images import MAX_ASPECT_RATIO, load_rgb
 from flmm_model.data.prompts import encode_grounded, expression_parts
 from flmm_model.data.synthetic import SyntheticDataset
 from flmm_model.distributed import resolve_device
-from flmm_model.errors import InputError
+from flmm_model.errors import InputError, MissingDependencyError
 from flmm_model.model import FrozenQwenSAM
 from flmm_model.overlay import draw_overlay, hex_colour
+from flmm_model.phrases import DEFAULT_SPACY_MODEL, NOUN_PHRASES, Span, spacy_missing_message
 from flmm_model.predict import slugify
 
 GRADIO_MISSING = 'the web demo needs Gradio, an optional extra: pip install -e ".[demo]"'
@@ -58,6 +61,12 @@ MAX_SIDE = 2048  # longest image side the model sees by default; larger images a
 MAX_INPUT_PIXELS = 50_000_000  # larger uploads are refused before they are decoded
 MAX_PHRASES = 20
 NO_IMAGE = "No image: upload an image (or pick an example) first."
+NO_QUESTION = "No question: type a question about the image."
+MAX_NEW_TOKENS = 512  # longest answer of the Chat tab, in tokens (FrozenQwenSAM.chat's default)
+# Tokens of the chat template around the texts (system turn, role headers, image block, turn ends), counted
+# generously: a conversation is refused before generating when it would not fit the model with a full answer.
+TEMPLATE_TOKENS, TURN_TOKENS = 64, 16
+CHAT_QUESTION = "What shapes are in this image?"  # the question of the Chat tab's examples
 EXAMPLE_SEED = 2  # the demo's test split (configs/demo.yaml data.test): scenes the demo model never trained on
 EXAMPLE_COUNT = 4
 
@@ -93,22 +102,49 @@ class Segmentation:
         return [area / (self.image_size[0] * self.image_size[1]) for area in self.areas]
 
 
+@dataclass
+class ChatTurn:
+    """What `DemoModel.chat` returns.
+
+    Attributes:
+        answer: the model's answer to the question.
+        spans: K (start, end) character spans of the grounded phrases in `answer`, in answer order.
+        grounding: the grounded phrases (`answer[start:end]`), their masks at the original image size and the
+            overlay (phrase k in `overlay.colour(k)`).
+        missing: typed phrases that do not occur in the answer (not grounded).
+        history: the conversation's (question, answer) turns, this one last: the next turn's `history`.
+    """
+
+    answer: str
+    spans: list[Span]
+    grounding: Segmentation
+    missing: list[str]
+    history: list[tuple[str, str]]
+
+
 class DemoModel:
-    """One loaded FrozenQwenSAM for the web demo: input checks, a lock, and `segment`.
+    """One loaded FrozenQwenSAM for the web demo: input checks, a lock, `segment` and `chat`.
 
     Args:
         model: FrozenQwenSAM in eval mode, with its tokenizer and image processor.
         max_side: longest image side the model sees; larger images are downscaled (masks come back at full size).
         max_input_pixels: larger images are refused before they are decoded.
         max_phrases: most phrases per request.
+        max_new_tokens: longest answer of `chat`, in tokens.
+        spacy_model: the spaCy English pipeline that finds the answer's noun phrases (name or path).
     """
 
     def __init__(self, model: Any, *, max_side: int = MAX_SIDE, max_input_pixels: int = MAX_INPUT_PIXELS,
-                 max_phrases: int = MAX_PHRASES) -> None:
+                 max_phrases: int = MAX_PHRASES, max_new_tokens: int = MAX_NEW_TOKENS,
+                 spacy_model: str = DEFAULT_SPACY_MODEL) -> None:
         if max_side < 28:
             raise ValueError(f"max_side: expected >= 28 (two 14-pixel patches), found {max_side}")
+        if not 1 <= max_new_tokens <= model.max_length // 2:
+            raise InputError(f"max_new_tokens: expected 1 to {model.max_length // 2} (half the model's "
+                             f"{model.max_length} tokens, the rest for the conversation), found {max_new_tokens}")
         self.model = model
         self.max_side, self.max_input_pixels, self.max_phrases = max_side, max_input_pixels, max_phrases
+        self.max_new_tokens, self.spacy_model = max_new_tokens, spacy_model
         self.lock = threading.Lock()  # held while the model runs: never two requests on it at once
         self.special_tokens = sorted({added.content for added in model.tokenizer.added_tokens_decoder.values()})
 
@@ -178,6 +214,30 @@ class DemoModel:
                              f"{lengths[longest]} tokens; shorten it.")
         return phrases
 
+    def check_question(self, question: str | None, history: Sequence[tuple[str, str]] = ()) -> str:
+        """The question without surrounding whitespace, checked: not empty, no control token, and short enough that
+        the conversation (earlier turns, the question and an answer of `max_new_tokens`) fits the model.
+
+        Raises:
+            InputError: an empty question, a control token, a question or conversation too long for the model.
+        """
+        question = (question or "").strip()
+        if not question:
+            raise InputError(NO_QUESTION)
+        self.check_text(question, "The question")
+        tokenizer, max_length = self.model.tokenizer, self.model.max_length
+        asked = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+        earlier = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for turn in history for text in turn)
+        alone = max_length - self.max_new_tokens - TEMPLATE_TOKENS - TURN_TOKENS  # room in a new conversation
+        if asked > alone:
+            raise InputError(f"The question is {asked} tokens; with room for a {self.max_new_tokens}-token answer the "
+                             f"model takes at most {max(alone, 0)}. Shorten it.")
+        if asked + earlier > alone - TURN_TOKENS * len(history):
+            raise InputError(f"The conversation is too long for the model: {len(history)} earlier turns and the "
+                             f"question are {asked + earlier} tokens, and the model takes {max_length} with the "
+                             f"answer. Press Clear to start a new conversation.")
+        return question
+
     def model_image(self, image: Image.Image) -> Image.Image:
         """`image`, downscaled (aspect kept) so that its longest side is at most `max_side`."""
         scale = self.max_side / max(image.size)
@@ -197,11 +257,80 @@ class DemoModel:
             start = time.perf_counter()
             masks = self.model.segment(seen, phrases).numpy().astype(bool)  # (K, h, w)
             seconds = time.perf_counter() - start
-        overlay = draw_overlay(seen, masks, phrases)
-        if seen.size != image.size:
-            masks = resize_masks(masks, image.size)  # (K, H, W)
-        return Segmentation(phrases=phrases, masks=masks, overlay=overlay, image_size=image.size,
-                            model_size=seen.size, seconds=seconds)
+        return segmentation(image, seen, masks, phrases, seconds=seconds)
+
+    def chat(self, image: Image.Image, question: str | None, phrases: str | None = None,
+             history: Sequence[tuple[str, str]] = ()) -> ChatTurn:
+        """Answer `question` about an RGB image, continuing the conversation `history`, with `FrozenQwenSAM.chat`,
+        and ground phrases of the answer: the typed `phrases` (one per line) that occur in it, or, when none are
+        typed, its noun phrases (spaCy).
+
+        Typed phrases are found as `FrozenQwenSAM.chat(ground=phrases)` finds them (see `find_phrases`); one that
+        does not occur is reported in `missing` instead of failing the turn. The image is downscaled for the model as
+        in `segment`; masks come back at the original size.
+
+        Raises:
+            InputError, before the model runs: see `check_question` and `check_phrases`; no typed phrase while spaCy
+                or its pipeline is missing (the message says what to install).
+        """
+        question = self.check_question(question, history)
+        typed = self.check_phrases(phrases) if (phrases or "").strip() else None
+        problem = spacy_missing_message(self.spacy_model) if typed is None else None
+        if problem:
+            raise InputError(f"No phrase typed, and the answer's noun phrases cannot be found: {problem}. Or type "
+                             f"the phrases of the answer to ground, one per line.")
+        ground = NOUN_PHRASES if typed is None else lambda answer: find_phrases(answer, typed)[0]
+        seen = self.model_image(image)
+        with self.lock, torch.no_grad():
+            start = time.perf_counter()
+            out = self.model.chat(seen, question, ground=ground, history=list(history),
+                                  max_new_tokens=self.max_new_tokens, spacy_model=self.spacy_model)
+            seconds = time.perf_counter() - start
+        masks = out.masks.numpy().astype(bool)  # (K, h, w)
+        return ChatTurn(answer=out.answer, spans=out.spans, missing=find_phrases(out.answer, typed)[1] if typed else [],
+                        grounding=segmentation(image, seen, masks, out.phrases, seconds=seconds),
+                        history=list(out.history))
+
+
+def segmentation(image: Image.Image, seen: Image.Image, masks: np.ndarray, phrases: list[str], *,
+                 seconds: float) -> Segmentation:
+    """The Segmentation of (K, h, w) bool `masks` of `phrases` in `seen` (the image the model saw): the overlay at
+    that size, the masks scaled back (nearest) to the original `image`'s size."""
+    overlay = draw_overlay(seen, masks, phrases)
+    if seen.size != image.size:
+        masks = resize_masks(masks, image.size)  # (K, H, W)
+    return Segmentation(phrases=phrases, masks=masks, overlay=overlay, image_size=image.size, model_size=seen.size,
+                        seconds=seconds)
+
+
+def find_phrases(answer: str, phrases: Sequence[str]) -> tuple[list[Span], list[str]]:
+    """Spans of the typed `phrases` in `answer` (sorted), and the phrases not found.
+
+    Each phrase takes its first occurrence after the previous found phrase, as `FrozenQwenSAM.chat(ground=phrases)`
+    does (so the two agree whenever chat finds every phrase); one that occurs only earlier takes its first occurrence
+    that overlaps no found phrase. Matching is exact (case included).
+    """
+    found: list[Span] = []
+    missing: list[str] = []
+    cursor = 0
+    for phrase in phrases:
+        starts = [*_occurrences(answer, phrase, cursor), *_occurrences(answer, phrase, 0)]
+        start = next((s for s in starts if all(s + len(phrase) <= a or b <= s for a, b in found)), None)
+        if start is None:
+            missing.append(phrase)
+            continue
+        found.append((start, start + len(phrase)))
+        cursor = start + len(phrase)
+    return sorted(found), missing
+
+
+def _occurrences(text: str, phrase: str, start: int) -> list[int]:
+    """Every index at or after `start` where `phrase` occurs in `text` (overlapping occurrences included)."""
+    found, index = [], text.find(phrase, start)
+    while index >= 0:
+        found.append(index)
+        index = text.find(phrase, index + 1)
+    return found
 
 
 def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -337,7 +466,122 @@ def segment_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples
                      api_visibility="private", queue=False)
 
 
-TABS: tuple[Callable[..., None], ...] = (segment_tab,)
+def image_key(image: Image.Image) -> str:
+    """A fingerprint of an image's pixels: the Chat tab's conversation goes on while the image stays the same."""
+    return f"{image.width}x{image.height}:{hashlib.sha1(image.tobytes()).hexdigest()}"
+
+
+def new_conversation() -> dict[str, Any]:
+    """The Chat tab's per-session state before the first turn: the image's fingerprint and the turns so far."""
+    return {"image": None, "history": []}
+
+
+def highlighted(answer: str, spans: Sequence[Span]) -> list[tuple[str, str | None]]:
+    """`answer` cut into (text, label) pieces for `gr.HighlightedText`: span k labelled str(k), the rest None."""
+    pieces, cursor = [], 0
+    for k, (start, end) in enumerate(spans):
+        pieces += [(answer[cursor:start], None), (answer[start:end], str(k))]
+        cursor = end
+    pieces.append((answer[cursor:], None))
+    return [(text, label) for text, label in pieces if text]
+
+
+def chat_notes_html(turn: ChatTurn) -> str:
+    """The legend of a chat turn's grounded phrases (as the Segment tab's), or why nothing was grounded, and the
+    typed phrases that are not in the answer."""
+    if turn.spans:
+        notes = legend_html(turn.grounding)
+    else:
+        why = "none of the typed phrases occurs in it" if turn.missing else "spaCy found no noun phrase in it"
+        notes = f"<p>No phrase of the answer was grounded: {why}. Model time {turn.grounding.seconds:.2f} s.</p>"
+    if turn.missing:
+        listed = ", ".join(html.escape(repr(phrase)) for phrase in turn.missing)
+        notes += f"<p>Not in the answer, so not grounded (matched exactly, case included): {listed}.</p>"
+    return notes
+
+
+def chat_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: list[list[str]]) -> None:
+    """The Chat tab: image + question -> the answer with its grounded phrases highlighted in the overlay's colours,
+    the overlay and its legend; the conversation goes on over turns until a new image or Clear.
+
+    Registers the `/chat` endpoint: (image, question, phrases one per line or empty for the answer's noun phrases)
+    -> (answer, overlay image). An API client's session is one conversation, as a page's is.
+    """
+    with gr.Tab("Chat"):
+        with gr.Row():
+            with gr.Column():
+                image_input = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
+                                       elem_id="chat-image")
+                question_input = gr.Textbox(label="Question", placeholder=CHAT_QUESTION, elem_id="chat-question")
+                phrases_input = gr.Textbox(label="Phrases of the answer to ground, one per line (empty: its noun "
+                                                 "phrases)", lines=2, elem_id="chat-phrases")
+                with gr.Row():
+                    button = gr.Button("Ask", variant="primary", elem_id="chat-button")
+                    clear = gr.Button("Clear conversation", elem_id="chat-clear")
+                gr.Examples(examples=[[path, CHAT_QUESTION] for path, _ in examples],
+                            inputs=[image_input, question_input], label="Synthetic scenes of the demo")
+            with gr.Column():
+                conversation_view = gr.Chatbot(label="Conversation", render_markdown=False, height=240,
+                                               elem_id="chat-conversation")
+                answer_view = gr.HighlightedText(label="Answer (grounded phrases in the overlay's colours)",
+                                                 show_legend=False, show_inline_category=False, elem_id="chat-answer")
+                overlay = gr.Image(label="Overlay", type="pil", format="png", interactive=False,
+                                   elem_id="chat-overlay")
+                notes = gr.HTML(elem_id="chat-notes")
+        answer_text = gr.Textbox(label="Answer", visible=False)  # the plain answer: what /chat returns first
+        conversation = gr.State(new_conversation())
+        details = gr.State()
+
+        def chat(image: Any, question: str | None, phrases: str | None,
+                 state: dict[str, Any] | None) -> tuple[str, Image.Image, dict, dict]:
+            try:
+                path, name = upload_path(image)
+                if not path:
+                    raise InputError(NO_IMAGE)
+                picture = demo_model.read_image(path, name)
+                key = image_key(picture)
+                history = state["history"] if state and state["image"] == key else []  # a new image: a new chat
+                turn = demo_model.chat(picture, question, phrases, history)
+            except (InputError, MissingDependencyError) as error:
+                raise gr.Error(str(error), title="Cannot answer") from None
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                raise gr.Error("Out of GPU memory: try a smaller image, or Clear the conversation.",
+                               title="Cannot answer") from None
+            messages = [{"role": role, "content": text} for asked, answered in turn.history
+                        for role, text in (("user", asked), ("assistant", answered))]
+            shown = {"messages": messages, "pieces": highlighted(turn.answer, turn.spans),
+                     "colours": {str(k): hex_colour(k) for k in range(len(turn.spans))}, "notes": chat_notes_html(turn)}
+            return turn.answer, turn.grounding.overlay, {"image": key, "history": turn.history}, shown
+
+        def show(shown: dict[str, Any]) -> tuple[list, Any, str, str]:
+            return (shown["messages"], gr.HighlightedText(value=shown["pieces"], color_map=shown["colours"]),
+                    shown["notes"], "")  # the question box is emptied for the next turn
+
+        def reset() -> tuple[dict, list, None, None, str]:
+            return new_conversation(), [], None, None, ""
+
+        # As in the Segment tab: the image payload is read by `DemoModel.read_image` (preprocess=False) and the
+        # States are not part of the API, so /chat is (image, question, phrases) -> (answer, overlay). Enter in the
+        # question box asks too (not an endpoint of its own).
+        inputs = [image_input, question_input, phrases_input, conversation]
+        outputs = [answer_text, overlay, conversation, details]
+        shown_in = [conversation_view, answer_view, notes, question_input]
+        button.click(chat, inputs=inputs, outputs=outputs, api_name="chat",
+                     api_description="(image, question, phrases one per line or empty for the answer's noun phrases) "
+                                     "-> (answer, overlay image of the grounded phrases); a session is one "
+                                     "conversation while the image stays the same",
+                     preprocess=False, concurrency_limit=1, concurrency_id=MODEL_QUEUE) \
+            .success(show, inputs=details, outputs=shown_in, api_visibility="private", queue=False)
+        question_input.submit(chat, inputs=inputs, outputs=outputs, api_visibility="private", preprocess=False,
+                              concurrency_limit=1, concurrency_id=MODEL_QUEUE) \
+            .success(show, inputs=details, outputs=shown_in, api_visibility="private", queue=False)
+        for trigger in (clear.click, image_input.change):  # Clear, or a new image: a new conversation
+            trigger(reset, outputs=[conversation, conversation_view, answer_view, overlay, notes],
+                    api_visibility="private", queue=False)
+
+
+TABS: tuple[Callable[..., None], ...] = (segment_tab, chat_tab)
 
 CSS = """
 .legend td, .legend th { padding: 2px 8px; }
@@ -383,8 +627,8 @@ def build_app(demo_model: DemoModel, *, work_dir: str | Path, title: str = "F-LM
     examples = example_scenes(work_dir / "examples")
     files = RequestFiles(work_dir / "requests")
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as app:
-        gr.Markdown(f"## {title}\nF-LMM on a frozen Qwen2.5-VL: type one phrase per line; each gets a mask, drawn "
-                    f"in its own colour.")
+        gr.Markdown(f"## {title}\nF-LMM on a frozen Qwen-VL. *Segment*: type one phrase per line; each gets a mask, "
+                    f"drawn in its own colour. *Chat*: ask about the image; phrases of the answer get masks.")
         for tab in TABS:
             tab(gr, demo_model, files=files, examples=examples)
     app.queue(default_concurrency_limit=1)
@@ -396,7 +640,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def serve_demo(model_cfg: ModelConfig, *, checkpoint: str, host: str = "127.0.0.1", port: int = 7860,
-               device: str = "auto", max_side: int = MAX_SIDE, model: Any = None) -> dict[str, Any]:
+               device: str = "auto", max_side: int = MAX_SIDE, max_new_tokens: int = MAX_NEW_TOKENS,
+               spacy_model: str = DEFAULT_SPACY_MODEL, model: Any = None) -> dict[str, Any]:
     """Load the checkpoint's model, then serve the demo until interrupted (Ctrl-C).
 
     The model loads before the server starts, so the first request never waits for weights.
@@ -407,6 +652,8 @@ def serve_demo(model_cfg: ModelConfig, *, checkpoint: str, host: str = "127.0.0.
         host, port: where to listen.
         device: auto | cpu | cuda | cuda:N.
         max_side: longest image side the model sees.
+        max_new_tokens: longest answer of the Chat tab, in tokens.
+        spacy_model: spaCy English pipeline for the Chat tab's noun phrases (without it, typed phrases still work).
         model: an already loaded FrozenQwenSAM (skips loading `checkpoint`).
 
     Returns:
@@ -421,7 +668,11 @@ def serve_demo(model_cfg: ModelConfig, *, checkpoint: str, host: str = "127.0.0.
                                               device=str(resolve_device(device))).eval()
         print(f"model loaded from {checkpoint} on {model.device} in {time.perf_counter() - started:.1f} s", flush=True)
     work_dir = tempfile.mkdtemp(prefix="flmm_demo_")
-    app = build_app(DemoModel(model, max_side=max_side), work_dir=work_dir)
+    problem = spacy_missing_message(spacy_model)
+    if problem:  # the Chat tab still grounds typed phrases; say it now rather than at the first question
+        print(f"note: the Chat tab cannot ground noun phrases: {problem}", flush=True)
+    demo_model = DemoModel(model, max_side=max_side, max_new_tokens=max_new_tokens, spacy_model=spacy_model)
+    app = build_app(demo_model, work_dir=work_dir)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the server as Ctrl-C does
     try:
         app.launch(server_name=host, server_port=port, show_error=True, max_file_size="64mb",

@@ -9,7 +9,9 @@ non-overlapping character spans into the answer, in answer order:
 - "noun_phrases": every noun chunk spaCy finds (`doc.noun_chunks`), filtered as F-LMM's grounded-conversation demo
   filters them: chunks mentioning the image itself ("image" in the text) and pronouns / wh-words ("it", "this",
   "them", "which", ...) are dropped, a chunk whose text repeats an earlier one or lies inside a longer chunk is
-  dropped, and overlapping chunks keep the first.
+  dropped, and overlapping chunks keep the first;
+- a callable `answer -> spans`: spans chosen once the answer is known (e.g. the web demo's typed phrases that occur
+  in it), checked as a list of spans is.
 
 spaCy is an optional dependency (the `[nlp]` extra) with an English pipeline installed separately; without them
 "noun_phrases" raises a MissingDependencyError (an ImportError) that says what to install. The pipeline is loaded
@@ -45,6 +47,8 @@ def resolve_spans(answer: str, ground: Any, *, spacy_model: str = DEFAULT_SPACY_
     """
     if ground is None:
         return []
+    if callable(ground):
+        return check_spans(answer, list(ground(answer)))
     if isinstance(ground, str):
         if ground != NOUN_PHRASES:
             raise InputError(f"ground: expected None, {NOUN_PHRASES!r}, a list of phrases or a list of (start, end) "

@@ -124,7 +124,7 @@ class GroundingPredictor:
             image: a PIL image, or a list of them (a multi-image question; images in order).
             question: the user's text.
             ground: None (no masks), a list of phrases of the answer, a list of (start, end) character spans of
-                the answer, or "noun_phrases" (spaCy; see `flmm_model.phrases`).
+                the answer, "noun_phrases" (spaCy), or a callable answer -> spans (see `flmm_model.phrases`).
             system: the system prompt (default: the chat template's; None: no system turn).
             history: earlier (question, answer) turns of this conversation (e.g. `previous.history`).
             answer_prefix: text the answer is forced to begin with (part of `answer`), e.g. "It is".

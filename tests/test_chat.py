@@ -171,8 +171,10 @@ def test_resolve_spans_forms():
     assert resolve_spans(answer, None) == []
     assert resolve_spans(answer, ["red", "red"]) == [(2, 5), (16, 19)]  # the second after the first
     assert resolve_spans(answer, [(16, 26), (0, 9)]) == [(0, 9), (16, 26)]
+    assert resolve_spans(answer, lambda text: [(text.index("saucer"), len(text) - 1), (2, 5)]) == [(2, 5), (20, 26)]
     for bad, message in [([(0, 40)], "span 0"), ([(0, 9), (5, 12)], "spans overlap"), ([(5, 6)], "only whitespace"),
-                         (["saucer", "cup"], r"phrase 1 'cup' does not occur in the answer after phrase 0")]:
+                         (["saucer", "cup"], r"phrase 1 'cup' does not occur in the answer after phrase 0"),
+                         (lambda text: [(0, len(text) + 1)], "span 0")]:  # a callable's spans are checked too
         with pytest.raises(ValueError, match=message):
             resolve_spans(answer, bad)
 

