@@ -140,3 +140,12 @@ def check_model_paths(model_cfg: ModelConfig) -> None:
         names = f"a preset ({', '.join(presets)}) or " if presets else ""
         raise ConfigError(f"{key}: expected {names}an existing directory, found {value!r} (set it in the config or "
                           f"as {key}=/your/path)")
+    if model_cfg.qwen not in QWEN_ARCHS:  # a directory: its config.json must name a supported Qwen-VL family
+        try:
+            model_type = backbones.model_type_of(model_cfg.qwen)
+        except ValueError as error:  # no config.json, or one that is not JSON
+            raise ConfigError(f"model.qwen: {model_cfg.qwen} is not a transformers checkpoint directory ({error})"
+                              ) from error
+        if model_type not in backbones.ADAPTERS:
+            raise ConfigError(f"model.qwen: {model_cfg.qwen} holds a {model_type or 'model without model_type'!r} "
+                              f"checkpoint; expected a Qwen-VL one, model_type one of {sorted(backbones.ADAPTERS)}")

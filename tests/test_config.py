@@ -166,3 +166,17 @@ def test_dataset_seed_derives_from_the_split_when_unset_and_keeps_an_explicit_se
     demo = load_config(Path(CONFIGS[0].parent) / "demo.yaml")
     assert [dataset_seed(ds) for ds in demo.data.train + demo.data.val + demo.data.test] == [0, 1, 2]
     assert load_config(None, ["data.train=[{type: synthetic, length: 3}]"]).data.train[0].seed is None
+
+
+def test_a_directory_that_is_no_qwen_vl_checkpoint_fails_with_the_reason(tmp_path):
+    cfg = load_config(None, [f"model.qwen={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"model\.qwen: .* is not a transformers checkpoint directory"):
+        check_model_paths(cfg.model)  # no config.json
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"not a transformers checkpoint directory"):
+        check_model_paths(cfg.model)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ConfigError, match=r"holds a 'llama' checkpoint; expected a Qwen-VL one"):
+        check_model_paths(cfg.model)
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    check_model_paths(cfg.model)
