@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from op_count import Regions, SyncCounter, count_kernel_ops  # noqa: E402  (benchmarks/, the script's folder)
 from peak_memory import PeakMemory  # noqa: E402
 
-from flmm_model.build import load_image_processor, load_tokenizer  # noqa: E402
+from flmm_model.build import QWEN_ARCHS, load_image_processor, load_tokenizer  # noqa: E402
 from flmm_model.config import ModelConfig  # noqa: E402
 from flmm_model.data import Collator, SyntheticDataset  # noqa: E402
 from flmm_model.device import to_device  # noqa: E402
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="demo")
+    parser.add_argument("--qwen", default=None, choices=sorted(QWEN_ARCHS),
+                        help="another Qwen-VL preset instead of the arch's (any family, e.g. qwen3_vl_4b, qwen2_vl_7b)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the arch's)")
     parser.add_argument("--image-size", type=int, default=None, help="side of the square synthetic images (px)")
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     side = args.image_size or arch["image_size"]
     batch_size = args.batch_size or arch["batch_size"]
-    model_cfg = ModelConfig(**arch["model"])
+    model_cfg = ModelConfig(**{**arch["model"], **({"qwen": args.qwen} if args.qwen else {})})
     with device:  # random weights initialised where they will run (fast on GPU, no CPU copy of a 7B model)
         model = build_model(model_cfg)
     model.to(device).train()
