@@ -49,8 +49,8 @@ from flmm_model.build import QWEN_ARCHS, build_qwen, check_model_paths, prompt_s
 from flmm_model.checkpoint import (
     atomic_write_text,
     capture_rng_state,
+    delete_checkpoints,
     latest_checkpoint,
-    list_checkpoints,
     load_trainer_state,
     resolve_checkpoint,
     restore_rng_state,
@@ -66,7 +66,14 @@ from flmm_model.distributed import ShardedSampler, autocast_context, resolve_dev
 from flmm_model.evaluate import print_table
 from flmm_model.lmm import FrozenQwenLMM, expand_vision_tokens, validate_lmm_inputs
 from flmm_model.pointing import score_pointing
-from flmm_model.train import WarmupCosine, check_resume_setup, plot_metrics, read_metrics, seed_everything
+from flmm_model.train import (
+    WarmupCosine,
+    check_resume_setup,
+    plot_metrics,
+    read_metrics,
+    schedule_steps,
+    seed_everything,
+)
 
 EXPORT_DIR = "qwen"  # the finished LMM inside train.out_dir
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
@@ -315,12 +322,7 @@ def pretrain_lmm(cfg: ExperimentConfig) -> dict[str, Any]:
                          num_workers=cfg.data.num_workers, pad_token_id=tokenizer.pad_token_id,
                          padding_side=cfg.data.padding_side)
     micro_per_epoch = math.ceil(len(train_set) / cfg.data.batch_size)
-    steps_per_epoch = micro_per_epoch // tc.grad_accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"train.grad_accum: {tc.grad_accum} micro-batches per step, but an epoch has only "
-                         f"{micro_per_epoch}")
-    total_steps = tc.max_steps or steps_per_epoch * tc.epochs
-    warmup_steps = max(1, round(tc.warmup_ratio * total_steps)) if tc.warmup_ratio > 0 else 0
+    total_steps, warmup_steps = schedule_steps(tc, micro_per_epoch=micro_per_epoch)
 
     # ---- Resume from a checkpoint, or start afresh (refusing to delete an earlier run's checkpoints unless asked).
     resume_from = None
@@ -339,8 +341,7 @@ def pretrain_lmm(cfg: ExperimentConfig) -> dict[str, Any]:
         if not tc.overwrite:
             raise FileExistsError(f"{out_dir} holds an earlier pretraining run: pass --resume to continue it, set "
                                   f"train.out_dir to a new directory, or train.overwrite=true to replace it")
-        for old in list_checkpoints(ckpt_root):
-            shutil.rmtree(old)
+        delete_checkpoints(ckpt_root)
         shutil.rmtree(export_dir(cfg), ignore_errors=True)  # an LMM of the earlier run must not pass for this one
 
     # ---- Model (the checkpoint's weights when resuming), optimizer over the trainable parameters, schedule.

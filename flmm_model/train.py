@@ -38,7 +38,7 @@ from flmm_model.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from flmm_model.config import ConfigError, ExperimentConfig
+from flmm_model.config import ConfigError, ExperimentConfig, TrainConfig
 from flmm_model.config_loader import config_to_yaml
 from flmm_model.data.collate import make_loader
 from flmm_model.data.registry import NamedDataset, build_datasets
@@ -169,6 +169,21 @@ def versus_baselines(scores: dict[str, dict[str, float]]) -> dict[str, dict[str,
     return rows
 
 
+def schedule_steps(tc: TrainConfig, *, micro_per_epoch: int) -> tuple[int, int]:
+    """(total optimizer steps, warm-up steps) of a run whose epoch holds `micro_per_epoch` micro-batches per process:
+    `train.max_steps`, else `train.epochs` epochs of `train.grad_accum` micro-batches per step.
+
+    Raises:
+        ConfigError: an epoch holds fewer micro-batches than one step accumulates.
+    """
+    steps_per_epoch = micro_per_epoch // tc.grad_accum
+    if steps_per_epoch < 1:
+        raise ConfigError(f"train.grad_accum: {tc.grad_accum} micro-batches per step, but an epoch has only "
+                          f"{micro_per_epoch} per process")
+    total_steps = tc.max_steps or steps_per_epoch * tc.epochs
+    return total_steps, max(1, round(tc.warmup_ratio * total_steps)) if tc.warmup_ratio > 0 else 0
+
+
 def attention_only_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The attention-only ablation of a run: the same config with `model.attention_only=true` (the U-Net alone on
     the attention maps: no text prompts, no SAM, only the coarse-mask loss), in `<train.out_dir>/attention_only`.
@@ -230,18 +245,24 @@ def report_rows(scores: dict[str, dict[str, float]], *, compare: dict[str, dict[
     return rows
 
 
+def val_loader(entry: NamedDataset, *, cfg: ExperimentConfig, info: Any, pad_token_id: int,
+               head_inputs: Any = None) -> torch.utils.data.DataLoader:
+    """This process's shard of a validation dataset, in order, in batches of `eval.batch_size`."""
+    sampler = ShardedSampler(len(entry.dataset), rank=info.rank, world_size=info.world_size, shuffle=False, pad=False)
+    return make_loader(entry.dataset, sampler=sampler, batch_size=cfg.eval.batch_size,
+                       num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
+                       padding_side=cfg.data.padding_side, head_inputs=head_inputs,
+                       pin_memory=info.device.type == "cuda")
+
+
 def validate(model: torch.nn.Module, val_sets: list[NamedDataset], *, cfg: ExperimentConfig, info: Any,
              autocast: Any, pad_token_id: int) -> dict[str, dict[str, float]]:
     """Score every validation dataset with its own metric (sharded over ranks, metric sums reduced), with the
     trivial baselines."""
     scores: dict[str, dict[str, float]] = {}
     for entry in val_sets:
-        sampler = ShardedSampler(len(entry.dataset), rank=info.rank, world_size=info.world_size, shuffle=False,
-                                 pad=False)
-        loader = make_loader(entry.dataset, sampler=sampler, batch_size=cfg.eval.batch_size,
-                             num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
-                             padding_side=cfg.data.padding_side, head_inputs=model.head_input_spec(targets=False),
-                             pin_memory=info.device.type == "cuda")
+        loader = val_loader(entry, cfg=cfg, info=info, pad_token_id=pad_token_id,
+                            head_inputs=model.head_input_spec(targets=False))
         scores[entry.label] = score_dataset(model, loader, metric=entry.metric, autocast=autocast, baselines=True,
                                             progress=False, desc=f"val {entry.label}")
     return scores
@@ -313,12 +334,7 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
         sampler = ShardedSampler(len(train_set), rank=info.rank, world_size=info.world_size, shuffle=True,
                                  seed=tc.seed, pad=True)
         micro_per_epoch = math.ceil(sampler.shard_size() / cfg.data.batch_size)
-        steps_per_epoch = micro_per_epoch // tc.grad_accum
-        if steps_per_epoch < 1:
-            raise ConfigError(f"train.grad_accum: {tc.grad_accum} micro-batches per step, but an epoch has only "
-                             f"{micro_per_epoch} per process")
-        total_steps = tc.max_steps or steps_per_epoch * tc.epochs
-        warmup_steps = max(1, round(tc.warmup_ratio * total_steps)) if tc.warmup_ratio > 0 else 0
+        total_steps, warmup_steps = schedule_steps(tc, micro_per_epoch=micro_per_epoch)
 
         # ---- Which checkpoint to resume from (or refuse to overwrite one), still before any weights load.
         # Everything is read into memory now: the checkpoint may be re-saved or pruned later in this run.
@@ -376,7 +392,7 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
                                                                 in summary.items()))
             log(f"{len(train_set)} training samples, {info.world_size} process(es) x {cfg.data.batch_size} images x "
                 f"{tc.grad_accum} accumulation = {info.world_size * cfg.data.batch_size * tc.grad_accum} per step; "
-                f"{total_steps} steps ({steps_per_epoch} per epoch), warm-up {warmup_steps}")
+                f"{total_steps} steps ({micro_per_epoch // tc.grad_accum} per epoch), warm-up {warmup_steps}")
         ddp_model = wrap_ddp(model, info, find_unused_parameters=tc.find_unused_parameters)
         model.train()
         sam_cache = None
@@ -503,12 +519,8 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
             if val_sets:
                 scores = run_validation()
                 for entry in val_sets:  # the frozen LMM's own grounding, for the final table
-                    val_sampler = ShardedSampler(len(entry.dataset), rank=info.rank, world_size=info.world_size,
-                                                 shuffle=False, pad=False)
-                    val_loader = make_loader(entry.dataset, sampler=val_sampler, batch_size=cfg.eval.batch_size,
-                                             num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
-                                             padding_side=cfg.data.padding_side)
-                    pointing[entry.label] = score_pointing(model.lmm, val_loader)
+                    pointing[entry.label] = score_pointing(
+                        model.lmm, val_loader(entry, cfg=cfg, info=info, pad_token_id=pad_token_id))
                 log_record({"kind": "pointing", "step": step, **{f"{label}/{k}": v for label, metrics in
                                                                   pointing.items() for k, v in metrics.items()}})
             if last_saved != step:

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import flmm_model.train
 import run
 from flmm_model.checkpoint import TRAINER_STATE, list_checkpoints, load_trainer_state
-from flmm_model.train import warmup_cosine
+from flmm_model.config import ConfigError, TrainConfig
+from flmm_model.train import schedule_steps, warmup_cosine
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo_random_lmm.yaml")  # tiny random LMM
 
@@ -147,3 +148,12 @@ def test_validation_scores_a_png_set_with_average_recall(tmp_path, photos, capsy
     assert {"png_val/AR_all", "png_val/baseline_full/AR_things"} <= set(_records(out, "val")[-1])
     printed = capsys.readouterr().out
     assert "png_val all-foreground" in printed and "AR_all" in printed
+
+
+def test_schedule_steps_by_hand():
+    # 10 micro-batches per epoch, 3 per step -> 3 steps per epoch; 2 epochs = 6 steps; 3% warm-up rounds to >= 1.
+    assert schedule_steps(TrainConfig(epochs=2, grad_accum=3), micro_per_epoch=10) == (6, 1)
+    assert schedule_steps(TrainConfig(max_steps=200, warmup_ratio=0.05), micro_per_epoch=10) == (200, 10)
+    assert schedule_steps(TrainConfig(max_steps=7, warmup_ratio=0.0), micro_per_epoch=10) == (7, 0)
+    with pytest.raises(ConfigError, match=r"train\.grad_accum: 4 micro-batches per step, but an epoch has only 3"):
+        schedule_steps(TrainConfig(grad_accum=4), micro_per_epoch=3)
