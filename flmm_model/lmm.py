@@ -368,11 +368,13 @@ class FrozenQwenLMM(nn.Module):
         if generate_options.get("return_dict_in_generate"):
             raise ValueError("generate: returns the new token ids; return_dict_in_generate is not supported")
         generate_options.setdefault("do_sample", False)
-        prepared = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw).to(self.qwen.device)
+        prepared = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
+        right_padded = not bool(prepared.attention_mask[:, -1].all())  # read on the host, before the copy
+        prepared = prepared.to(self.qwen.device)
         inputs_embeds, vision = self.embed(prepared)
         ids, mask, positions, image_mask = (prepared.input_ids, prepared.attention_mask, prepared.position_ids,
                                             prepared.image_mask)
-        if not bool(mask[:, -1].all()):  # right padding: roll each row so its padding comes first
+        if right_padded:  # roll each row so its padding comes first
             width = mask.shape[1]
             shift = width - mask.sum(1)  # (B,)
             columns = (torch.arange(width, device=shift.device)[None, :] - shift[:, None]) % width  # (B, L')

@@ -38,7 +38,10 @@ def chat(phrases: list[str], *, image_block: str, system: str | None) -> tuple[s
 def encode(tokenizer, texts, spans, padding_side):
     """Tokenize a batch with padding; mask_ids from character offsets (independent of the model code)."""
     tokenizer.padding_side = padding_side
-    enc = tokenizer(texts, padding=True, return_offsets_mapping=True, return_tensors="pt")
+    try:
+        enc = tokenizer(texts, padding=True, return_offsets_mapping=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "right"
     mask_ids = torch.full_like(enc["input_ids"], -1)
     for b, sample_spans in enumerate(spans):
         for t, (start, end) in enumerate(enc["offset_mapping"][b].tolist()):
@@ -46,7 +49,6 @@ def encode(tokenizer, texts, spans, padding_side):
                 for k, (s, e) in enumerate(sample_spans):
                     if start < e and end > s:
                         mask_ids[b, t] = k
-    tokenizer.padding_side = "right"
     return enc["input_ids"], enc["attention_mask"], mask_ids
 
 

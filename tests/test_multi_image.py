@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_lmm_forward import encode  # padded ids and mask_ids from character offsets
 
 from flmm_model.backbones import PRESETS, adapter_for, load_image_processor
 from flmm_model.build import build_qwen
@@ -35,23 +36,6 @@ def chat_text(num_pads: list[int] | None, num_images: int, phrases: list[str], a
         spans.append((len(text), len(text) + len(phrase)))
         text += phrase
     return text + ".<|im_end|>\n", spans
-
-
-def tokenize(tokenizer, texts, spans, padding_side):
-    """Padded ids and mask_ids from character offsets (independent of the model code)."""
-    tokenizer.padding_side = padding_side
-    try:
-        enc = tokenizer(texts, padding=True, return_offsets_mapping=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = "right"
-    mask_ids = torch.full_like(enc["input_ids"], -1)
-    for b, sample_spans in enumerate(spans):
-        for t, (start, end) in enumerate(enc["offset_mapping"][b].tolist()):
-            if enc["attention_mask"][b, t] and end > start:
-                for k, (s, e) in enumerate(sample_spans):
-                    if start < e and end > s:
-                        mask_ids[b, t] = k
-    return enc["input_ids"], enc["attention_mask"], mask_ids
 
 
 @pytest.fixture(scope="module", params=FAMILY_PRESETS)
@@ -86,7 +70,7 @@ def models(preset):
 
 def hf_reference(models, tokenizer, family, padding_side):
     texts, spans = zip(*family["expanded"], strict=True)
-    ids, attn, mask_ids = tokenize(tokenizer, list(texts), spans, padding_side)
+    ids, attn, mask_ids = encode(tokenizer, list(texts), spans, padding_side)
     model = models["sdpa"]
     image_mask = ids == model.config.image_token_id
     kwargs = dict(input_ids=ids, attention_mask=attn, pixel_values=family["pixel_values"],
@@ -131,7 +115,7 @@ def hf_reference(models, tokenizer, family, padding_side):
 def test_multi_image_forward_matches_hf_reference(models, tokenizer, family, padding_side, key):
     ref = hf_reference(models, tokenizer, family, padding_side)
     texts, spans = zip(*family[key], strict=True)
-    ids, attn, mask_ids = tokenize(tokenizer, list(texts), spans, padding_side)
+    ids, attn, mask_ids = encode(tokenizer, list(texts), spans, padding_side)
     out = models["lmm"](ids, attn, family["pixel_values"], family["image_grid_thw"], mask_ids,
                         grounded_image=family["grounded"])
 
@@ -149,7 +133,7 @@ def test_multi_image_forward_matches_hf_reference(models, tokenizer, family, pad
 
 def test_grounded_image_defaults_to_the_first(models, tokenizer, family):
     texts, spans = zip(*family["compact"], strict=True)
-    ids, attn, mask_ids = tokenize(tokenizer, list(texts), spans, "right")
+    ids, attn, mask_ids = encode(tokenizer, list(texts), spans, "right")
     lmm = models["lmm"]
     default = lmm(ids, attn, family["pixel_values"], family["image_grid_thw"], mask_ids)
     first = lmm(ids, attn, family["pixel_values"], family["image_grid_thw"], mask_ids, grounded_image=[0, 0, 0])
@@ -201,7 +185,7 @@ def select_images(family, samples):
 def test_generate_matches_hf_generate(models, tokenizer, family, samples, padding_side):
     expected, without_mrope = hf_generate(models, tokenizer, family, samples)
     texts = [family["compact"][b][0].split("<|im_start|>assistant\n")[0] + "<|im_start|>assistant\n" for b in samples]
-    ids, attn, _ = tokenize(tokenizer, texts, [[] for _ in samples], padding_side)
+    ids, attn, _ = encode(tokenizer, texts, [[] for _ in samples], padding_side)
     pixel_values, grids = select_images(family, samples)
     found = models["lmm"].generate(ids, attn, pixel_values, grids, **GENERATE)
     assert found.shape == (len(samples), GENERATE["max_new_tokens"])
@@ -212,7 +196,7 @@ def test_generate_matches_hf_generate(models, tokenizer, family, samples, paddin
 
 def test_generate_rejects_return_dict(models, tokenizer, family):
     texts, spans = zip(*family["compact"][:1], strict=True)
-    ids, attn, _ = tokenize(tokenizer, list(texts), spans, "right")
+    ids, attn, _ = encode(tokenizer, list(texts), spans, "right")
     pixel_values, grids = select_images(family, [0])
     with pytest.raises(ValueError, match="return_dict_in_generate"):
         models["lmm"].generate(ids, attn, pixel_values, grids, return_dict_in_generate=True)
@@ -233,7 +217,7 @@ def good(tokenizer, photos):
         vision = image_processor(images=[photos[i] for i in photo_ids], return_tensors="pt")
         pixel_values.append(vision["pixel_values"])
         grids.append(vision["image_grid_thw"])
-    ids, attn, mask_ids = tokenize(tokenizer, texts, spans, "right")
+    ids, attn, mask_ids = encode(tokenizer, texts, spans, "right")
     return dict(input_ids=ids, attention_mask=attn, pixel_values=torch.cat(pixel_values),
                 image_grid_thw=torch.cat(grids), mask_ids=mask_ids)
 
