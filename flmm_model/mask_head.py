@@ -122,6 +122,8 @@ class UNetMaskHead(nn.Module):
         pad_height = -out_height % self.size_multiple
         pad_width = -out_width % self.size_multiple
         maps = F.pad(maps, (0, pad_width, 0, pad_height))  # (K, C, H8, W8)
+        if maps.device.type == "cpu":  # oneDNN runs these narrow convolutions ~25% faster channels-last (RESULTS.md)
+            maps = maps.contiguous(memory_format=torch.channels_last)
 
         features = self.stem(maps)  # (K, widths[0], H8, W8)
         skips = []

@@ -99,3 +99,24 @@ def test_synthetic_validates_arguments(tokenizer, image_processor):
         SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=2, object_size=(0.5, 1.5))
     with pytest.raises(IndexError):
         SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=2)[2]
+
+
+def test_background_is_the_documented_sum_of_blotches_stripes_and_noise():
+    """The background draws (base, blotch cells, stripe angle and period, pixel noise) in a fixed order and sums them
+    in that order: the same scenes whatever the implementation's speed-ups."""
+    from PIL import Image
+
+    from flmm_model.data.synthetic import _background
+
+    height, width = 37, 53
+    background = _background(np.random.default_rng(7), height, width)
+    rng = np.random.default_rng(7)
+    base = rng.uniform(90, 170) + rng.uniform(-15, 15, size=3)
+    cells = rng.normal(0.0, 25.0, size=(int(rng.integers(3, 7)), int(rng.integers(3, 7)), 3))
+    blotches = np.stack([np.asarray(Image.fromarray(cells[..., c].astype(np.float32)).resize(
+        (width, height), Image.Resampling.BILINEAR)) for c in range(3)], axis=-1)
+    angle, period = rng.uniform(0, np.pi), rng.uniform(8, 24)
+    ys, xs = np.mgrid[0:height, 0:width]
+    stripes = 12.0 * np.sin(2 * np.pi * (xs * np.cos(angle) + ys * np.sin(angle)) / period)
+    expected = base + blotches + stripes[..., None] + rng.normal(0.0, 10.0, size=(height, width, 3))
+    assert background.shape == (height, width, 3) and np.array_equal(background, expected)

@@ -108,3 +108,32 @@ def test_text_projector_rejects_wrong_layer_count():
     projector = TextPromptProjector(num_layers=3, hidden_size=16, prompt_dim=8)
     with pytest.raises(ValueError, match=r"\(3, T, 16\)"):
         projector(torch.randn(4, 2, 16))
+
+
+def test_cpu_channels_last_forward_equals_the_layers_run_in_contiguous_layout():
+    """On the CPU the head runs its convolutions channels-last (faster in oneDNN); the logits and the gradients equal
+    the same layers composed by hand on contiguous tensors."""
+    torch.manual_seed(0)
+    head = UNetMaskHead(in_channels=8, widths=(8, 16, 32, 64))
+    maps = torch.rand(3, 8, 6, 9)
+
+    def reference(attn_maps: torch.Tensor) -> torch.Tensor:
+        normalized = attn_maps / (attn_maps.sum(dim=(2, 3), keepdim=True) + 1e-6)
+        grid = torch.nn.functional.interpolate(normalized, size=(43, 64), mode="bilinear", align_corners=False)
+        features = head.stem(torch.nn.functional.pad(grid, (0, 0, 0, 5)).contiguous())  # 43 -> 48 rows
+        assert features.is_contiguous()
+        skips = []
+        for stage in head.down_stages:
+            skips.append(features)
+            features = stage(torch.nn.functional.max_pool2d(features, kernel_size=2))
+        for stage in head.up_stages:
+            features = stage(features, skips.pop())
+        return head.out_conv(features)[:, 0, :43, :64]
+
+    logits = head(maps)
+    expected = reference(maps)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(logits.square().sum(), list(head.parameters()))
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(head.parameters()))
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):  # float32 sums in another order
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-3 * float(expected_grad.abs().max()))

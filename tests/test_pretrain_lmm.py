@@ -21,7 +21,7 @@ from flmm_model.data import Collator, SyntheticDataset, encode_grounded, express
 from flmm_model.data.prompts import DEFAULT_SYSTEM
 from flmm_model.data.synthetic import all_phrases, make_scene
 from flmm_model.model import build_model
-from flmm_model.pretrain_lmm import CaptionLM, caption_targets, caption_vocabulary
+from flmm_model.pretrain_lmm import CaptionLM, PatchProjection, caption_targets, caption_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = str(REPO / "configs" / "demo_lmm.yaml")
@@ -101,20 +101,8 @@ def test_written_checkpoint_loads_like_a_real_qwen_and_flmm_builds_on_it(pretrai
     assert torch.isfinite(out["loss"])
 
 
-def test_caption_loss_is_the_full_vocabulary_cross_entropy_of_the_written_model(pretrained):
-    """The trained loss equals transformers' own forward of the saved model (all 151,936 logits)."""
-    qwen_dir = str(pretrained["qwen_dir"])
-    tokenizer = load_tokenizer()
-    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_dir, attn_implementation="eager").eval()
-    caption_lm = CaptionLM(qwen=build_qwen(qwen_dir),
-                           vocab_ids=caption_vocabulary(tokenizer, instruction=INSTRUCTION, system=DEFAULT_SYSTEM),
-                           tokenizer=tokenizer, image_processor=None).eval()
-    scenes = SyntheticDataset(tokenizer=tokenizer, image_processor=load_image_processor(max_pixels=12544), length=3,
-                              seed=4, instruction=INSTRUCTION)
-    items = [scenes[i] for i in range(3)]
-    with torch.no_grad():
-        loss = caption_lm(Collator(pad_token_id=tokenizer.pad_token_id, padding_side="left")(items))["loss"]
-
+def _reference_loss(reference: Qwen2_5_VLForConditionalGeneration, items: list[dict], tokenizer) -> torch.Tensor:
+    """Mean caption NLL of `items` by transformers' own forward (all 151,936 logits) on processor-expanded ids."""
     image_pad = reference.config.image_token_id
     nll_sum, count = 0.0, 0
     for item in items:
@@ -125,15 +113,79 @@ def test_caption_loss_is_the_full_vocabulary_cross_entropy_of_the_written_model(
         answer_start = len(ids) - ids[::-1].index(tokenizer.convert_tokens_to_ids("<|im_start|>")) + 2
         answer_start += num_tokens - 1
         answer_end = expanded.shape[1] - 1  # the closing <|im_end|> (the final "\n" is not learned)
-        with torch.no_grad():
-            logits = reference(input_ids=expanded, pixel_values=item["pixel_values"],
-                               image_grid_thw=item["image_grid_thw"],
-                               mm_token_type_ids=(expanded == image_pad).long()).logits[0]  # (L', V)
+        logits = reference(input_ids=expanded, pixel_values=item["pixel_values"],
+                           image_grid_thw=item["image_grid_thw"],
+                           mm_token_type_ids=(expanded == image_pad).long()).logits[0]  # (L', V)
         targets = expanded[0, answer_start:answer_end]
         assert tokenizer.decode(targets[-1:]) == "<|im_end|>"
-        nll_sum += float(F.cross_entropy(logits[answer_start - 1:answer_end - 1].float(), targets, reduction="sum"))
+        nll_sum = nll_sum + F.cross_entropy(logits[answer_start - 1:answer_end - 1].float(), targets, reduction="sum")
         count += targets.numel()
-    assert float(loss) == pytest.approx(nll_sum / count, abs=1e-4)
+    return nll_sum / count
+
+
+def _caption_items(tokenizer, *, seed: int) -> list[dict]:
+    scenes = SyntheticDataset(tokenizer=tokenizer, image_processor=load_image_processor(max_pixels=12544), length=3,
+                              seed=seed, instruction=INSTRUCTION)
+    return [scenes[i] for i in range(3)]
+
+
+def _caption_lm(qwen_dir: str, tokenizer) -> CaptionLM:
+    return CaptionLM(qwen=build_qwen(qwen_dir),
+                     vocab_ids=caption_vocabulary(tokenizer, instruction=INSTRUCTION, system=DEFAULT_SYSTEM),
+                     tokenizer=tokenizer, image_processor=None)
+
+
+def test_caption_loss_is_the_full_vocabulary_cross_entropy_of_the_written_model(pretrained):
+    """The trained loss equals transformers' own forward of the saved model (all 151,936 logits)."""
+    qwen_dir = str(pretrained["qwen_dir"])
+    tokenizer = load_tokenizer()
+    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_dir, attn_implementation="eager").eval()
+    caption_lm = _caption_lm(qwen_dir, tokenizer).eval()
+    items = _caption_items(tokenizer, seed=4)
+    with torch.no_grad():
+        loss = caption_lm(Collator(pad_token_id=tokenizer.pad_token_id, padding_side="left")(items))["loss"]
+        expected = _reference_loss(reference, items, tokenizer)
+    assert float(loss) == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_caption_loss_gradients_equal_transformers_own(pretrained):
+    """CaptionLM's faster vision path (one packed attention call per block, the patch embedding as a matmul) and
+    its trained-rows loss give the vision tower and the decoder the gradients of transformers' stock forward."""
+    qwen_dir = str(pretrained["qwen_dir"])
+    tokenizer = load_tokenizer()
+    caption_lm = _caption_lm(qwen_dir, tokenizer)
+    assert isinstance(caption_lm.qwen.model.visual.patch_embed.proj, PatchProjection)
+    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_dir, attn_implementation="sdpa")
+    assert isinstance(reference.model.visual.patch_embed.proj, torch.nn.Conv3d)
+    items = _caption_items(tokenizer, seed=5)
+    caption_lm(Collator(pad_token_id=tokenizer.pad_token_id)(items))["loss"].backward()
+    _reference_loss(reference, items, tokenizer).backward()
+    ours = dict(caption_lm.qwen.named_parameters())
+    names = [name for name, param in reference.named_parameters()
+             if "embed_tokens" not in name and "lm_head" not in name]  # trained as rows in CaptionLM
+    assert "model.visual.patch_embed.proj.weight" in names and any("visual.blocks.0.attn" in n for n in names)
+    for name in names:
+        expected = dict(reference.named_parameters())[name].grad
+        assert expected is not None and expected.abs().sum() > 0, name
+        torch.testing.assert_close(ours[name].grad, expected, rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("bias", [False, True])  # Qwen2-VL / Qwen2.5-VL; Qwen3-VL
+def test_patch_projection_is_the_conv3d_it_replaces(bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(3, 16, kernel_size=(2, 14, 14), stride=(2, 14, 14), bias=bias)
+    patches = torch.randn(37, 3, 2, 14, 14)
+    projection = PatchProjection(conv)
+    assert projection.weight is conv.weight and list(projection.state_dict()) == list(conv.state_dict())
+    out = projection(patches)
+    expected = conv(patches)
+    assert out.shape == expected.shape == (37, 16, 1, 1, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    (grad_out,) = torch.autograd.grad(out.square().sum(), conv.weight)
+    (grad_ref,) = torch.autograd.grad(expected.square().sum(), conv.weight)
+    torch.testing.assert_close(grad_out, grad_ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="kernel == stride"):
+        PatchProjection(torch.nn.Conv3d(3, 16, kernel_size=3))
 
 
 def test_resume_reproduces_uninterrupted_pretraining(tmp_path):
