@@ -48,7 +48,7 @@ from flmm_model.model import build_model  # noqa: E402
 # Named architectures: the model config, the default image side (px) and images per step.
 ARCHS: dict[str, dict[str, Any]] = {
     "demo": dict(model=dict(qwen="tiny", sam="tiny", dtype="float32", max_pixels=224 * 224,
-                            mask_head_widths=[16, 32, 64, 128]), image_size=224, batch_size=4),
+                            mask_head_widths=[8, 16, 32, 64]), image_size=224, batch_size=4),
     # The real layer structure of Qwen2.5-VL-3B + SAM ViT-L at tiny widths: op and sync counts on the CPU.
     "3b_narrow": dict(model=dict(qwen="qwen2_5_vl_3b_narrow", sam="sam_vit_l_narrow", dtype="float32",
                                  max_pixels=672 * 672, mask_head_widths=[16, 32, 64, 128]),
