@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import html
+import re
 import shutil
 import signal
 import socket
@@ -307,8 +308,9 @@ def find_phrases(answer: str, phrases: Sequence[str]) -> tuple[list[Span], list[
     """Spans of the typed `phrases` in `answer` (sorted), and the phrases not found.
 
     Each phrase takes its first occurrence after the previous found phrase, as `FrozenQwenSAM.chat(ground=phrases)`
-    does (so the two agree whenever chat finds every phrase); one that occurs only earlier takes its first occurrence
-    that overlaps no found phrase. Matching is exact (case included).
+    does (so the two agree whenever chat finds every phrase with the case it was typed in); one that occurs only
+    earlier takes its first occurrence that overlaps no found phrase. Matching ignores case ("the cup" finds "The
+    cup"): a person types a phrase without knowing how the answer capitalises it; the span is the answer's own text.
     """
     found: list[Span] = []
     missing: list[str] = []
@@ -325,12 +327,11 @@ def find_phrases(answer: str, phrases: Sequence[str]) -> tuple[list[Span], list[
 
 
 def _occurrences(text: str, phrase: str, start: int) -> list[int]:
-    """Every index at or after `start` where `phrase` occurs in `text` (overlapping occurrences included)."""
-    found, index = [], text.find(phrase, start)
-    while index >= 0:
-        found.append(index)
-        index = text.find(phrase, index + 1)
-    return found
+    """Every index at or after `start` where `phrase` occurs in `text`, ignoring case (overlapping occurrences
+    included: a lookahead matches at each position). A case-folded copy of `text` could change its length (e.g. "ß"),
+    so matching runs on the text itself."""
+    pattern = re.compile(f"(?={re.escape(phrase)})", re.IGNORECASE)
+    return [match.start() for match in pattern.finditer(text, start)]
 
 
 def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:

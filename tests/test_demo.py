@@ -468,6 +468,15 @@ def test_find_phrases_agrees_with_chat_and_notes_the_missing():
     assert find_phrases(answer, ["red", "red", "red"]) == ([(2, 5), (16, 19)], ["red"])
 
 
+def test_find_phrases_ignores_case_and_returns_the_answers_own_text():
+    answer = "The Red cup and a red saucer."
+    spans, missing = find_phrases(answer, ["the red cup", "RED SAUCER", "plate"])
+    assert spans == [(0, 11), (18, 28)] and missing == ["plate"]
+    assert [answer[a:b] for a, b in spans] == ["The Red cup", "red saucer"]
+    # Indices of the answer itself: a case-folded copy ("strasse") would be one character longer before the cup.
+    assert find_phrases("Die Straße, the Cup.", ["THE CUP"]) == ([(12, 19)], [])
+
+
 def test_chat_refuses_a_conversation_too_long_for_the_model_before_it_runs(reference):
     demo_model = DemoModel(reference, max_new_tokens=CHAT_TOKENS)
     long_turn = ("Describe every shape. " * 200, "A circle and a square. " * 200)  # 801 + 1201 tokens
