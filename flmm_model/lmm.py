@@ -163,7 +163,7 @@ class FrozenQwenLMM(nn.Module):
         self.vision_end_token_id = config.vision_end_token_id
         self.merge_size = config.vision_config.spatial_merge_size
         vision = config.vision_config
-        self.patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2  # 1176 or 1536
+        self.patch_dim = patch_dim_of(vision)  # 1176 or 1536
         self.num_layers = config.text_config.num_hidden_layers
         self.num_heads = config.text_config.num_attention_heads
         self.hidden_size = config.text_config.hidden_size
@@ -226,49 +226,10 @@ class FrozenQwenLMM(nn.Module):
         mask_ids: torch.Tensor | None = None,
         grounded_image: Sequence[int] | torch.Tensor | None = None,
     ) -> PreparedLMMInputs:
-        """Validate the batch and build every index the forward (or `generate`) needs, on the host: the values are
-        read here, where reading them costs no device sync. Arguments as in `forward` (moved to the CPU first;
-        `pixel_values` stays where it is); `mask_ids` None means no phrase (generation), and no object is required.
-
-        Raises:
-            ValueError: on inconsistent input (see `validate_lmm_inputs`).
-        """
-        input_ids, attention_mask, image_grid_thw = (t.cpu() for t in (input_ids, attention_mask, image_grid_thw))
-        needs_objects = mask_ids is not None
-        mask_ids = torch.full_like(input_ids, -1) if mask_ids is None else mask_ids.cpu()
-        layout = validate_lmm_inputs(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw, mask_ids=mask_ids, merge_size=self.merge_size,
-            image_token_id=self.image_token_id, vision_start_token_id=self.vision_start_token_id,
-            vision_end_token_id=self.vision_end_token_id, patch_dim=self.patch_dim,
-            grounded_image=grounded_image, require_objects=needs_objects,
-        )
-        input_ids, attention_mask, mask_ids = expand_vision_tokens(
-            input_ids=input_ids, attention_mask=attention_mask, mask_ids=mask_ids,
-            num_vision_tokens=layout.num_vision_tokens, image_token_id=self.image_token_id,
-        )
-        image_mask = (input_ids == self.image_token_id) & attention_mask.bool()  # (B, L'), every image's tokens
-        position_ids = self.adapter.position_ids(
-            image_mask=image_mask, attention_mask=attention_mask, grid_thw=image_grid_thw, merge_size=self.merge_size
-        )
-        block = image_block_index(image_mask)  # (B, L'), global image index of each image token
-        grounded_mask = image_mask & (block == torch.tensor(layout.grounded_index)[:, None])  # (B, L')
-        queries, object_slots = None, []
-        if needs_objects:
-            queries = PhraseQueries.build(mask_ids=mask_ids, image_mask=grounded_mask, attention_mask=attention_mask,
-                                          num_objects=max(layout.num_objects))
-            object_slots = _object_slots(queries, layout.num_objects)
-        return PreparedLMMInputs(
-            input_ids=input_ids, attention_mask=attention_mask, mask_ids=mask_ids, image_mask=image_mask,
-            grounded_mask=grounded_mask, image_positions=image_mask.flatten().nonzero().flatten(),
-            position_ids=position_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw, queries=queries,
-            vision_inputs=self.adapter.vision_inputs(self.qwen.config.vision_config, image_grid_thw),
-            num_vision_tokens=layout.num_vision_tokens,
-            grid_hw=[tuple(hw) for hw in (image_grid_thw[:, 1:] // self.merge_size).tolist()],
-            num_objects=layout.num_objects, images_per_sample=layout.images_per_sample,
-            grounded_image=layout.grounded_image, grounded_index=layout.grounded_index, object_slots=object_slots,
-            has_padding=not bool(attention_mask.all()),
-        )
+        """`prepare_lmm_inputs` for this model: validation and every index the forward (or `generate`) needs, built
+        on the host. Arguments as in `forward`; `mask_ids` None means no phrase (generation)."""
+        return prepare_lmm_inputs(self.qwen, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                  mask_ids=mask_ids, grounded_image=grounded_image)
 
     @torch.no_grad()
     def embed(self, prepared: PreparedLMMInputs) -> tuple[torch.Tensor, VisionFeatures]:
@@ -408,6 +369,72 @@ class BatchLayout:
     images_per_sample: list[int]
     grounded_image: list[int]
     grounded_index: list[int]
+
+
+def patch_dim_of(vision_config: Any) -> int:
+    """Values per row of `pixel_values` for a vision config: channels * temporal_patch_size * patch_size^2."""
+    return vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
+
+
+def prepare_lmm_inputs(
+    qwen: QwenVLModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    *,
+    mask_ids: torch.Tensor | None = None,
+    grounded_image: Sequence[int] | torch.Tensor | None = None,
+) -> PreparedLMMInputs:
+    """Validate a compact batch for `qwen` and build every index its forward (or `generate`) needs, on the host: the
+    values are read here, where reading them costs no device sync. The one expansion path of the project: the frozen
+    LMM (`FrozenQwenLMM.prepare`) and caption pretraining (`pretrain_lmm.CaptionLM`) both start from it.
+
+    Arguments as in `FrozenQwenLMM.forward` (moved to the CPU first; `pixel_values` stays where it is); `mask_ids`
+    None means no phrase (generation), and no object is required.
+
+    Raises:
+        ValueError: on inconsistent input (see `validate_lmm_inputs`).
+    """
+    adapter, config = adapter_for(qwen), qwen.config
+    vision = config.vision_config
+    image_token_id, merge_size = config.image_token_id, vision.spatial_merge_size
+    input_ids, attention_mask, image_grid_thw = (t.cpu() for t in (input_ids, attention_mask, image_grid_thw))
+    needs_objects = mask_ids is not None
+    mask_ids = torch.full_like(input_ids, -1) if mask_ids is None else mask_ids.cpu()
+    layout = validate_lmm_inputs(
+        input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw, mask_ids=mask_ids, merge_size=merge_size, image_token_id=image_token_id,
+        vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id,
+        patch_dim=patch_dim_of(vision),
+        grounded_image=grounded_image, require_objects=needs_objects,
+    )
+    input_ids, attention_mask, mask_ids = expand_vision_tokens(
+        input_ids=input_ids, attention_mask=attention_mask, mask_ids=mask_ids,
+        num_vision_tokens=layout.num_vision_tokens, image_token_id=image_token_id,
+    )
+    image_mask = (input_ids == image_token_id) & attention_mask.bool()  # (B, L'), every image's tokens
+    position_ids = adapter.position_ids(
+        image_mask=image_mask, attention_mask=attention_mask, grid_thw=image_grid_thw, merge_size=merge_size
+    )
+    block = image_block_index(image_mask)  # (B, L'), global image index of each image token
+    grounded_mask = image_mask & (block == torch.tensor(layout.grounded_index)[:, None])  # (B, L')
+    queries, object_slots = None, []
+    if needs_objects:
+        queries = PhraseQueries.build(mask_ids=mask_ids, image_mask=grounded_mask, attention_mask=attention_mask,
+                                      num_objects=max(layout.num_objects))
+        object_slots = _object_slots(queries, layout.num_objects)
+    return PreparedLMMInputs(
+        input_ids=input_ids, attention_mask=attention_mask, mask_ids=mask_ids, image_mask=image_mask,
+        grounded_mask=grounded_mask, image_positions=image_mask.flatten().nonzero().flatten(),
+        position_ids=position_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw, queries=queries,
+        vision_inputs=adapter.vision_inputs(vision, image_grid_thw),
+        num_vision_tokens=layout.num_vision_tokens,
+        grid_hw=[tuple(hw) for hw in (image_grid_thw[:, 1:] // merge_size).tolist()],
+        num_objects=layout.num_objects, images_per_sample=layout.images_per_sample,
+        grounded_image=layout.grounded_image, grounded_index=layout.grounded_index, object_slots=object_slots,
+        has_padding=not bool(attention_mask.all()),
+    )
 
 
 def _expand_index(columns: torch.Tensor, tensor: torch.Tensor, dim: int) -> torch.Tensor:

@@ -45,7 +45,6 @@ from transformers import PreTrainedTokenizerBase
 from transformers.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
 from flmm_model.backbones import adapter_for
-from flmm_model.backbones.mrope import mrope_position_ids
 from flmm_model.backbones.vision_attention import use_packed_vision_attention
 from flmm_model.build import QWEN_ARCHS, build_qwen, check_model_paths, prompt_settings
 from flmm_model.checkpoint import (
@@ -64,10 +63,9 @@ from flmm_model.data.collate import make_loader
 from flmm_model.data.prompts import chat_prefix
 from flmm_model.data.registry import NamedDataset, build_datasets
 from flmm_model.data.synthetic import all_phrases
-from flmm_model.device import to_device
 from flmm_model.distributed import ShardedSampler, autocast_context, resolve_device
 from flmm_model.evaluate import print_table
-from flmm_model.lmm import FrozenQwenLMM, expand_vision_tokens, validate_lmm_inputs
+from flmm_model.lmm import FrozenQwenLMM, prepare_lmm_inputs
 from flmm_model.pointing import score_pointing
 from flmm_model.train import (
     WarmupCosine,
@@ -224,35 +222,25 @@ class CaptionLM(nn.Module):
             dict with `loss` (mean negative log-likelihood per target token, nats, over the full vocabulary),
             `nll_sum` (its sum, detached) and `num_tokens` (target tokens, long).
         """
-        device, config = self.embed_rows.device, self.qwen.config
-        image_token_id, merge_size = config.image_token_id, config.vision_config.spatial_merge_size
-        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        device = self.embed_rows.device
         targets = caption_targets(batch["input_ids"], batch["attention_mask"], header_ids=self.header_ids,
-                                  end_id=self.end_id).to(device)
-        image_grid_thw = batch["image_grid_thw"].to(device)
-        layout = validate_lmm_inputs(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=batch["pixel_values"],
-            image_grid_thw=image_grid_thw, mask_ids=targets, merge_size=merge_size, image_token_id=image_token_id,
-            vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id)
-        # `targets` rides along as the per-token index the expansion carries (0 = target, -1 = not).
-        input_ids, attention_mask, targets = expand_vision_tokens(
-            input_ids=input_ids, attention_mask=attention_mask, mask_ids=targets,
-            num_vision_tokens=layout.num_vision_tokens, image_token_id=image_token_id)
-        image_mask = (input_ids == image_token_id) & attention_mask.bool()  # (B, L')
-        position_ids = mrope_position_ids(image_mask=image_mask, attention_mask=attention_mask,
-                                          grid_thw=image_grid_thw, merge_size=merge_size)  # (3, B, L')
+                                  end_id=self.end_id)
+        # Validated, expanded and positioned on the host by the frozen LMM's own path; `targets` rides along as the
+        # per-token index the expansion carries (0 = target, -1 = not), one "phrase" per sample.
+        prepared = prepare_lmm_inputs(self.qwen, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                      batch["image_grid_thw"], mask_ids=targets).to(device)
+        input_ids, targets = prepared.input_ids, prepared.mask_ids  # (B, L') each
 
         rows = self.row_of[input_ids]  # (B, L'), trained row of each token or -1
         inputs_embeds = torch.where((rows >= 0)[..., None], self.embed_rows[rows.clamp(min=0)],
                                     F.embedding(input_ids, self._full_embedding()))  # (B, L', D)
-        model = self.qwen.model
-        # The vision tower's grid inputs from the CPU grid (no host sync), one attention call per block.
-        vision_inputs = to_device(self.adapter.vision_inputs(config.vision_config, batch["image_grid_thw"]), device)
-        image_features = self.adapter.encode_images(self.qwen, batch["pixel_values"].to(device), image_grid_thw,
-                                                    vision_inputs).image_embeds.to(inputs_embeds.dtype)  # (sum N, D)
-        inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
-        hidden = model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      position_ids=position_ids, use_cache=False).last_hidden_state  # (B, L', D)
+        image_features = self.adapter.encode_images(self.qwen, prepared.pixel_values, prepared.image_grid_thw,
+                                                    prepared.vision_inputs).image_embeds  # (sum N, D)
+        inputs_embeds = inputs_embeds.flatten(0, 1).index_copy(0, prepared.image_positions,
+                                                               image_features.to(inputs_embeds.dtype))
+        hidden = self.qwen.model.language_model(
+            inputs_embeds=inputs_embeds.view(*input_ids.shape, -1), attention_mask=prepared.attention_mask,
+            position_ids=prepared.position_ids, use_cache=False).last_hidden_state  # (B, L', D)
 
         predict = targets[:, 1:] == 0  # (B, L'-1): position t predicts token t + 1
         next_ids = input_ids[:, 1:][predict]  # (T,)
