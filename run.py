@@ -208,8 +208,8 @@ def build_parser() -> _Parser:
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from flmm_model.config_loader import load_config
-    from flmm_model.pretrain_lmm import ensure_pretrained_lmm
-    from flmm_model.train import train_with_ablation
+    from flmm_model.recipes.pretrain_lmm import ensure_pretrained_lmm
+    from flmm_model.recipes.train import train_with_ablation
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
@@ -219,7 +219,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_pretrain_lmm(args: argparse.Namespace) -> dict[str, Any]:
     from flmm_model.config_loader import load_config
-    from flmm_model.pretrain_lmm import pretrain_lmm
+    from flmm_model.recipes.pretrain_lmm import pretrain_lmm
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     return pretrain_lmm(load_config(args.config, overrides))
@@ -227,7 +227,7 @@ def cmd_pretrain_lmm(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from flmm_model.config_loader import load_config
-    from flmm_model.evaluate import evaluate
+    from flmm_model.recipes.evaluate import evaluate
 
     overrides = list(args.overrides) + ([f"eval.checkpoint={args.checkpoint}"] if args.checkpoint else [])
     cfg = load_config(args.config, overrides)
@@ -235,8 +235,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
+    from flmm_model.apps.predict import predict
     from flmm_model.config_loader import load_config
-    from flmm_model.predict import predict
 
     cfg = load_config(args.config, args.overrides)
     out_dir = args.out or str(Path("predictions") / Path(args.image).stem)
@@ -245,8 +245,8 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
+    from flmm_model.apps.predict import chat
     from flmm_model.config_loader import load_config
-    from flmm_model.predict import chat
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens: expected at least 1, found {args.max_new_tokens}")
@@ -262,7 +262,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     if importlib.util.find_spec("gradio") is None:
         raise UsageError('run.py demo needs Gradio, an optional extra: pip install -e ".[demo]"')
-    from flmm_model.demo import address_problem, serve_demo
+    from flmm_model.apps.demo import address_problem, serve_demo
 
     cfg = load_config(args.config, args.overrides)
     if args.max_side < 28:
@@ -278,7 +278,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_convert_sam(args: argparse.Namespace) -> dict[str, Any]:
     from flmm_model.checkpoint import prepare_output_dir
-    from flmm_model.sam_convert import convert_sam_checkpoint
+    from flmm_model.recipes.convert_sam import convert_sam_checkpoint
 
     if not Path(args.checkpoint).is_file():
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
@@ -289,8 +289,8 @@ def cmd_convert_sam(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_cache_sam(args: argparse.Namespace) -> dict[str, Any]:
-    from flmm_model.cache_sam import cache_sam
     from flmm_model.config_loader import load_config
+    from flmm_model.recipes.cache_sam import cache_sam
 
     return cache_sam(load_config(args.config, args.overrides))
 

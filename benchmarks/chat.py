@@ -42,7 +42,7 @@ from flmm_model.backbones import PRESETS, adapter_for, load_image_processor, qwe
 from flmm_model.build import load_tokenizer  # noqa: E402
 from flmm_model.data.images import qwen_image_inputs  # noqa: E402
 from flmm_model.data.prompts import build_chat_prompt, encode_chat  # noqa: E402
-from flmm_model.lmm import FrozenQwenLMM  # noqa: E402
+from flmm_model.modeling.lmm import FrozenQwenLMM  # noqa: E402
 
 WAYS = ("ours", "flmm")
 QUESTION = "What is happening in this picture? Describe every object you can see."

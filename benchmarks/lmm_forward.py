@@ -40,10 +40,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from peak_memory import PeakMemory  # noqa: E402  (benchmarks/, the script's folder)
 
-from flmm_model.attention import CaptureState, PhraseQueries  # noqa: E402
 from flmm_model.backbones import PRESETS, adapter_for, qwen_config  # noqa: E402
 from flmm_model.device import to_device  # noqa: E402
-from flmm_model.lmm import FrozenQwenLMM  # noqa: E402
+from flmm_model.modeling.attention import CaptureState, PhraseQueries  # noqa: E402
+from flmm_model.modeling.lmm import FrozenQwenLMM  # noqa: E402
 
 MODES = ("baseline", "eager", "sdpa")
 

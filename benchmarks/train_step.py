@@ -1,7 +1,7 @@
 """Throughput of full FrozenQwenSAM training steps, per region: time, and with `--count-ops` the kernel-launching ops
 and host syncs (torch.profiler and `op_count.SyncCounter`, meant for the CPU, where launches and syncs cannot hide).
 
-A step is what `flmm_model.train` does for one micro-batch of the loader (collated, with the heads' image inputs
+A step is what `flmm_model.recipes.train` does for one micro-batch of the loader (collated, with the heads' image inputs
 and targets built as the loader's workers build them): the host preparation and the copy to the device, the
 forward (LMM once for the batch, the heads, the four losses), backward through the heads, the loss bookkeeping of
 the log window, gradient clipping and an AdamW step; bf16 autocast on CUDA, fp32 on CPU. Weights are random

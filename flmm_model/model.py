@@ -1,18 +1,10 @@
 """FrozenQwenSAM: F-LMM grounding on a frozen Qwen-VL, with a U-Net mask head and a SAM refiner; and `build_model`.
 
-The forward path of a collated batch (`flmm_model.data.collate`) to the losses:
-- `lmm.py`: compact ids -> expanded inputs -> one frozen forward -> attention maps and phrase hidden states (the
-  backbone adapter in `backbones/` runs the family's vision tower and decoder; `attention.py` captures the maps);
-- `mask_head.py`: attention maps -> coarse mask logits (U-Net);
-- `sam_refiner.py`: phrase hidden states -> SAM prompt tokens; coarse logits + tokens -> refined logits;
-- `losses.py`: BCE + Dice on both masks; this file glues them.
-A step is launch-bound on a GPU unless every part runs once for the batch, so: the batch is validated and every
-index is built on the host first (`prepare_batch`, `prepare.py`), copied to the device in one go, and the forward
-then reads nothing back. The LMM runs once for all images (its vision tower one attention call per block); the
-U-Net once per distinct attention grid; the text projection once; SAM embeds all images in one call (or reads them
-from `data.sam_cache`) and decodes all objects of the batch in one prompt-encoder and one mask-decoder call; the
-four losses are computed on padded canvases in one call each (`frames.py`). Inference on PIL images:
-`predictor.py`; model files: `checkpoint.py`.
+The network is `modeling.grounding.GroundingModel` (a prepared batch -> losses / logits; it imports nothing that
+uses it). This class adds what users call on top of it: the conveniences `segment`, `chat` and `visual_cot`
+(one-line calls into the inference layer, `flmm_model.predictor.GroundingPredictor`, which sits over the network
+and never imports this module) and the model files (`save_pretrained` / `from_pretrained`, format in
+`checkpoint.py`). Modules take built parts; `build_model` is the one place that reads a model config.
 """
 
 from __future__ import annotations
@@ -21,412 +13,49 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
-from torch import nn
-from transformers import SamModel
 
-from flmm_model.backbones import QwenVLModel
 from flmm_model.build import build_qwen, build_sam, prompt_settings
 from flmm_model.checkpoint import LoadedCheckpoint, load_checkpoint
 from flmm_model.checkpoint import save_pretrained as save_model_files
-from flmm_model.config import DEFAULT_INSTRUCTION, ModelConfig
-from flmm_model.data.head_inputs import HeadInputSpec
-from flmm_model.data.prompts import DEFAULT_SYSTEM
-from flmm_model.data.sam_cache import SamEmbeddingCache
-from flmm_model.device import to_device
-from flmm_model.errors import CheckpointError
-from flmm_model.frames import ObjectFrames, resize_on_canvas, size_mask
-from flmm_model.lmm import FrozenQwenLMM, LMMOutput
-from flmm_model.losses import canvas_loss_terms
-from flmm_model.mask_head import UNetMaskHead
+from flmm_model.config import ModelConfig
+from flmm_model.modeling.grounding import GroundingModel
 from flmm_model.predictor import ChatOutput, GroundingPredictor, VisualCotOutput
-from flmm_model.prepare import PreparedBatch, text_slots, unet_groups
-from flmm_model.sam_refiner import SamRefiner, TextPromptProjector, sam_cache_key
 
 
-class FrozenQwenSAM(nn.Module):
-    """Phrase grounding with a frozen Qwen2.5-VL: attention maps -> U-Net coarse mask -> SAM refined mask.
+class FrozenQwenSAM(GroundingModel):
+    """Phrase grounding with a frozen Qwen-VL: attention maps -> U-Net coarse mask -> SAM refined mask.
 
-    Trainable: the U-Net mask head, the text prompt projector (layer weights + Linear) and SAM's prompt encoder
-    and mask decoder. Frozen (no grad, eval, run under no_grad): Qwen2.5-VL and SAM's image encoder.
-
-    Args:
-        qwen: Qwen2-VL, Qwen2.5-VL or Qwen3-VL (weights untouched; its text attention is routed through the capture
-            functions).
-        sam: transformers SamModel, or None for the LMM + U-Net stage alone (coarse masks only).
-        tokenizer: Qwen tokenizer, used by `segment` (and kept so the model is self-contained).
-        image_processor: Qwen2-VL image processor, used by `segment`.
-        attn_capture: "sdpa" (default, lean) or "eager" (F-LMM reference); see `attention.py`.
-        mask_head_widths: U-Net stage widths.
-        mask_head_size: longest side of the attention maps fed to the U-Net.
-        coarse_threshold: logit threshold of the coarse mask for SAM's box prompt.
-        bce_weight: weight of both BCE terms. dice_weight: weight of both Dice terms.
-        instruction, system: the prompt `segment` builds (the same as the datasets'; the model config's).
-        max_length: longest compact token sequence `segment` accepts.
-        build_config: the builder's config (a plain dict), saved with the weights so `from_pretrained` can rebuild.
+    The network and its arguments: `modeling.grounding.GroundingModel`. Added here: `predictor()`, `segment`,
+    `chat`, `visual_cot` (through `flmm_model.predictor`) and the model files.
     """
 
-    def __init__(
-        self,
-        *,
-        qwen: QwenVLModel,
-        sam: SamModel | None,
-        tokenizer=None,
-        image_processor=None,
-        attn_capture: str = "sdpa",
-        mask_head_widths: Sequence[int] = (64, 128, 256, 512),
-        mask_head_size: int = 64,
-        coarse_threshold: float = 0.0,
-        bce_weight: float = 1.0,
-        dice_weight: float = 1.0,
-        instruction: str = DEFAULT_INSTRUCTION,
-        system: str | None = DEFAULT_SYSTEM,
-        max_length: int = 2048,
-        build_config: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__()
-        self.lmm = FrozenQwenLMM(qwen=qwen, attn_capture=attn_capture)
-        # U-Net input channels come from the loaded Qwen config: layers x heads.
-        self.mask_head = UNetMaskHead(in_channels=self.lmm.num_attention_channels, widths=tuple(mask_head_widths),
-                                      upsample_size=mask_head_size)
-        self.sam_refiner = SamRefiner(sam=sam, coarse_threshold=coarse_threshold) if sam is not None else None
-        self.text_projector = None
-        if sam is not None:
-            self.text_projector = TextPromptProjector(num_layers=self.lmm.num_layers,
-                                                      hidden_size=self.lmm.hidden_size,
-                                                      prompt_dim=self.sam_refiner.prompt_dim)
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.bce_weight = bce_weight
-        self.dice_weight = dice_weight
-        self.instruction = instruction
-        self.system = system
-        self.max_length = max_length
-        self.build_config = dict(build_config or {})
-
-    # ------------------------------------------------------------------ frozen / trainable bookkeeping
-
-    @property
-    def qwen(self) -> QwenVLModel:
-        return self.lmm.qwen
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.mask_head.parameters()).device
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters the optimizer should see (everything that requires grad)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Exactly the trainable tensors, by their names in this module."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load trainable weights; with `strict`, missing or unexpected keys (or shapes) raise CheckpointError (a
-        ValueError): the weights were trained around another backbone or with other head sizes."""
-        own = dict((name, p) for name, p in self.named_parameters() if p.requires_grad)
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if strict and (missing or unexpected):
-            raise CheckpointError(f"trainable weights do not match the model: missing {missing[:8]}"
-                                  f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                                  f"{' ...' if len(unexpected) > 8 else ''}")
-        with torch.no_grad():
-            for name, value in state.items():
-                if name not in own:
-                    continue
-                if own[name].shape != value.shape:
-                    raise CheckpointError(f"trainable weight {name}: expected shape {tuple(own[name].shape)}, found "
-                                          f"{tuple(value.shape)} (a checkpoint of another backbone size? check "
-                                          f"model.qwen)")
-                own[name].copy_(value)
-
-    def parameter_summary(self) -> dict[str, tuple[int, int]]:
-        """Per part: (trainable, frozen) parameter counts."""
-        parts = {"qwen": self.lmm, "mask_head": self.mask_head}
-        if self.sam_refiner is not None:
-            sam = self.sam_refiner.sam
-            parts.update(text_projector=self.text_projector, sam_image_encoder=sam.vision_encoder,
-                         sam_prompt_encoder=sam.prompt_encoder, sam_mask_decoder=sam.mask_decoder)
-        summary, seen = {}, set()
-        for name, module in parts.items():
-            trainable = frozen = 0
-            for p in module.parameters():
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                if p.requires_grad:
-                    trainable += p.numel()
-                else:
-                    frozen += p.numel()
-            summary[name] = (trainable, frozen)
-        rest = [p for p in self.parameters() if id(p) not in seen]
-        if rest:
-            summary["other"] = (sum(p.numel() for p in rest if p.requires_grad),
-                                sum(p.numel() for p in rest if not p.requires_grad))
-        return summary
-
-    def compile_parts(self, *, backend: str = "inductor") -> None:
-        """`torch.compile` in place (module names and checkpoints unchanged) the repeated blocks and the heads: the
-        vision blocks, the text decoder layers, SAM's image-encoder layers, the U-Net and SAM's mask decoder.
-
-        Shapes are dynamic (sequence lengths, grids and object counts change from batch to batch), so new shapes do
-        not recompile. The capture and the padded-token mask run as plain Python between compiled pieces.
-        """
-        modules = [*self.qwen.model.visual.blocks, *self.qwen.model.language_model.layers, self.mask_head]
-        if self.sam_refiner is not None:
-            modules += [*self.sam_refiner.sam.vision_encoder.layers, self.sam_refiner.sam.mask_decoder]
-        for module in modules:
-            module.compile(backend=backend, dynamic=True)
-
-    # ------------------------------------------------------------------ forward
-
-    def lmm_forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
-        image_grid_thw: torch.Tensor,
-        mask_ids: torch.Tensor,
-        grounded_image: Sequence[int] | None = None,
-    ) -> LMMOutput:
-        """The frozen Qwen2.5-VL stage on compact (or pre-expanded) ids; see `FrozenQwenLMM.forward`."""
-        return self.lmm(input_ids, attention_mask, pixel_values, image_grid_thw, mask_ids,
-                        grounded_image=grounded_image)
-
-    def head_input_spec(self, *, targets: bool = True, sam_cache: SamEmbeddingCache | None = None) -> HeadInputSpec:
-        """What the heads need from the data (`data.head_inputs`): give it to the loader to build it in workers.
-        `targets=False` for prediction (no ground-truth entries); `sam_cache`: read SAM embeddings from it."""
-        sam_size = self.sam_refiner.image_size if self.sam_refiner is not None else None
-        return HeadInputSpec(sam_image_size=sam_size, coarse_size=self.mask_head.upsample_size,
-                             merge_size=self.lmm.merge_size, targets=targets, sam_cache=sam_cache)
-
-    def open_sam_cache(self, directory: str, *, precision: str) -> SamEmbeddingCache:
-        """The SAM embedding cache in `directory` for this model's SAM image encoder, input size and pixel budget, and
-        the encoder's `precision` ("bf16" under bf16 autocast, else "fp32"): see `data.sam_cache`.
-
-        Raises:
-            SamCacheError: the directory holds a cache built for another setup.
-            ValueError: the model has no SAM.
-        """
-        if self.sam_refiner is None:
-            raise ValueError("data.sam_cache: the model has no SAM refiner")
-        refiner = self.sam_refiner
-        size = self.image_processor.size  # the pixel budget: shortest_edge / longest_edge are min / max pixels
-        key = sam_cache_key(refiner, precision=precision, min_pixels=size.shortest_edge, max_pixels=size.longest_edge)
-        return SamEmbeddingCache(directory, key=key, embedding_shape=refiner.embedding_shape)
-
-    def prepare_batch(self, batch: dict[str, Any]) -> PreparedBatch:
-        """A collated CPU batch -> `PreparedBatch` (see `flmm_model.prepare`), on the host: the compact batch is
-        validated and every index of the forward is built here, so the forward reads nothing back from the device.
-        The heads' image inputs and targets come from the batch when the loader built them, else are built here.
-
-        Raises:
-            ValueError: inconsistent input (see `lmm.validate_lmm_inputs`), or ground-truth masks that do not match
-                a sample's phrases or image size.
-        """
-        def host(name: str) -> torch.Tensor:
-            return batch[name].cpu()
-
-        lmm = self.lmm.prepare(host("input_ids"), host("attention_mask"), batch["pixel_values"],
-                               host("image_grid_thw"), mask_ids=host("mask_ids"),
-                               grounded_image=batch.get("grounded_image"))
-        image_sizes = [tuple(image.shape[-2:]) for image in batch["images"]]
-        gt_masks = batch.get("gt_masks")
-        has_gt = bool(gt_masks) and all(mask is not None for mask in gt_masks)
-        if has_gt:
-            for b, (gt, count, size) in enumerate(zip(gt_masks, lmm.num_objects, image_sizes, strict=True)):
-                if tuple(gt.shape) != (count, *size):
-                    raise ValueError(f"sample {b}: gt_masks shape {tuple(gt.shape)} does not match the {count} "
-                                     f"phrases at image size {size}")
-        spec = self.head_input_spec(targets=has_gt)
-        needed = {"sam_pixels"} if spec.sam_image_size is not None else set()
-        needed |= {"gt_canvas", "coarse_targets"} if has_gt else set()
-        if "sam_embeddings" in batch:  # read from the SAM cache by the loader
-            needed |= {"sam_embeddings", "sam_missing", "sam_names"}
-        entries = {name: batch[name] for name in needed if name in batch}
-        if set(entries) != needed:
-            entries = spec({**batch, "grounded_grid_thw": lmm.grounded_grid_thw})
-
-        coarse_sizes = spec.coarse_sizes(lmm.grounded_grid_thw)  # per sample (h', w')
-        object_image = torch.repeat_interleave(torch.arange(len(image_sizes)), torch.tensor(lmm.num_objects))
-        per_object = object_image.tolist()
-        sam = self.sam_refiner
-        sam_sizes = dict(image_size=sam.image_size, mask_side=sam.mask_input_size) if sam is not None else dict(
-            image_size=1, mask_side=1)  # without SAM only the image and coarse sizes are used
-        frames = ObjectFrames.build([image_sizes[b] for b in per_object], [coarse_sizes[b] for b in per_object],
-                                    **sam_sizes)
-        groups, order = unet_groups(lmm.grounded_grid_hw, lmm.num_objects)
-        text_index, text_valid = text_slots(lmm.object_slots, lmm.queries.query_index.shape[1])
-        sam_resized, encoded = None, list(range(len(image_sizes)))
-        if "sam_missing" in entries:
-            encoded = entries["sam_missing"].tolist()
-        if sam is not None:
-            sam_resized = torch.tensor([sam.resized_size(image_sizes[b]) for b in encoded],
-                                       dtype=torch.float32).reshape(-1, 2)
-        return PreparedBatch(
-            lmm=lmm, num_objects=lmm.num_objects, image_sizes=image_sizes, coarse_sizes=coarse_sizes,
-            unet_groups=groups, coarse_order=order,
-            coarse_canvas=(max(h for h, _ in coarse_sizes), max(w for _, w in coarse_sizes)),
-            canvas=(max(h for h, _ in image_sizes), max(w for _, w in image_sizes)), frames=frames,
-            object_image=object_image, text_index=text_index, text_valid=text_valid,
-            sam_pixels=entries.get("sam_pixels"), sam_resized=sam_resized, sam_embeddings=entries.get("sam_embeddings"),
-            sam_missing=entries.get("sam_missing"),
-            sam_missing_names=[entries["sam_names"][b] for b in encoded] if "sam_names" in entries else [],
-            gt_canvas=entries.get("gt_canvas"),
-            coarse_targets=entries.get("coarse_targets"),
-        )
-
-    def _prepared(self, batch: dict[str, Any] | PreparedBatch) -> PreparedBatch:
-        if isinstance(batch, PreparedBatch):
-            return batch
-        return to_device(self.prepare_batch(batch), self.device)
-
-    def _heads(self, prepared: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(K, h'_max, w'_max) coarse and (K, H_max, W_max) float32 refined logits canvases of a prepared batch, and
-        the SAM embeddings computed for the images the SAM cache missed (None without a cache)."""
-        lmm_out = self.lmm.forward_prepared(prepared.lmm)
-        head_dtype = next(self.mask_head.parameters()).dtype
-        outputs = []
-        for group in prepared.unet_groups:  # one U-Net call per distinct attention grid
-            maps = [lmm_out.attention_maps[b] for b in group.samples]
-            maps = maps[0] if len(maps) == 1 else torch.cat(maps)  # (K_g, C, h, w)
-            outputs.append(self.mask_head(maps.to(head_dtype)))  # (K_g, h', w')
-        if prepared.coarse_order is None:
-            coarse = outputs[0]  # (K, h', w'): one grid, objects in order
-        else:
-            height, width = prepared.coarse_canvas
-            padded = [F.pad(logits, (0, width - logits.shape[2], 0, height - logits.shape[1])) for logits in outputs]
-            coarse = torch.cat(padded).index_select(0, prepared.coarse_order)  # (K, h'_max, w'_max)
-        frames = prepared.frames
-        if self.sam_refiner is None:
-            refined = resize_on_canvas(coarse[:, None].float(), frames.coarse, frames.original, prepared.canvas)
-            return coarse, refined[:, 0], None
-        refiner = self.sam_refiner
-        image_embeddings, computed = prepared.sam_embeddings, None
-        if image_embeddings is None or prepared.sam_missing.numel():  # a shape: no read of the device
-            computed = refiner.encode_images(refiner.normalize(prepared.sam_pixels, prepared.sam_resized))
-            if image_embeddings is None:
-                image_embeddings, computed = computed, None
-            else:  # cached rows + the misses encoded now
-                image_embeddings = image_embeddings.index_copy(0, prepared.sam_missing,
-                                                               computed.to(image_embeddings.dtype))
-        text_tokens = self.text_projector(lmm_out.phrase_rows)  # (B, P, prompt_dim)
-        num_objects = coarse.shape[0]
-        text_tokens = text_tokens.flatten(0, 1).index_select(0, prepared.text_index).view(num_objects, -1,
-                                                                                          text_tokens.shape[-1])
-        refined = refiner.refine(image_embeddings=image_embeddings.index_select(0, prepared.object_image),
-                                 coarse=coarse, frames=frames, text_tokens=text_tokens,
-                                 text_valid=prepared.text_valid, canvas=prepared.canvas)
-        return coarse, refined, computed
-
-    def _split(self, prepared: PreparedBatch, coarse: torch.Tensor, refined: torch.Tensor
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-sample views of the canvases: (K_b, h'_b, w'_b) coarse and (K_b, H_b, W_b) refined logits."""
-        coarse_logits, mask_logits = [], []
-        per_sample = zip(prepared.object_offsets, prepared.num_objects, prepared.image_sizes, prepared.coarse_sizes,
-                         strict=True)
-        for offset, count, (height, width), (grid_height, grid_width) in per_sample:
-            coarse_logits.append(coarse[offset:offset + count, :grid_height, :grid_width])
-            mask_logits.append(refined[offset:offset + count, :height, :width])
-        return coarse_logits, mask_logits
-
-    def predict_logits(self, batch: dict[str, Any] | PreparedBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Coarse and refined logits for a collated batch, or a prepared one (no losses).
-
-        Returns:
-            coarse_logits: per sample (K_b, h', w') U-Net logits over the whole image.
-            mask_logits: per sample (K_b, H_b, W_b) float32 logits at the original image size (SAM-refined; the
-                coarse logits upsampled when the model has no SAM).
-        """
-        prepared = self._prepared(batch)
-        coarse, refined, _ = self._heads(prepared)
-        return self._split(prepared, coarse, refined)
-
-    def forward(self, batch: dict[str, Any] | PreparedBatch) -> dict[str, Any]:
-        """Losses and logits for a collated batch (see `flmm_model.data.collate`), or one from `prepare_batch`
-        moved to the device (what the training loop passes: then nothing is read back from the device).
-
-        All objects of the batch go through each head at once: the U-Net once per distinct attention grid, the
-        text projection, SAM's prompt encoder and mask decoder and the four losses once for the whole batch.
-
-        Returns:
-            dict with `loss` (weighted sum of the four terms), `loss_mask_bce`, `loss_mask_dice` (coarse U-Net mask
-            vs the ground truth resized to its grid), `loss_sam_bce`, `loss_sam_dice` (refined mask vs the
-            ground truth at original size; absent without SAM), each the mean over the batch's masks of the
-            per-mask loss, `coarse_logits` and `mask_logits` (per sample), and with a SAM cache that missed images
-            `sam_new_embeddings` (M, C, e, e), theirs (to write to the cache, `prepared.sam_missing_names`).
-        """
-        prepared = self._prepared(batch)
-        if prepared.gt_canvas is None:
-            raise ValueError("forward: the batch has no gt_masks (use predict_logits / predict_masks to predict)")
-        coarse, refined, new_embeddings = self._heads(prepared)
-        frames = prepared.frames
-        coarse_terms = canvas_loss_terms(coarse, prepared.coarse_targets,
-                                         size_mask(frames.coarse, *prepared.coarse_canvas), frames.coarse.prod(1))
-        out = {"loss_mask_bce": coarse_terms["bce"].mean(), "loss_mask_dice": coarse_terms["dice"].mean()}
-        loss = self.bce_weight * out["loss_mask_bce"] + self.dice_weight * out["loss_mask_dice"]
-        if self.sam_refiner is not None:
-            sam_terms = canvas_loss_terms(refined, prepared.gt_canvas, size_mask(frames.original, *prepared.canvas),
-                                          frames.original.prod(1))
-            out.update(loss_sam_bce=sam_terms["bce"].mean(), loss_sam_dice=sam_terms["dice"].mean())
-            loss = loss + self.bce_weight * out["loss_sam_bce"] + self.dice_weight * out["loss_sam_dice"]
-        coarse_logits, mask_logits = self._split(prepared, coarse, refined)
-        out.update(loss=loss, coarse_logits=coarse_logits, mask_logits=mask_logits)
-        if new_embeddings is not None:
-            out["sam_new_embeddings"] = new_embeddings
-        return out
-
-    @torch.no_grad()
-    def predict_masks(self, batch: dict[str, Any]) -> list[torch.Tensor]:
-        """Per sample (K_b, H_b, W_b) bool masks: sigmoid(logits) > 0.5 at the original size."""
-        was_training = self.training
-        self.eval()
-        try:
-            _, mask_logits = self.predict_logits(batch)
-        finally:
-            self.train(was_training)
-        return [logits > 0 for logits in mask_logits]
+    def predictor(self) -> GroundingPredictor:
+        """The inference API over this model (`flmm_model.predictor.GroundingPredictor`)."""
+        return GroundingPredictor(self)
 
     def segment(self, image: Image.Image, phrases: str | Sequence[str]) -> torch.Tensor:
         """Masks for one or more phrases in a PIL image: (K, H, W) bool at the original size, on CPU.
 
-        A convenience over `GroundingPredictor(self).segment` (see `flmm_model.predictor`).
+        A convenience over `self.predictor().segment` (see `flmm_model.predictor`).
         """
-        return GroundingPredictor(self).segment(image, phrases)
-
-    # ------------------------------------------------------------------ generation and chat (issue 10)
-
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
-        image_grid_thw: torch.Tensor,
-        **generate_options: Any,
-    ) -> torch.Tensor:
-        """New token ids (B, T) from the frozen LMM on compact ids, expanded as the forward expands them; greedy
-        unless `do_sample=True`. See `FrozenQwenLMM.generate`."""
-        return self.lmm.generate(input_ids, attention_mask, pixel_values, image_grid_thw, **generate_options)
+        return self.predictor().segment(image, phrases)
 
     def chat(self, image: Image.Image | Sequence[Image.Image], question: str, *, ground: Any = None,
              max_new_tokens: int = 512, **options: Any) -> ChatOutput:
         """Answer a question about the image(s) with the frozen LMM and ground parts of the answer.
 
-        A convenience over `GroundingPredictor(self).chat` (see there for `ground`, `system`, `history`, ...).
+        A convenience over `self.predictor().chat` (see there for `ground`, `system`, `history`, ...).
         """
-        return GroundingPredictor(self).chat(image, question, ground=ground, max_new_tokens=max_new_tokens,
-                                             **options)
+        return self.predictor().chat(image, question, ground=ground, max_new_tokens=max_new_tokens, **options)
 
     def visual_cot(self, image: Image.Image, question: str, **options: Any) -> VisualCotOutput:
         """F-LMM's visual chain-of-thought: ground the most relevant object, crop it, answer with both views.
 
-        A convenience over `GroundingPredictor(self).visual_cot`.
+        A convenience over `self.predictor().visual_cot`.
         """
-        return GroundingPredictor(self).visual_cot(image, question, **options)
+        return self.predictor().visual_cot(image, question, **options)
 
     # ------------------------------------------------------------------ model files (format: checkpoint.py)
 

@@ -37,19 +37,19 @@ COT_INSTRUCTION = "First think which object in this image is most relevant to th
 COT_THOUGHT_PREFIX = "The object most relevant to the question is"
 COT_ANSWER_INSTRUCTION = "\nAnswer the question using a single word or phrase."
 
-if TYPE_CHECKING:  # annotations only: the model module builds predictors, this module never imports it at run time
-    from flmm_model.model import FrozenQwenSAM
+if TYPE_CHECKING:  # annotations only: the network never imports this module, and this module needs only its methods
+    from flmm_model.modeling.grounding import GroundingModel
 
 
 class GroundingPredictor:
-    """Segment phrases in PIL images with a FrozenQwenSAM.
+    """Segment phrases in PIL images with a FrozenQwenSAM (any `modeling.grounding.GroundingModel`).
 
     Args:
         model: the model; its `tokenizer`, `image_processor`, `instruction`, `system` and `max_length` (what it was
             trained with) define the prompt.
     """
 
-    def __init__(self, model: FrozenQwenSAM) -> None:
+    def __init__(self, model: GroundingModel) -> None:
         if model.tokenizer is None or model.image_processor is None:
             raise ValueError("GroundingPredictor needs the model's tokenizer and image processor: build the model "
                              "with `build_model` / `FrozenQwenSAM.from_pretrained`, or pass tokenizer= and "

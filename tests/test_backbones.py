@@ -19,7 +19,7 @@ from flmm_model.backbones import (
     model_type_of,
     qwen_config,
 )
-from flmm_model.lmm import FrozenQwenLMM
+from flmm_model.modeling.lmm import FrozenQwenLMM
 
 TINY = {"qwen2_vl": "qwen2_vl_tiny", "qwen2_5_vl": "tiny", "qwen3_vl": "qwen3_vl_tiny"}
 CLASS_NAMES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from flmm_model.data import collate, image_tensor, qwen_image_inputs
 from flmm_model.data.prompts import encode_grounded, expression_parts
-from flmm_model.losses import bce_loss, dice_loss, resize_gt_masks
 from flmm_model.model import build_model
-from flmm_model.sam_refiner import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from flmm_model.modeling.losses import bce_loss, dice_loss, resize_gt_masks
+from flmm_model.modeling.sam_refiner import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 # Sample 3 repeats sample 0's photo: the two share an attention grid (one U-Net call, out of sample order).
 PHOTO_OF_SAMPLE = [0, 1, 2, 0]

@@ -13,10 +13,10 @@ import importlib.util
 import pytest
 import torch
 
-from flmm_model.attention import CaptureState
 from flmm_model.build import build_qwen
 from flmm_model.data import collate, image_tensor, qwen_image_inputs
 from flmm_model.model import build_model
+from flmm_model.modeling.attention import CaptureState
 from flmm_model.phrases import filter_noun_chunks, resolve_spans
 from flmm_model.predictor import COT_ANSWER_INSTRUCTION, COT_INSTRUCTION, COT_THOUGHT_PREFIX, expand_box
 

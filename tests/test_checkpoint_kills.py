@@ -27,7 +27,7 @@ from flmm_model.checkpoint import (
     save_checkpoint,
 )
 from flmm_model.errors import MissingCheckpointError, StorageError, UserError
-from flmm_model.train import read_metrics
+from flmm_model.recipes.train import read_metrics
 
 
 class Killed(BaseException):

@@ -43,7 +43,7 @@ pytest.importorskip("gradio", reason="the demo extra is not installed")
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402
 
-from flmm_model.demo import MODEL_QUEUE, DemoModel, build_app, example_scenes, find_phrases  # noqa: E402
+from flmm_model.apps.demo import MODEL_QUEUE, DemoModel, build_app, example_scenes, find_phrases  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo_random_lmm.yaml")
@@ -504,7 +504,7 @@ def test_chat_without_spacy_says_to_install_the_nlp_extra_and_typed_phrases_stil
 def test_package_imports_without_gradio_and_demo_says_what_to_install():
     # A fresh interpreter: the package (demo module included) must not import Gradio; then, with Gradio made
     # unimportable, `run.py demo` must stop with one line that says what to install (exit status 2).
-    code = ("import runpy, sys; import flmm_model, flmm_model.demo, flmm_model.overlay, flmm_model.predict; "
+    code = ("import runpy, sys; import flmm_model, flmm_model.apps.demo, flmm_model.overlay, flmm_model.apps.predict; "
             "print('gradio imported:', 'gradio' in sys.modules, flush=True); sys.modules['gradio'] = None; "
             "sys.argv = ['run.py', 'demo', '--checkpoint', 'x']; runpy.run_path('run.py', run_name='__main__')")
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
@@ -515,7 +515,7 @@ def test_package_imports_without_gradio_and_demo_says_what_to_install():
 
 
 def test_demo_refuses_a_busy_port_before_any_weights_load(monkeypatch):
-    import flmm_model.demo as demo
+    import flmm_model.apps.demo as demo
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights must not load when the server cannot listen")

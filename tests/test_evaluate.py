@@ -88,7 +88,7 @@ def test_eval_without_checkpoint_or_data_fails_with_the_key():
 
 
 def test_eval_missing_data_files_fail_before_weights_load(checkpoint, tmp_path, monkeypatch):
-    import flmm_model.evaluate as evaluate_module
+    import flmm_model.recipes.evaluate as evaluate_module
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights must not load when the data is missing")

@@ -13,7 +13,7 @@ import torch
 
 from flmm_model.backbones import PRESETS, adapter_for, load_image_processor
 from flmm_model.build import build_qwen
-from flmm_model.lmm import FrozenQwenLMM
+from flmm_model.modeling.lmm import FrozenQwenLMM
 
 FAMILY_PRESETS = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny"]  # Qwen2-VL, Qwen2.5-VL, Qwen3-VL
 PHRASES = [["the cup of coffee", "the saucer"], ["a man", "the flag", "his helmet"], ["the cat"]]
@@ -290,7 +290,7 @@ def test_bad_input_truncated_inside_vision_block(lmm, tokenizer, batch):
 
 def test_capture_stays_fp32_under_autocast(lmm, tokenizer, batch):
     """Training runs the LMM under a bf16 autocast: the recomputed softmax rows and the maps must stay fp32."""
-    from flmm_model.attention import CaptureState, PhraseQueries, _phrase_weight_rows
+    from flmm_model.modeling.attention import CaptureState, PhraseQueries, _phrase_weight_rows
 
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(2, 4, 12, 16, generator=generator)  # (B, heads, L, d)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from flmm_model.losses import bce_loss, dice_loss, mask_loss_terms, resize_gt_masks
+from flmm_model.modeling.losses import bce_loss, dice_loss, mask_loss_terms, resize_gt_masks
 
 # One mask of two pixels: p = sigmoid(logits) = (0.5, 0.75), target = (1, 0).
 LOGITS = torch.tensor([[[0.0, math.log(3.0)]]])  # (1, 1, 2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flmm_model.mask_head import UNetMaskHead
-from flmm_model.sam_refiner import TextPromptProjector
+from flmm_model.modeling.mask_head import UNetMaskHead
+from flmm_model.modeling.sam_refiner import TextPromptProjector
 
 
 @pytest.fixture(scope="module")

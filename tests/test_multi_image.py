@@ -15,7 +15,7 @@ from test_lmm_forward import encode  # padded ids and mask_ids from character of
 
 from flmm_model.backbones import PRESETS, adapter_for, load_image_processor
 from flmm_model.build import build_qwen
-from flmm_model.lmm import FrozenQwenLMM
+from flmm_model.modeling.lmm import FrozenQwenLMM
 
 FAMILY_PRESETS = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny"]  # Qwen2-VL, Qwen2.5-VL, Qwen3-VL
 # (photos of the sample, phrases, grounded image): batches mix samples with one and with two images.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flmm_model.metrics import PointingMetric, pointing_hits
-from flmm_model.pointing import score_pointing
+from flmm_model.recipes.pointing import score_pointing
 
 
 def _hand_case() -> tuple[torch.Tensor, torch.Tensor]:

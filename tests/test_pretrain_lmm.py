@@ -21,7 +21,7 @@ from flmm_model.data import Collator, SyntheticDataset, encode_grounded, express
 from flmm_model.data.prompts import DEFAULT_SYSTEM
 from flmm_model.data.synthetic import all_phrases, make_scene
 from flmm_model.model import build_model
-from flmm_model.pretrain_lmm import CaptionLM, PatchProjection, caption_targets, caption_vocabulary
+from flmm_model.recipes.pretrain_lmm import CaptionLM, PatchProjection, caption_targets, caption_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = str(REPO / "configs" / "demo_lmm.yaml")

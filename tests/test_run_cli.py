@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import flmm_model.train
+import flmm_model.recipes.train
 import run
 from flmm_model.config import ConfigError
 
@@ -46,7 +46,7 @@ def test_config_typo_fails_before_weights_load(monkeypatch, tmp_path):
     def no_weights(*args, **kwargs):
         raise AssertionError("weights must not load for a bad config")
 
-    monkeypatch.setattr(flmm_model.train, "build_model", no_weights)
+    monkeypatch.setattr(flmm_model.recipes.train, "build_model", no_weights)
     with pytest.raises(ConfigError, match=r"train\.lrr: unknown key; did you mean 'lr'"):
         run.main(["train", "train.lrr=1", f"train.out_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"data\.batch_size: expected int, found str 'four'"):

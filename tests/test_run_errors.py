@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+import flmm_model.apps.predict
 import flmm_model.model
-import flmm_model.predict
-import flmm_model.train
+import flmm_model.recipes.train
 import run
 from flmm_model.checkpoint import save_checkpoint
 from flmm_model.config import ModelConfig
@@ -47,7 +47,7 @@ def no_weights(monkeypatch):
         raise AssertionError("weights loaded before the cheap checks")
 
     monkeypatch.setattr(flmm_model.model, "build_model", forbidden)
-    monkeypatch.setattr(flmm_model.train, "build_model", forbidden)
+    monkeypatch.setattr(flmm_model.recipes.train, "build_model", forbidden)
 
 
 def _cli(capsys, argv: list[str]) -> tuple[int, str]:
@@ -228,7 +228,7 @@ def test_cli_status_and_message_of_each_kind_of_failure(files, capsys, monkeypat
     def fails(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(flmm_model.predict, "predict", fails)
+    monkeypatch.setattr(flmm_model.apps.predict, "predict", fails)
     code, err = _cli(capsys, _predict(files))
     assert code == status and message in err and "Traceback" not in err, err
     code, err = _cli(capsys, [*_predict(files), "--debug"])  # --debug anywhere: the traceback, then the message

@@ -12,8 +12,8 @@ import torch
 from sam_original import import_segment_anything, tiny_original_sam
 
 from flmm_model.build import build_sam
-from flmm_model.sam_convert import convert_sam_checkpoint, convert_sam_state_dict, validate_sam_state_dict
-from flmm_model.sam_refiner import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from flmm_model.modeling.sam_refiner import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from flmm_model.recipes.convert_sam import convert_sam_checkpoint, convert_sam_state_dict, validate_sam_state_dict
 
 
 @pytest.fixture(scope="module")

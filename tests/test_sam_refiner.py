@@ -8,7 +8,7 @@ import torch
 from transformers import SamModel
 
 from flmm_model.build import build_sam
-from flmm_model.sam_refiner import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SamRefiner
+from flmm_model.modeling.sam_refiner import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SamRefiner
 
 S, MASK_SIDE, PROMPT_DIM = 256, 64, 32  # the tiny preset: input side, mask input side (4e), prompt dim
 

@@ -11,11 +11,11 @@ import yaml
 from dataset_files import write_png
 from safetensors.torch import load_file
 
-import flmm_model.train
+import flmm_model.recipes.train
 import run
 from flmm_model.checkpoint import TRAINER_STATE, list_checkpoints, load_trainer_state
 from flmm_model.config import ConfigError, TrainConfig
-from flmm_model.train import schedule_steps, warmup_cosine
+from flmm_model.recipes.train import schedule_steps, warmup_cosine
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo_random_lmm.yaml")  # tiny random LMM
 
@@ -118,7 +118,7 @@ def test_resume_refuses_another_setup_or_length_before_building_the_model(tmp_pa
     def no_model(*args, **kwargs):
         raise AssertionError("a resume that cannot continue the run must fail before the model is built")
 
-    monkeypatch.setattr(flmm_model.train, "build_model", no_model)
+    monkeypatch.setattr(flmm_model.recipes.train, "build_model", no_model)
     # The data position counts micro-batches per process: it means other samples under another setup.
     with pytest.raises(ValueError, match=r"data\.batch_size 2 in the checkpoint, 1 now"):
         run.main(["train", *common, "data.batch_size=1", "--resume"])

@@ -19,7 +19,7 @@ from flmm_model.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from flmm_model.train import WarmupCosine, plot_metrics, warmup_cosine
+from flmm_model.recipes.train import WarmupCosine, plot_metrics, warmup_cosine
 
 
 def _save(root, step, value, *, keep_last=2):

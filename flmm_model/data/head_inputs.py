@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from flmm_model.data.sam_cache import SamEmbeddingCache, image_digest
-from flmm_model.frames import coarse_grid_size, sam_resized_size
-from flmm_model.losses import resize_gt_masks
+from flmm_model.modeling.frames import coarse_grid_size, sam_resized_size
+from flmm_model.modeling.losses import resize_gt_masks
 
 
 def sam_input_canvas(images: list[torch.Tensor], image_size: int) -> torch.Tensor:

@@ -52,7 +52,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from flmm_model.data.head_inputs import sam_input_canvas
 from flmm_model.data.sam_cache import CacheKey, encoder_fingerprint
 from flmm_model.device import move_to
-from flmm_model.frames import ObjectFrames, resize_on_canvas, sam_resized_size, size_mask
+from flmm_model.modeling.frames import ObjectFrames, resize_on_canvas, sam_resized_size, size_mask
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)  # on 0-255 values, RGB
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)

@@ -64,10 +64,11 @@ from flmm_model.data.prompts import chat_prefix
 from flmm_model.data.registry import NamedDataset, build_datasets
 from flmm_model.data.synthetic import all_phrases
 from flmm_model.distributed import ShardedSampler, autocast_context, resolve_device
-from flmm_model.evaluate import print_table
-from flmm_model.lmm import FrozenQwenLMM, prepare_lmm_inputs
-from flmm_model.pointing import score_pointing
-from flmm_model.train import (
+from flmm_model.modeling.lmm import FrozenQwenLMM
+from flmm_model.modeling.lmm_inputs import prepare_lmm_inputs
+from flmm_model.recipes.evaluate import print_table
+from flmm_model.recipes.pointing import score_pointing
+from flmm_model.recipes.train import (
     WarmupCosine,
     check_resume_setup,
     plot_metrics,

@@ -42,7 +42,7 @@ from transformers import SamModel
 
 from flmm_model.build import sam_config
 from flmm_model.errors import InputError
-from flmm_model.sam_refiner import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from flmm_model.modeling.sam_refiner import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 _WB = r"(weight|bias)"
 _ATTN = r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"

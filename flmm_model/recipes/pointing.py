@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from flmm_model.lmm import FrozenQwenLMM
 from flmm_model.metrics import PointingMetric
+from flmm_model.modeling.lmm import FrozenQwenLMM
 
 
 @torch.no_grad()

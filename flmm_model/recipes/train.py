@@ -56,9 +56,9 @@ from flmm_model.distributed import (
     wrap_ddp,
 )
 from flmm_model.errors import CheckpointError, UserError
-from flmm_model.evaluate import print_table, score_dataset
 from flmm_model.model import build_model
-from flmm_model.pointing import pointing_rows, score_pointing
+from flmm_model.recipes.evaluate import print_table, score_dataset
+from flmm_model.recipes.pointing import pointing_rows, score_pointing
 
 LOSS_KEYS = ("loss", "loss_mask_bce", "loss_mask_dice", "loss_sam_bce", "loss_sam_dice")
 
@@ -305,7 +305,7 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
     Returns:
         dict with `out_dir`, `steps`, `checkpoint` (newest checkpoint dir), `stopped_early`, `last_loss`,
         `val` (label -> metrics of the model, and of the all-foreground / empty baselines), `pointing` (label ->
-        pointing accuracy of the frozen LMM's attention and chance, `flmm_model.pointing`) and `model`.
+        pointing accuracy of the frozen LMM's attention and chance, `flmm_model.recipes.pointing`) and `model`.
     """
     tc = cfg.train
     check_model_paths(cfg.model)

@@ -29,7 +29,7 @@ from flmm_model.distributed import (
     precision_of,
     shutdown_distributed,
 )
-from flmm_model.sam_refiner import SamRefiner, sam_cache_key
+from flmm_model.modeling.sam_refiner import SamRefiner, sam_cache_key
 
 
 @torch.no_grad()

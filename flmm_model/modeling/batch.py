@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from flmm_model.frames import ObjectFrames
-from flmm_model.lmm import PreparedLMMInputs
+from flmm_model.modeling.frames import ObjectFrames
+from flmm_model.modeling.lmm_inputs import PreparedLMMInputs
 
 
 @dataclass

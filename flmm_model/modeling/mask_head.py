@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flmm_model.frames import coarse_grid_size
+from flmm_model.modeling.frames import coarse_grid_size
 
 
 class ConvStage(nn.Module):

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from flmm_model.apps.predict import slugify
 from flmm_model.build import check_model_paths
 from flmm_model.checkpoint import load_checkpoint
 from flmm_model.config import ModelConfig
@@ -54,7 +55,6 @@ from flmm_model.errors import InputError, MissingDependencyError
 from flmm_model.model import FrozenQwenSAM
 from flmm_model.overlay import draw_overlay, hex_colour
 from flmm_model.phrases import DEFAULT_SPACY_MODEL, NOUN_PHRASES, Span, spacy_missing_message
-from flmm_model.predict import slugify
 
 GRADIO_MISSING = 'the web demo needs Gradio, an optional extra: pip install -e ".[demo]"'
 MODEL_QUEUE = "model"  # the concurrency group of every event that runs the model (limit 1)
