@@ -61,7 +61,7 @@ def sync_check() -> bool:
         model = build_model(dict(qwen="tiny", sam="tiny", max_pixels=224 * 224))
     model.to(device).train()
     dataset = SyntheticDataset(tokenizer=model.tokenizer, image_processor=model.image_processor, length=4)
-    batch = Collator(pad_token_id=model.tokenizer.pad_token_id, head_inputs=model.head_input_spec())(
+    batch = Collator(pad_token_id=model.tokenizer.pad_token_id, prepare=model.batch_preparer())(
         [dataset[i] for i in range(4)])
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)

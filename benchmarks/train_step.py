@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                image_size=(side, side), max_objects=args.objects)
     autocast = autocast_context(device, "auto")
     sam_cache = model.open_sam_cache(args.sam_cache, precision=precision_of(autocast)) if args.sam_cache else None
-    collator = Collator(pad_token_id=tokenizer.pad_token_id, head_inputs=model.head_input_spec(sam_cache=sam_cache))
+    collator = Collator(pad_token_id=tokenizer.pad_token_id, prepare=model.batch_preparer(sam_cache=sam_cache))
     items = [dataset[i] for i in range(batch_size)]
     if sam_cache is not None:  # fill the cache as the first epoch (or `run.py cache-sam`) would
         prepared = to_device(model.prepare_batch(collator(items)), device)

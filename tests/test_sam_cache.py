@@ -39,7 +39,7 @@ def make_items(model, photos) -> list[dict]:
 
 def cached_batch(model, items, cache):
     return collate(items, pad_token_id=model.tokenizer.pad_token_id,
-                   head_inputs=model.head_input_spec(sam_cache=cache))
+                   prepare=model.batch_preparer(sam_cache=cache))
 
 
 def write_back(cache, prepared, output) -> None:
@@ -52,7 +52,7 @@ def test_cached_step_equals_uncached_and_skips_the_encoder(model, photos, tmp_pa
     items = make_items(model, photos)
     expected = model(collate(items, pad_token_id=model.tokenizer.pad_token_id))
     cache = model.open_sam_cache(str(tmp_path / "cache"), precision="fp32")
-    spec = pickle.loads(pickle.dumps(model.head_input_spec(sam_cache=cache)))  # DataLoader workers get a copy
+    spec = pickle.loads(pickle.dumps(model.batch_preparer(sam_cache=cache)))  # DataLoader workers get a copy
     assert spec.sam_cache.key == cache.key
     calls = []
     hook = model.sam_refiner.sam.vision_encoder.register_forward_hook(lambda *args: calls.append(1))
@@ -106,8 +106,8 @@ def test_torn_damaged_or_missing_entries_are_recomputed_not_used(model, photos, 
     assert cache.read(names[2]) is None
 
     batch = cached_batch(model, items, cache)
-    assert batch["sam_missing"].tolist() == [0, 1, 2]  # every one recomputed in the step
-    assert batch["sam_embeddings"].abs().sum() == 0  # nothing of the damaged entries is used
+    assert batch["prepared"].sam_missing.tolist() == [0, 1, 2]  # every one recomputed in the step
+    assert batch["prepared"].sam_embeddings.abs().sum() == 0  # nothing of the damaged entries is used
     prepared = to_device(model.prepare_batch(batch), model.device)
     write_back(cache, prepared, model(prepared))
     assert all(cache.read(name) is not None for name in names)  # rewritten whole

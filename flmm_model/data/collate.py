@@ -1,20 +1,23 @@
 """Batching items of different image sizes and text lengths (see `flmm_model.data.item` for the item dict), and the
-DataLoader every training, validation and evaluation loop uses."""
+DataLoader every training, validation and evaluation loop uses.
+
+The collated batch is model-agnostic (compact ids, one placeholder per image). A model's host side comes in as a
+plain callable, `prepare` (a `modeling.batch.BatchPreparer`, or `run.py cache-sam`'s SAM inputs), run here in the
+loader's workers; this module imports nothing of the model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from flmm_model.data.head_inputs import HeadInputSpec
-
 PADDING_SIDES = ("right", "left")
 
 
 def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_side: str = "right",
-            head_inputs: HeadInputSpec | None = None) -> dict[str, Any]:
+            prepare: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
     """Pad the token tensors, concatenate the image patches in sample order, keep the rest as per-sample lists.
 
     `None` items (samples a dataset skipped as bad data) are dropped and counted in `num_skipped`. If every item was
@@ -24,8 +27,8 @@ def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_si
         items: item dicts or None.
         pad_token_id: id written into padded `input_ids` positions (e.g. `tokenizer.pad_token_id`).
         padding_side: "right" or "left" (left for batched generation).
-        head_inputs: a model's `HeadInputSpec`: also build the heads' host inputs (`sam_pixels`, `gt_canvas`,
-            `coarse_targets`; see `flmm_model.data.head_inputs`), here in the loader's workers instead of in the step.
+        prepare: run on the collated batch (B > 0) and stored as `prepared`: a model's `BatchPreparer` builds the
+            whole host side of the step (`flmm_model.modeling.batch`) here, in the loader's workers.
 
     Returns:
         input_ids: (B, L) long, padded with `pad_token_id`; L is the longest compact sequence.
@@ -42,7 +45,7 @@ def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_si
         phrases: B lists of K_i strings.
         metas: B meta dicts.
         num_skipped: number of None items dropped.
-        sam_pixels, gt_canvas, coarse_targets: with `head_inputs` (B > 0).
+        prepared: `prepare(batch)`, with `prepare` (B > 0).
     """
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side: expected one of {PADDING_SIDES}, found {padding_side!r}")
@@ -84,8 +87,8 @@ def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_si
         metas=[item["meta"] for item in kept],
         num_skipped=len(items) - batch_size,
     )
-    if head_inputs is not None and kept:
-        batch.update(head_inputs(batch))
+    if prepare is not None and kept:
+        batch["prepared"] = prepare(batch)
     return batch
 
 
@@ -98,7 +101,7 @@ class Collator:
 
     pad_token_id: int
     padding_side: str = "right"
-    head_inputs: HeadInputSpec | None = None
+    prepare: Callable[[dict[str, Any]], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in PADDING_SIDES:
@@ -106,7 +109,7 @@ class Collator:
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
         return collate(items, pad_token_id=self.pad_token_id, padding_side=self.padding_side,
-                       head_inputs=self.head_inputs)
+                       prepare=self.prepare)
 
 
 class EpochIndexed(torch.utils.data.Dataset):
@@ -147,11 +150,12 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def make_loader(dataset: torch.utils.data.Dataset, *, sampler: torch.utils.data.Sampler, batch_size: int,
                 num_workers: int, pad_token_id: int, padding_side: str = "right",
-                head_inputs: HeadInputSpec | None = None, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                prepare: Callable[[dict[str, Any]], Any] | None = None,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader with the project's collate. It draws its worker seeds from a private generator, so creating an
     iterator never advances the global torch RNG (exact resume depends on that).
 
-    `head_inputs`: build the heads' host inputs in the workers (see `collate`). `pin_memory`: batches come in
+    `prepare`: a model's `BatchPreparer`, run in the workers (see `collate`). `pin_memory`: batches come in
     page-locked memory, so their copies to a CUDA device run asynchronously (`non_blocking=True`). Worker processes
     persist across epochs (`EpochIndexed` hands them each epoch with the indices).
     """
@@ -159,6 +163,6 @@ def make_loader(dataset: torch.utils.data.Dataset, *, sampler: torch.utils.data.
         dataset, sampler = EpochIndexed(dataset), EpochSampler(sampler)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=Collator(pad_token_id=pad_token_id, padding_side=padding_side, head_inputs=head_inputs),
+        collate_fn=Collator(pad_token_id=pad_token_id, padding_side=padding_side, prepare=prepare),
         generator=torch.Generator().manual_seed(0), pin_memory=pin_memory, persistent_workers=num_workers > 0,
     )

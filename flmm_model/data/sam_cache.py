@@ -68,6 +68,15 @@ def encoder_fingerprint(encoder: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+
+def sam_cache_key(*, encoder: torch.nn.Module, image_size: int, dtype: torch.dtype, precision: str, min_pixels: int,
+                  max_pixels: int) -> CacheKey:
+    """The key of a frozen SAM image `encoder` (its weights' fingerprint), SAM's input side, the encoder's weight
+    `dtype` and `precision` ("bf16" / "fp32") and the run's pixel budget."""
+    return CacheKey(encoder=encoder_fingerprint(encoder), image_size=int(image_size),
+                    dtype=str(dtype).removeprefix("torch."), precision=precision, min_pixels=int(min_pixels),
+                    max_pixels=int(max_pixels))
+
 def image_digest(image: torch.Tensor) -> str:
     """SHA-256 of a (3, H, W) uint8 image's size and pixels: the name of its cache entry."""
     digest = hashlib.sha256(f"{tuple(image.shape)}".encode())

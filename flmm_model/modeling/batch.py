@@ -1,25 +1,39 @@
-"""The host side of a step: a collated CPU batch -> `PreparedBatch`, everything the forward reads, built where reading
-values costs nothing, then moved to the device in one go (pinned, asynchronous on CUDA: `device.to_device`).
+"""The host-side batch: a collated CPU batch -> `PreparedBatch`, everything the forward reads, by ONE route.
 
-What the forward needs beyond the LMM inputs (`lmm.PreparedLMMInputs`) is how the objects of a batch of different
-images line up (K objects of the batch, in sample order):
+`BatchPreparer` holds what the host side needs to know about a model (its Qwen config, SAM's input and mask sizes,
+the U-Net grid, whether to build targets, the SAM embedding cache), no weights, and is picklable: the training and
+evaluation loaders run it in their workers (`data.collate.Collator(prepare=...)` puts the result in
+`batch["prepared"]`), and `GroundingModel.prepare_batch` runs the same preparer in the main process for a batch
+that comes without one (the predictor's, a test's). Values are read here, where reading costs no device sync; the
+result moves to the device in one go (pinned, asynchronous on CUDA: `device.to_device`), and the forward then
+reads nothing back.
+
+What the forward needs, for the B samples and K objects of a batch (objects in sample order):
+- the LMM stage's inputs (`lmm_inputs.prepare_lmm_inputs`: validation, vision-token expansion, M-RoPE positions,
+  phrase queries);
 - U-Net groups: the samples whose attention maps share a grid, so the mask head runs once per distinct grid;
 - the coarse canvas: each object's coarse logits at the top left of one (h'_max, w'_max) canvas, and, when there
   are several groups, each object's row in the concatenated group outputs;
 - the text prompt tokens: each object's phrase slots padded to the longest phrase (T), as rows of the flattened
   (B * P) phrase slots, with a validity mask;
 - `frames.ObjectFrames`: each object's image, SAM-input, mask-input and coarse sizes;
-- the heads' image inputs and targets (`data.head_inputs`: usually built in the loader's workers).
+- SAM's input canvas (`frames.sam_input_canvas`) of the images to encode, or the cached embeddings and the misses;
+- with ground truth: the masks on one (K, H_max, W_max) canvas and the coarse targets on the U-Net grids (the
+  fraction of each cell inside the object, `losses.resize_gt_masks`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from flmm_model.modeling.frames import ObjectFrames
-from flmm_model.modeling.lmm_inputs import PreparedLMMInputs
+from flmm_model.data.sam_cache import SamEmbeddingCache, image_digest
+from flmm_model.device import pin_memory
+from flmm_model.modeling.frames import ObjectFrames, coarse_grid_size, gt_canvas, sam_input_canvas, sam_resized_size
+from flmm_model.modeling.lmm_inputs import PreparedLMMInputs, prepare_lmm_inputs
+from flmm_model.modeling.losses import resize_gt_masks
 
 
 @dataclass
@@ -32,7 +46,8 @@ class UNetGroup:
 
 @dataclass
 class PreparedBatch:
-    """Everything the forward of a batch reads (see the module docstring). Tensors on the host until `to_device`.
+    """Everything the forward of a batch reads (see the module docstring). Tensors on the host until `to_device`;
+    built by `BatchPreparer`.
 
     Attributes:
         lmm: the LMM stage's inputs.
@@ -72,6 +87,10 @@ class PreparedBatch:
     sam_missing_names: list[str]
     gt_canvas: torch.Tensor | None
     coarse_targets: torch.Tensor | None
+
+    def pin_memory(self) -> PreparedBatch:
+        """Every CPU tensor in page-locked memory (the DataLoader calls this with `pin_memory=True`)."""
+        return pin_memory(self)
 
     @property
     def object_offsets(self) -> list[int]:
@@ -115,3 +134,145 @@ def text_slots(object_slots: list[list[slice | torch.Tensor]], num_slots: int) -
     if min(lengths) != longest:
         valid = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # (K, T)
     return padded.flatten(), valid
+
+
+@dataclass
+class SamInputs:
+    """SAM's image inputs of a batch (B images; M of them to encode in the step).
+
+    Attributes:
+        pixels: (M, 3, S, S) uint8 SAM input canvas of the images to encode (all B without a cache).
+        resized: (M, 2) float (rh, rw) of those images inside S x S.
+        encoded: the M images' indices in the batch.
+        embeddings: (B, C, e, e) from the cache (zeros for misses), or None without a cache.
+        names: B cache entry names (`sam_cache.image_digest`), or [] without a cache.
+    """
+
+    pixels: torch.Tensor
+    resized: torch.Tensor
+    encoded: list[int]
+    embeddings: torch.Tensor | None = None
+    names: list[str] | None = None
+
+    def pin_memory(self) -> SamInputs:
+        """Every CPU tensor in page-locked memory (the DataLoader calls this with `pin_memory=True`)."""
+        return pin_memory(self)
+
+
+@dataclass(frozen=True)
+class SamInputPreparer:
+    """SAM's part of the host batch: the input canvas of the images to encode, or the cached embeddings and the
+    misses. Picklable; used by `BatchPreparer` and by `run.py cache-sam` (which builds no Qwen).
+
+    Attributes:
+        image_size: SAM's input side S.
+        sam_cache: read the images' embeddings from this cache (`data.sam_cache`), or None.
+    """
+
+    image_size: int
+    sam_cache: SamEmbeddingCache | None = None
+
+    def __call__(self, batch: dict[str, Any]) -> SamInputs:
+        """For a collated batch (its `images`): what `collate(prepare=...)` calls."""
+        return self.for_images([image.cpu() for image in batch["images"]])
+
+    def for_images(self, images: list[torch.Tensor]) -> SamInputs:
+        """For B uint8 (3, H_b, W_b) CPU images."""
+        encoded, embeddings, names = list(range(len(images))), None, None
+        if self.sam_cache is not None:
+            names = [image_digest(image) for image in images]
+            cached = [self.sam_cache.read(name) for name in names]
+            encoded = [b for b, embedding in enumerate(cached) if embedding is None]
+            dtype = getattr(torch, self.sam_cache.key.dtype)
+            empty = torch.zeros(self.sam_cache.embedding_shape, dtype=dtype)
+            embeddings = torch.stack([empty if e is None else e.to(dtype) for e in cached])  # (B, C, e, e)
+        resized = [sam_resized_size(*images[b].shape[1:], self.image_size) for b in encoded]
+        return SamInputs(pixels=sam_input_canvas([images[b] for b in encoded], self.image_size),
+                         resized=torch.tensor(resized, dtype=torch.float32).reshape(-1, 2), encoded=encoded,
+                         embeddings=embeddings, names=names)
+
+
+@dataclass(frozen=True)
+class BatchPreparer:
+    """What the host side of a batch needs to know about a model (`GroundingModel.batch_preparer` builds it); no
+    weights, picklable for DataLoader workers. Calling it on a collated batch gives the `PreparedBatch`.
+
+    Attributes:
+        qwen_config: the frozen Qwen-VL's config (ids, merge size, patch size, the family: `backbones.adapter_for`).
+        coarse_size: longest side of the coarse (U-Net) grid (`model.mask_head_size`).
+        sam_image_size: SAM's input side S, or None for a model without SAM (attention-only).
+        sam_mask_side: SAM's mask-input side 4e (with SAM).
+        targets: build the ground-truth entries when the batch has ground truth (False: prediction).
+        sam_cache: read SAM embeddings from this cache (`data.sam_cache`).
+    """
+
+    qwen_config: Any
+    coarse_size: int
+    sam_image_size: int | None = None
+    sam_mask_side: int | None = None
+    targets: bool = True
+    sam_cache: SamEmbeddingCache | None = None
+
+    def __call__(self, batch: dict[str, Any]) -> PreparedBatch:
+        return prepare_batch(batch, preparer=self)
+
+    def coarse_sizes(self, grid_thw: torch.Tensor) -> list[tuple[int, int]]:
+        """Per sample (h', w') of the coarse grid, from the (B, 3) CPU patch grids of the grounded images."""
+        merge = self.qwen_config.vision_config.spatial_merge_size
+        return [coarse_grid_size(h // merge, w // merge, self.coarse_size) for _, h, w in grid_thw.tolist()]
+
+
+def prepare_batch(batch: dict[str, Any], *, preparer: BatchPreparer) -> PreparedBatch:
+    """A collated CPU batch (`data.collate.collate`) -> `PreparedBatch`: the one route (see the module docstring).
+
+    Raises:
+        ValueError: inconsistent input (see `lmm_inputs.validate_lmm_inputs`), or ground-truth masks that do not
+            match a sample's phrases or image size.
+    """
+    def host(name: str) -> torch.Tensor:
+        return batch[name].cpu()
+
+    lmm = prepare_lmm_inputs(preparer.qwen_config, host("input_ids"), host("attention_mask"), batch["pixel_values"],
+                             host("image_grid_thw"), mask_ids=host("mask_ids"),
+                             grounded_image=batch.get("grounded_image"))
+    images = [image.cpu() for image in batch["images"]]
+    image_sizes = [tuple(image.shape[-2:]) for image in images]
+    coarse_sizes = preparer.coarse_sizes(lmm.grounded_grid_thw)  # per sample (h', w')
+    gt_masks = batch.get("gt_masks")
+    has_gt = preparer.targets and bool(gt_masks) and all(mask is not None for mask in gt_masks)
+    gt, coarse_targets = None, None
+    if has_gt:
+        for b, (mask, count, size) in enumerate(zip(gt_masks, lmm.num_objects, image_sizes, strict=True)):
+            if tuple(mask.shape) != (count, *size):
+                raise ValueError(f"sample {b}: gt_masks shape {tuple(mask.shape)} does not match the {count} "
+                                 f"phrases at image size {size}")
+        gt = gt_canvas(list(gt_masks))  # (K, H_max, W_max)
+        coarse_targets = torch.zeros((gt.shape[0], max(h for h, _ in coarse_sizes), max(w for _, w in coarse_sizes)))
+        row = 0
+        for mask, (height, width) in zip(gt_masks, coarse_sizes, strict=True):
+            coarse_targets[row:row + mask.shape[0], :height, :width] = resize_gt_masks(mask, (height, width))
+            row += mask.shape[0]
+
+    object_image = torch.repeat_interleave(torch.arange(len(image_sizes)), torch.tensor(lmm.num_objects))
+    per_object = object_image.tolist()
+    with_sam = preparer.sam_image_size is not None
+    sam_sizes = dict(image_size=preparer.sam_image_size, mask_side=preparer.sam_mask_side) if with_sam else dict(
+        image_size=1, mask_side=1)  # without SAM only the image and coarse sizes are used
+    frames = ObjectFrames.build([image_sizes[b] for b in per_object], [coarse_sizes[b] for b in per_object],
+                                **sam_sizes)
+    groups, order = unet_groups(lmm.grounded_grid_hw, lmm.num_objects)
+    text_index, text_valid = text_slots(lmm.object_slots, lmm.queries.query_index.shape[1])
+    sam = SamInputPreparer(preparer.sam_image_size, preparer.sam_cache).for_images(images) if with_sam else None
+    cached = sam is not None and sam.embeddings is not None
+    return PreparedBatch(
+        lmm=lmm, num_objects=lmm.num_objects, image_sizes=image_sizes, coarse_sizes=coarse_sizes,
+        unet_groups=groups, coarse_order=order,
+        coarse_canvas=(max(h for h, _ in coarse_sizes), max(w for _, w in coarse_sizes)),
+        canvas=(max(h for h, _ in image_sizes), max(w for _, w in image_sizes)), frames=frames,
+        object_image=object_image, text_index=text_index, text_valid=text_valid,
+        sam_pixels=sam.pixels if sam is not None else None, sam_resized=sam.resized if sam is not None else None,
+        sam_embeddings=sam.embeddings if cached else None,
+        sam_missing=torch.tensor(sam.encoded, dtype=torch.long) if cached else None,
+        sam_missing_names=[sam.names[b] for b in sam.encoded] if cached else [],
+        gt_canvas=gt, coarse_targets=coarse_targets,
+    )

@@ -1,5 +1,6 @@
-"""Image frames of the heads: the sizes an image takes in SAM's input, on the mask input, on the U-Net grid, and the
-bilinear resize that moves every object's mask between them in one call.
+"""Image frames of the heads: the sizes an image takes in SAM's input, on the mask input, on the U-Net grid, the
+bilinear resize that moves every object's mask between them in one call, and the host-side canvases (SAM's uint8
+input, the ground truth) the batch preparer builds (`modeling.batch`).
 
 Several images of different sizes are batched by putting each object's mask in the top-left corner of one shared
 canvas (the largest size of the batch) and carrying each object's own size alongside (`ObjectFrames`). Sizes are
@@ -101,3 +102,31 @@ def resize_on_canvas(values: torch.Tensor, source: torch.Tensor, target: torch.T
     x = _source_coordinates(width, source[:, 1], target[:, 1], values.shape[3])  # (K, Wo)
     grid = torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), dim=-1)  # (K, Ho, Wo, 2): (x, y)
     return F.grid_sample(values, grid.to(values.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def sam_input_canvas(images: list[torch.Tensor], image_size: int) -> torch.Tensor:
+    """(B, 3, S, S) uint8 SAM input pixels of B uint8 (3, H_i, W_i) images: each resized (bilinear, antialias,
+    rounded to integers, as segment-anything's uint8 resize) so its longest side is S, at the top left, zeros
+    elsewhere."""
+    canvas = torch.zeros((len(images), 3, image_size, image_size), dtype=torch.uint8)
+    for index, image in enumerate(images):
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"SAM input: image {index} must be a uint8 tensor (3, H, W), found {image.dtype} "
+                             f"{tuple(image.shape)}")
+        height, width = sam_resized_size(image.shape[1], image.shape[2], image_size)
+        pixels = F.interpolate(image[None].float(), size=(height, width), mode="bilinear", align_corners=False,
+                               antialias=True)  # (1, 3, rh, rw)
+        canvas[index, :, :height, :width] = pixels[0].round_().clamp_(0.0, 255.0).to(torch.uint8)
+    return canvas
+
+
+def gt_canvas(gt_masks: list[torch.Tensor]) -> torch.Tensor:
+    """(K, H_max, W_max) bool: the (K_b, H_b, W_b) masks of every sample, top-left on one canvas."""
+    height = max(mask.shape[1] for mask in gt_masks)
+    width = max(mask.shape[2] for mask in gt_masks)
+    canvas = torch.zeros((sum(mask.shape[0] for mask in gt_masks), height, width), dtype=torch.bool)
+    row = 0
+    for mask in gt_masks:
+        canvas[row:row + mask.shape[0], :mask.shape[1], :mask.shape[2]] = mask
+        row += mask.shape[0]
+    return canvas

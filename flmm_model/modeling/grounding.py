@@ -27,17 +27,16 @@ from transformers import SamModel
 
 from flmm_model.backbones import QwenVLModel
 from flmm_model.config import DEFAULT_INSTRUCTION
-from flmm_model.data.head_inputs import HeadInputSpec
 from flmm_model.data.prompts import DEFAULT_SYSTEM
-from flmm_model.data.sam_cache import SamEmbeddingCache
+from flmm_model.data.sam_cache import SamEmbeddingCache, sam_cache_key
 from flmm_model.device import to_device
 from flmm_model.errors import CheckpointError
-from flmm_model.modeling.batch import PreparedBatch, text_slots, unet_groups
-from flmm_model.modeling.frames import ObjectFrames, resize_on_canvas, size_mask
+from flmm_model.modeling.batch import BatchPreparer, PreparedBatch
+from flmm_model.modeling.frames import resize_on_canvas, size_mask
 from flmm_model.modeling.lmm import FrozenQwenLMM, LMMOutput
 from flmm_model.modeling.losses import canvas_loss_terms
 from flmm_model.modeling.mask_head import UNetMaskHead
-from flmm_model.modeling.sam_refiner import SamRefiner, TextPromptProjector, sam_cache_key
+from flmm_model.modeling.sam_refiner import SamRefiner, TextPromptProjector
 
 
 class GroundingModel(nn.Module):
@@ -191,12 +190,15 @@ class GroundingModel(nn.Module):
         return self.lmm(input_ids, attention_mask, pixel_values, image_grid_thw, mask_ids,
                         grounded_image=grounded_image)
 
-    def head_input_spec(self, *, targets: bool = True, sam_cache: SamEmbeddingCache | None = None) -> HeadInputSpec:
-        """What the heads need from the data (`data.head_inputs`): give it to the loader to build it in workers.
-        `targets=False` for prediction (no ground-truth entries); `sam_cache`: read SAM embeddings from it."""
-        sam_size = self.sam_refiner.image_size if self.sam_refiner is not None else None
-        return HeadInputSpec(sam_image_size=sam_size, coarse_size=self.mask_head.upsample_size,
-                             merge_size=self.lmm.merge_size, targets=targets, sam_cache=sam_cache)
+    def batch_preparer(self, *, targets: bool = True, sam_cache: SamEmbeddingCache | None = None) -> BatchPreparer:
+        """The host side of this model's batches (`modeling.batch.BatchPreparer`, picklable): give it to the loader
+        (`make_loader(..., prepare=...)`) to prepare batches in its workers. `targets=False` for prediction (no
+        ground-truth entries); `sam_cache`: read SAM embeddings from it (`open_sam_cache`)."""
+        refiner = self.sam_refiner
+        return BatchPreparer(qwen_config=self.qwen.config, coarse_size=self.mask_head.upsample_size,
+                             sam_image_size=refiner.image_size if refiner is not None else None,
+                             sam_mask_side=refiner.mask_input_size if refiner is not None else None,
+                             targets=targets, sam_cache=sam_cache)
 
     def open_sam_cache(self, directory: str, *, precision: str) -> SamEmbeddingCache:
         """The SAM embedding cache in `directory` for this model's SAM image encoder, input size and pixel budget, and
@@ -210,69 +212,22 @@ class GroundingModel(nn.Module):
             raise ValueError("data.sam_cache: the model has no SAM refiner")
         refiner = self.sam_refiner
         size = self.image_processor.size  # the pixel budget: shortest_edge / longest_edge are min / max pixels
-        key = sam_cache_key(refiner, precision=precision, min_pixels=size.shortest_edge, max_pixels=size.longest_edge)
+        key = sam_cache_key(encoder=refiner.sam.vision_encoder, image_size=refiner.image_size,
+                            dtype=refiner.encoder_dtype, precision=precision, min_pixels=size.shortest_edge,
+                            max_pixels=size.longest_edge)
         return SamEmbeddingCache(directory, key=key, embedding_shape=refiner.embedding_shape)
 
     def prepare_batch(self, batch: dict[str, Any]) -> PreparedBatch:
-        """A collated CPU batch -> `PreparedBatch` (see `flmm_model.modeling.batch`), on the host: the compact batch is
-        validated and every index of the forward is built here, so the forward reads nothing back from the device.
-        The heads' image inputs and targets come from the batch when the loader built them, else are built here.
+        """A collated CPU batch -> `PreparedBatch` on the host (`modeling.batch`): the one the loader's workers made
+        (`batch["prepared"]`), else this model's `batch_preparer` run here (targets when the batch has ground truth).
 
         Raises:
-            ValueError: inconsistent input (see `lmm.validate_lmm_inputs`), or ground-truth masks that do not match
-                a sample's phrases or image size.
+            ValueError: inconsistent input (see `lmm_inputs.validate_lmm_inputs`), or ground-truth masks that do not
+                match a sample's phrases or image size.
         """
-        def host(name: str) -> torch.Tensor:
-            return batch[name].cpu()
-
-        lmm = self.lmm.prepare(host("input_ids"), host("attention_mask"), batch["pixel_values"],
-                               host("image_grid_thw"), mask_ids=host("mask_ids"),
-                               grounded_image=batch.get("grounded_image"))
-        image_sizes = [tuple(image.shape[-2:]) for image in batch["images"]]
-        gt_masks = batch.get("gt_masks")
-        has_gt = bool(gt_masks) and all(mask is not None for mask in gt_masks)
-        if has_gt:
-            for b, (gt, count, size) in enumerate(zip(gt_masks, lmm.num_objects, image_sizes, strict=True)):
-                if tuple(gt.shape) != (count, *size):
-                    raise ValueError(f"sample {b}: gt_masks shape {tuple(gt.shape)} does not match the {count} "
-                                     f"phrases at image size {size}")
-        spec = self.head_input_spec(targets=has_gt)
-        needed = {"sam_pixels"} if spec.sam_image_size is not None else set()
-        needed |= {"gt_canvas", "coarse_targets"} if has_gt else set()
-        if "sam_embeddings" in batch:  # read from the SAM cache by the loader
-            needed |= {"sam_embeddings", "sam_missing", "sam_names"}
-        entries = {name: batch[name] for name in needed if name in batch}
-        if set(entries) != needed:
-            entries = spec({**batch, "grounded_grid_thw": lmm.grounded_grid_thw})
-
-        coarse_sizes = spec.coarse_sizes(lmm.grounded_grid_thw)  # per sample (h', w')
-        object_image = torch.repeat_interleave(torch.arange(len(image_sizes)), torch.tensor(lmm.num_objects))
-        per_object = object_image.tolist()
-        sam = self.sam_refiner
-        sam_sizes = dict(image_size=sam.image_size, mask_side=sam.mask_input_size) if sam is not None else dict(
-            image_size=1, mask_side=1)  # without SAM only the image and coarse sizes are used
-        frames = ObjectFrames.build([image_sizes[b] for b in per_object], [coarse_sizes[b] for b in per_object],
-                                    **sam_sizes)
-        groups, order = unet_groups(lmm.grounded_grid_hw, lmm.num_objects)
-        text_index, text_valid = text_slots(lmm.object_slots, lmm.queries.query_index.shape[1])
-        sam_resized, encoded = None, list(range(len(image_sizes)))
-        if "sam_missing" in entries:
-            encoded = entries["sam_missing"].tolist()
-        if sam is not None:
-            sam_resized = torch.tensor([sam.resized_size(image_sizes[b]) for b in encoded],
-                                       dtype=torch.float32).reshape(-1, 2)
-        return PreparedBatch(
-            lmm=lmm, num_objects=lmm.num_objects, image_sizes=image_sizes, coarse_sizes=coarse_sizes,
-            unet_groups=groups, coarse_order=order,
-            coarse_canvas=(max(h for h, _ in coarse_sizes), max(w for _, w in coarse_sizes)),
-            canvas=(max(h for h, _ in image_sizes), max(w for _, w in image_sizes)), frames=frames,
-            object_image=object_image, text_index=text_index, text_valid=text_valid,
-            sam_pixels=entries.get("sam_pixels"), sam_resized=sam_resized, sam_embeddings=entries.get("sam_embeddings"),
-            sam_missing=entries.get("sam_missing"),
-            sam_missing_names=[entries["sam_names"][b] for b in encoded] if "sam_names" in entries else [],
-            gt_canvas=entries.get("gt_canvas"),
-            coarse_targets=entries.get("coarse_targets"),
-        )
+        if isinstance(batch.get("prepared"), PreparedBatch):
+            return batch["prepared"]
+        return self.batch_preparer()(batch)
 
     def _prepared(self, batch: dict[str, Any] | PreparedBatch) -> PreparedBatch:
         if isinstance(batch, PreparedBatch):

@@ -49,10 +49,8 @@ from transformers import SamModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from flmm_model.data.head_inputs import sam_input_canvas
-from flmm_model.data.sam_cache import CacheKey, encoder_fingerprint
 from flmm_model.device import move_to
-from flmm_model.modeling.frames import ObjectFrames, resize_on_canvas, sam_resized_size, size_mask
+from flmm_model.modeling.frames import ObjectFrames, resize_on_canvas, sam_input_canvas, sam_resized_size, size_mask
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)  # on 0-255 values, RGB
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -176,7 +174,7 @@ class SamRefiner(nn.Module):
         return self.sam.vision_encoder.patch_embed.projection.weight.dtype
 
     def normalize(self, canvas: Tensor, resized: Tensor) -> Tensor:
-        """SAM input pixels from the uint8 canvas of `data.head_inputs.sam_input_canvas`.
+        """SAM input pixels from the uint8 canvas of `frames.sam_input_canvas`.
 
         Args:
             canvas: (B, 3, S, S) uint8, each image resized to (rh, rw) at the top left.
@@ -394,14 +392,6 @@ class SamRefiner(nn.Module):
         return self.refine(image_embeddings=image_embeddings[None].expand(num_objects, -1, -1, -1),
                            coarse=coarse_logits, frames=self._frames_of(coarse_logits, original_size),
                            text_tokens=text_tokens, text_valid=text_valid, canvas=tuple(original_size))
-
-
-def sam_cache_key(refiner: SamRefiner, *, precision: str, min_pixels: int, max_pixels: int) -> CacheKey:
-    """The `data.sam_cache` key of a refiner's frozen image encoder (its weights' fingerprint, input size, dtype),
-    the encoder's precision ("bf16" / "fp32") and the run's pixel budget."""
-    return CacheKey(encoder=encoder_fingerprint(refiner.sam.vision_encoder), image_size=refiner.image_size,
-                    dtype=str(refiner.encoder_dtype).removeprefix("torch."), precision=precision,
-                    min_pixels=int(min_pixels), max_pixels=int(max_pixels))
 
 
 class TextPromptProjector(nn.Module):

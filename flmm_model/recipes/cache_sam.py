@@ -1,7 +1,7 @@
 """`cache_sam(cfg)` (`run.py cache-sam`): fill `data.sam_cache` with the SAM image embeddings of every training image,
 so training never runs SAM's image encoder (see `flmm_model.data.sam_cache`).
 
-Only SAM is built (not Qwen). The key is the one training computes (`sam_refiner.sam_cache_key` from the same
+Only SAM is built (not Qwen). The key is the one training computes (`data.sam_cache.sam_cache_key` from the same
 `model.sam` checkpoint or seeded preset, `model.dtype`, `train.precision` on `train.device`, the pixel budget), so a
 training run with the same config reads every entry; entries already present and whole are kept. Under torchrun
 each process encodes its shard.
@@ -17,9 +17,8 @@ from tqdm.auto import tqdm
 from flmm_model.build import build_sam, check_model_paths, prompt_settings
 from flmm_model.config import ConfigError, ExperimentConfig
 from flmm_model.data.collate import make_loader
-from flmm_model.data.head_inputs import HeadInputSpec
 from flmm_model.data.registry import build_datasets
-from flmm_model.data.sam_cache import SamEmbeddingCache
+from flmm_model.data.sam_cache import SamEmbeddingCache, sam_cache_key
 from flmm_model.distributed import (
     ShardedSampler,
     all_reduce_sum,
@@ -29,7 +28,8 @@ from flmm_model.distributed import (
     precision_of,
     shutdown_distributed,
 )
-from flmm_model.modeling.sam_refiner import SamRefiner, sam_cache_key
+from flmm_model.modeling.batch import SamInputPreparer
+from flmm_model.modeling.sam_refiner import SamRefiner
 
 
 @torch.no_grad()
@@ -53,30 +53,29 @@ def cache_sam(cfg: ExperimentConfig) -> dict[str, Any]:
         sam.vision_encoder.to(getattr(torch, cfg.model.dtype))
         refiner = SamRefiner(sam=sam).to(info.device).eval()
         autocast = autocast_context(info.device, cfg.train.precision)
-        key = sam_cache_key(refiner, precision=precision_of(autocast), min_pixels=cfg.model.min_pixels,
-                            max_pixels=cfg.model.max_pixels)
+        key = sam_cache_key(encoder=refiner.sam.vision_encoder, image_size=refiner.image_size,
+                            dtype=refiner.encoder_dtype, precision=precision_of(autocast),
+                            min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
         cache = SamEmbeddingCache(cfg.data.sam_cache, key=key, embedding_shape=refiner.embedding_shape)
         sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False, pad=False)
-        spec = HeadInputSpec(sam_image_size=refiner.image_size, coarse_size=1, merge_size=1, targets=False,
-                             sam_cache=cache)
+        sam_inputs = SamInputPreparer(image_size=refiner.image_size, sam_cache=cache)  # run in the workers
         loader = make_loader(dataset, sampler=sampler, batch_size=cfg.data.batch_size,
                              num_workers=cfg.data.num_workers, pad_token_id=prompt.tokenizer.pad_token_id,
-                             head_inputs=spec, pin_memory=info.device.type == "cuda")
+                             prepare=sam_inputs, pin_memory=info.device.type == "cuda")
         counts = torch.zeros(2, dtype=torch.long)  # written, already cached
         for batch in tqdm(loader, desc="cache-sam", disable=not (info.is_main and cfg.train.progress)):
             if not batch["images"]:
                 continue
-            missing = batch["sam_missing"].tolist()
+            inputs = batch["prepared"]  # modeling.batch.SamInputs: the images the cache misses
+            missing = inputs.encoded
             counts[1] += len(batch["images"]) - len(missing)
             if not missing:
                 continue
-            resized = torch.tensor([refiner.resized_size(tuple(batch["images"][b].shape[1:])) for b in missing],
-                                   dtype=torch.float32)
             with autocast:
-                pixels = refiner.normalize(batch["sam_pixels"].to(info.device), resized.to(info.device))
+                pixels = refiner.normalize(inputs.pixels.to(info.device), inputs.resized.to(info.device))
                 embeddings = refiner.encode_images(pixels).cpu()
             for b, embedding in zip(missing, embeddings, strict=True):
-                cache.write(batch["sam_names"][b], embedding)
+                cache.write(inputs.names[b], embedding)
             counts[0] += len(missing)
         written, present = all_reduce_sum(counts).tolist()
         if info.is_main:

@@ -148,7 +148,7 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
                                      pad=False)
             loader = make_loader(entry.dataset, sampler=sampler, batch_size=ec.batch_size,
                                  num_workers=cfg.data.num_workers, pad_token_id=prompt.tokenizer.pad_token_id,
-                                 padding_side=cfg.data.padding_side, head_inputs=model.head_input_spec(targets=False),
+                                 padding_side=cfg.data.padding_side, prepare=model.batch_preparer(targets=False),
                                  pin_memory=info.device.type == "cuda")
             results[entry.label] = score_dataset(model, loader, metric=entry.metric, autocast=autocast,
                                                  progress=ec.progress, desc=entry.label)

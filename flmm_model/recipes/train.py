@@ -246,12 +246,12 @@ def report_rows(scores: dict[str, dict[str, float]], *, compare: dict[str, dict[
 
 
 def val_loader(entry: NamedDataset, *, cfg: ExperimentConfig, info: Any, pad_token_id: int,
-               head_inputs: Any = None) -> torch.utils.data.DataLoader:
+               prepare: Any = None) -> torch.utils.data.DataLoader:
     """This process's shard of a validation dataset, in order, in batches of `eval.batch_size`."""
     sampler = ShardedSampler(len(entry.dataset), rank=info.rank, world_size=info.world_size, shuffle=False, pad=False)
     return make_loader(entry.dataset, sampler=sampler, batch_size=cfg.eval.batch_size,
                        num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
-                       padding_side=cfg.data.padding_side, head_inputs=head_inputs,
+                       padding_side=cfg.data.padding_side, prepare=prepare,
                        pin_memory=info.device.type == "cuda")
 
 
@@ -262,7 +262,7 @@ def validate(model: torch.nn.Module, val_sets: list[NamedDataset], *, cfg: Exper
     scores: dict[str, dict[str, float]] = {}
     for entry in val_sets:
         loader = val_loader(entry, cfg=cfg, info=info, pad_token_id=pad_token_id,
-                            head_inputs=model.head_input_spec(targets=False))
+                            prepare=model.batch_preparer(targets=False))
         scores[entry.label] = score_dataset(model, loader, metric=entry.metric, autocast=autocast, baselines=True,
                                             progress=False, desc=f"val {entry.label}")
     return scores
@@ -402,7 +402,7 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
         # pinned on CUDA.
         loader = make_loader(train_set, sampler=sampler, batch_size=cfg.data.batch_size,
                              num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
-                             padding_side=cfg.data.padding_side, head_inputs=model.head_input_spec(sam_cache=sam_cache),
+                             padding_side=cfg.data.padding_side, prepare=model.batch_preparer(sam_cache=sam_cache),
                              pin_memory=info.device.type == "cuda")
 
         def log_record(record: dict[str, Any]) -> None:
@@ -461,7 +461,7 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
                                         f"data.on_error=skip); see the warnings that name them")
                     last_micro = micro == tc.grad_accum - 1
                     # Validated and indexed on the host, then one asynchronous copy: the step reads nothing back.
-                    prepared = to_device(model.prepare_batch(batch), info.device)
+                    prepared = to_device(batch["prepared"], info.device)
                     # DDP: all-reduce gradients only on the last micro-batch of the step.
                     sync = contextlib.nullcontext() if last_micro or ddp_model is model else ddp_model.no_sync()
                     with sync:
