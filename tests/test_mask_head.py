@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flmm_model.modeling.mask_head import UNetMaskHead
-from flmm_model.modeling.sam_refiner import TextPromptProjector
+from flmm_model.modeling.text_prompt import TextPromptProjector
 
 
 @pytest.fixture(scope="module")

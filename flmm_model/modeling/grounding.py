@@ -36,7 +36,8 @@ from flmm_model.modeling.frames import resize_on_canvas, size_mask
 from flmm_model.modeling.lmm import FrozenQwenLMM, LMMOutput
 from flmm_model.modeling.losses import canvas_loss_terms
 from flmm_model.modeling.mask_head import UNetMaskHead
-from flmm_model.modeling.sam_refiner import SamRefiner, TextPromptProjector
+from flmm_model.modeling.sam_refiner import SamRefiner
+from flmm_model.modeling.text_prompt import TextPromptProjector
 
 
 class GroundingModel(nn.Module):
