@@ -64,7 +64,10 @@ CONFIG_FILE = "config.yaml"
 EVAL_DIR = "eval"
 _STEP_DIR = re.compile(r"step_(\d+)")
 _BACKUP_DIR = re.compile(r"\.(?:old|tmp-old)-(step_\d+)-\d+")  # `.tmp-old-` was the name before backups were kept
-_COMPLETE = (WEIGHTS_NAME, CONFIG_NAME, TRAINER_STATE)
+_COMPLETE = (WEIGHTS_NAME, TRAINER_STATE)  # and one of _MODEL_CONFIGS
+# The model config of a checkpoint: this project's, or a transformers `config.json` (caption pretraining's checkpoints
+# are whole transformers checkpoints: `save_checkpoint(write_model=...)`).
+_MODEL_CONFIGS = (CONFIG_NAME, "config.json")
 _LEFTOVERS = (".tmp-step_", ".trash-")  # prefixes of directories a crash may leave behind; never complete
 T = TypeVar("T")
 
@@ -205,8 +208,11 @@ def checkpoint_name(path: str | Path) -> str:
 
 
 def is_complete(path: str | Path) -> bool:
-    """A training checkpoint with all its files: weights, model config and trainer state."""
-    return all((Path(path) / name).is_file() for name in _COMPLETE)
+    """A training checkpoint with all its files: weights, model config (`flmm_config.json`, or a transformers
+    `config.json`) and trainer state."""
+    path = Path(path)
+    return (all((path / name).is_file() for name in _COMPLETE)
+            and any((path / name).is_file() for name in _MODEL_CONFIGS))
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

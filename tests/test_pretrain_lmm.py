@@ -4,6 +4,7 @@ checkpoint whose full-vocabulary loss is the trained one, F-LMM builds on it, an
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from transformers.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
 import run
 from flmm_model.build import build_qwen, check_model_paths, load_image_processor, load_tokenizer, qwen_config
+from flmm_model.checkpoint import list_checkpoints
 from flmm_model.config import ConfigError
 from flmm_model.config_loader import config_to_yaml, load_config
 from flmm_model.data import Collator, SyntheticDataset, encode_grounded, expression_parts
@@ -188,8 +190,28 @@ def test_patch_projection_is_the_conv3d_it_replaces(bias):
         PatchProjection(torch.nn.Conv3d(3, 16, kernel_size=3))
 
 
-def test_resume_reproduces_uninterrupted_pretraining(tmp_path):
-    # 12 scenes / 4 per step = 3 steps per epoch: 5 steps cross an epoch boundary; the resume point (3) is at it.
+class Killed(BaseException):
+    """A SIGKILL at an exact point: nothing after it runs (not even an `except Exception` cleanup)."""
+
+
+def _count_steps(monkeypatch: pytest.MonkeyPatch, *, forbid: bool = False) -> list[int]:
+    """Count the optimizer steps of the runs that follow (the loop clips the gradients once per step); with
+    `forbid`, any step fails the test."""
+    steps: list[int] = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def counting(*args, **kwargs):
+        if forbid:
+            raise AssertionError("trained again: the run should have resumed after its last step")
+        steps.append(1)
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counting)
+    return steps
+
+
+def test_resume_reproduces_uninterrupted_pretraining(tmp_path, monkeypatch, capsys):
+    # 12 scenes / 4 per step = 3 steps per epoch: 5 steps cross an epoch boundary; the resume point (2) is before it.
     common = ["--config", PRETRAIN, *TINY, "train.max_steps=5", "data.val=[]"]
     straight = tmp_path / "straight"
     run.main(["pretrain-lmm", *common, f"train.out_dir={straight}"])
@@ -197,10 +219,17 @@ def test_resume_reproduces_uninterrupted_pretraining(tmp_path):
     first = run.main(["pretrain-lmm", *common, f"train.out_dir={interrupted}", "train.save_every=2",
                       "train.stop_after_steps=3"])
     assert first["stopped_early"] and first["qwen_dir"] is None and not (interrupted / "qwen").exists()
+    assert [p.name for p in list_checkpoints(interrupted / "checkpoints")] == ["step_0000002"]
+    capsys.readouterr()
+    steps = _count_steps(monkeypatch)
     resumed = run.main(["pretrain-lmm", *common, f"train.out_dir={interrupted}", "train.save_every=2", "--resume"])
     assert resumed["steps"] == 5
+    # It resumed: from the step-2 checkpoint, training steps 3 to 5 only (a fresh start would take 5 steps).
+    assert f"resumed from {interrupted / 'checkpoints' / 'step_0000002'} at step 2 (epoch 0, micro-batch 2)" in (
+        capsys.readouterr().out)
+    assert len(steps) == 3
     expected, got = _records(straight, "train"), _records(interrupted, "train")
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]  # step 3 of the first run dropped, trained again
     for want, have in zip(expected, got, strict=True):
         for key in ("loss", "lr", "grad_norm", "epoch"):
             assert have[key] == want[key], (have["step"], key)
@@ -208,9 +237,63 @@ def test_resume_reproduces_uninterrupted_pretraining(tmp_path):
     final_resumed = load_file(str(interrupted / "qwen" / "model.safetensors"))
     for name, value in final_straight.items():
         assert torch.equal(final_resumed[name], value), name
+    # train.keep_last (1 in configs/demo_lmm.yaml): the resumed run saved steps 4 and 5 and kept the newest only.
+    assert [p.name for p in list_checkpoints(interrupted / "checkpoints")] == ["step_0000005"]
+    assert [p.name for p in list_checkpoints(straight / "checkpoints")] == ["step_0000005"]
     # A fresh run never silently replaces an earlier one.
     with pytest.raises(FileExistsError, match="--resume"):
         run.main(["pretrain-lmm", *common, f"train.out_dir={interrupted}", "train.overwrite=false"])
+
+
+def test_keep_last_keeps_the_newest_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    run.main(["pretrain-lmm", "--config", PRETRAIN, *TINY, "train.max_steps=4", "data.val=[]", "train.save_every=1",
+              "train.keep_last=2", f"train.out_dir={out}"])
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000003", "step_0000004"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]
+
+
+@pytest.mark.parametrize("kill", ["writing the LMM", "renaming it into place", "replacing an earlier export"])
+def test_a_kill_while_publishing_the_lmm_resumes_without_retraining(tmp_path, monkeypatch, capsys, kill):
+    out = tmp_path / "run"
+    common = ["pretrain-lmm", "--config", PRETRAIN, *TINY, "train.max_steps=3", "data.val=[]", f"train.out_dir={out}"]
+    if kill == "replacing an earlier export":  # a finished run, resumed again: it exports once more
+        run.main(common)
+        common = [*common, "--resume"]
+    save_pretrained, rename = CaptionLM.save_pretrained, os.rename
+
+    def killed_while_writing(self, directory):
+        save_pretrained(self, directory)
+        if Path(directory).name.startswith(".tmp-qwen-"):
+            (Path(directory) / "model.safetensors").unlink()  # half written
+            raise Killed(f"writing {directory}")
+
+    def killed_while_renaming(source, target):
+        if Path(source).name.startswith(".tmp-qwen-"):
+            raise Killed(f"renaming {source}")
+        rename(source, target)
+
+    with monkeypatch.context() as patch:
+        if kill == "writing the LMM":
+            patch.setattr(CaptionLM, "save_pretrained", killed_while_writing)
+        else:
+            patch.setattr(os, "rename", killed_while_renaming)
+        with pytest.raises(Killed):
+            run.main(common)
+    assert not (out / "qwen").exists()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000003"]
+    capsys.readouterr()
+
+    _count_steps(monkeypatch, forbid=True)
+    resumed = run.main(common if common[-1] == "--resume" else [*common, "--resume"])
+    assert resumed["steps"] == 3 and not resumed["stopped_early"]
+    assert "at step 3 (epoch 1, micro-batch 0)" in capsys.readouterr().out
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3]
+    exported = load_file(str(out / "qwen" / "model.safetensors"))
+    saved = load_file(str(list_checkpoints(out / "checkpoints")[-1] / "model.safetensors"))
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    assert {"config.json", "tokenizer.json", "preprocessor_config.json"} <= {p.name for p in (out / "qwen").iterdir()}
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the killed export's leftovers swept
 
 
 def test_train_pretrains_a_missing_lmm_first_and_reports_the_attention_only_ablation(tmp_path, capsys):

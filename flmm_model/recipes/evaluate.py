@@ -2,7 +2,8 @@
 Recall, ReasonSeg gIoU and cIoU (by default answering first, F-LMM's protocol), each dataset with the metric its
 registry entry names), sharded over torchrun processes with the metric
 sums reduced; prints a table and writes the results into the run directory (`<run>/eval/step_N.json`) or
-`eval.out_dir` (`eval.json`), never into the checkpoint. `score_dataset` is also training's validation.
+`eval.out_dir` (`eval.json`), never into the checkpoint. Its scoring (`recipes/scoring.py`: `score_dataset`,
+`print_table`) is also training's validation.
 
 Order: every cheap check first (config, device, the results directory, the checkpoint's config and trainable weights
 read into memory, the data files), then the frozen weights load. The checkpoint is read at once, so a training run
@@ -15,9 +16,6 @@ import dataclasses
 import json
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
 from flmm_model.build import check_model_paths, prompt_settings
 from flmm_model.checkpoint import atomic_write_text, eval_results_path, load_checkpoint, prepare_output_dir
 from flmm_model.config import ConfigError, ExperimentConfig
@@ -25,87 +23,15 @@ from flmm_model.data.collate import make_loader
 from flmm_model.data.registry import build_datasets
 from flmm_model.distributed import (
     ShardedSampler,
-    all_reduce_sum,
     autocast_context,
     check_device,
     init_distributed,
     shutdown_distributed,
 )
 from flmm_model.model import FrozenQwenSAM
-from flmm_model.predictor import GroundingPredictor
+from flmm_model.recipes.scoring import predict_batch, print_table, score_dataset
 
-
-@torch.no_grad()
-def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, metric: type, autocast: Any,
-                  baselines: bool = False, progress: bool = True, desc: str = "eval") -> dict[str, float]:
-    """Predict every sample of this process's shard and return the metrics reduced over all processes.
-
-    Args:
-        model: the unwrapped FrozenQwenSAM in eval mode.
-        loader: batches of this process's shard.
-        metric: the metric class of the dataset (its registry entry's), e.g. `ReferSegMetric` (cIoU / gIoU) or
-            `PngRecallMetric` (Average Recall all / things / stuff / singulars / plurals).
-        autocast: context manager entered around the prediction.
-        baselines: also score the all-foreground and the empty mask (keys `baseline_full/...`, `baseline_empty/...`).
-        progress: show a progress bar (rank 0).
-        desc: progress bar label.
-    Returns:
-        Metric name -> value (percent), plus the counts: `count...` (objects scored, from the metric) and
-        `count_skipped` (samples the dataset dropped as bad data under `data.on_error=skip`, over all processes).
-    """
-    metrics = {"": metric()}
-    if baselines:
-        metrics.update({"baseline_full/": metric(), "baseline_empty/": metric()})
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    skipped = 0  # samples of this process's shard the dataset dropped (data.on_error=skip)
-    for batch in tqdm(loader, desc=desc, disable=not (progress and rank0), dynamic_ncols=True, leave=False):
-        skipped += batch["num_skipped"]
-        if len(batch["images"]) == 0:
-            continue
-        with autocast:
-            predictions = predict_batch(model, batch)
-        for index, (pred, gt) in enumerate(zip(predictions, batch["gt_masks"], strict=True)):
-            candidates = {"": pred.cpu()}
-            if baselines:
-                candidates["baseline_full/"] = torch.ones_like(gt, dtype=torch.bool)
-                candidates["baseline_empty/"] = torch.zeros_like(gt, dtype=torch.bool)
-            for prefix, mask in candidates.items():
-                metrics[prefix].update(mask, gt, batch["metas"][index])
-    results: dict[str, float] = {}
-    for prefix, metric in metrics.items():
-        results.update({f"{prefix}{name}": float(value) for name, value in metric.compute().items()})
-    results["count_skipped"] = int(all_reduce_sum(torch.tensor([skipped], dtype=torch.int64))[0])
-    return results
-
-
-def predict_batch(model: Any, batch: dict[str, Any]) -> list[torch.Tensor]:
-    """Per sample (K, H, W) bool masks. Samples whose meta requests an answer first (`meta["generate"]`, e.g.
-    ReasonSeg's F-LMM protocol) are answered by the frozen LMM and the answer grounded (`GroundingPredictor.
-    answer_then_ground`); the others are grounded on their own prompt (`model.predict_masks`)."""
-    requests = [bool(meta.get("generate")) for meta in batch["metas"]]
-    if all(requests):
-        return GroundingPredictor(model).answer_then_ground(batch)
-    if any(requests):
-        raise ValueError("a batch mixes samples that request generation (meta 'generate') with samples that do not")
-    return model.predict_masks(batch)
-
-
-def print_table(scores: dict[str, dict[str, float]], *, title: str) -> str:
-    """Print (and return) a plain-text table: one row per dataset, one column per metric (counts left out)."""
-    columns: list[str] = []
-    for metrics in scores.values():
-        columns += [name for name in metrics
-                    if name not in columns and not name.rsplit("/", 1)[-1].startswith("count")]
-    width = max([len("dataset")] + [len(label) for label in scores]) + 2
-    lines = [title, "dataset".ljust(width) + "".join(f"{c:>{max(10, len(c) + 2)}}" for c in columns)]
-    for label, metrics in scores.items():
-        cells = "".join(
-            f"{metrics[c]:>{max(10, len(c) + 2)}.2f}" if c in metrics else " " * max(10, len(c) + 2) for c in columns
-        )
-        lines.append(label.ljust(width) + cells)
-    text = "\n".join(lines)
-    print(text)
-    return text
+__all__ = ["evaluate", "predict_batch", "print_table", "score_dataset"]  # the scoring's names, as before
 
 
 def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:

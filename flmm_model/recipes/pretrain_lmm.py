@@ -29,53 +29,49 @@ scenes, and `train` the loop (mask-head settings are not used).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
 from flmm_model.backbones import adapter_for
 from flmm_model.backbones.vision_attention import use_packed_vision_attention
 from flmm_model.build import QWEN_ARCHS, build_qwen, check_model_paths, prompt_settings
-from flmm_model.checkpoint import (
-    atomic_write_text,
-    capture_rng_state,
-    delete_checkpoints,
-    latest_checkpoint,
-    load_trainer_state,
-    resolve_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from flmm_model.checkpoint import load_trainer_state, resolve_checkpoint
 from flmm_model.config import ConfigError, ExperimentConfig, ModelConfig
-from flmm_model.config_loader import config_to_yaml, load_config
+from flmm_model.config_loader import load_config
 from flmm_model.data.collate import make_loader
 from flmm_model.data.prompts import chat_prefix
 from flmm_model.data.registry import NamedDataset, build_datasets
 from flmm_model.data.synthetic import all_phrases
-from flmm_model.distributed import ShardedSampler, autocast_context, resolve_device
+from flmm_model.distributed import DistInfo, ShardedSampler, autocast_context, resolve_device
 from flmm_model.modeling.lmm import FrozenQwenLMM
 from flmm_model.modeling.lmm_inputs import prepare_lmm_inputs
-from flmm_model.recipes.evaluate import print_table
-from flmm_model.recipes.pointing import score_pointing
-from flmm_model.recipes.train import (
+from flmm_model.recipes.loop import (
+    LoopParts,
+    Position,
     WarmupCosine,
+    append_metrics,
     check_resume_setup,
     plot_metrics,
     read_metrics,
+    restore_trainer_state,
+    resume_source,
+    run_loop,
     schedule_steps,
     seed_everything,
+    start_run_files,
+    val_loader,
 )
+from flmm_model.recipes.pointing import score_pointing
+from flmm_model.recipes.scoring import print_table
 
 EXPORT_DIR = "qwen"  # the finished LMM inside train.out_dir
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
@@ -282,17 +278,14 @@ def _check_pretrain_config(cfg: ExperimentConfig) -> None:
 
 
 @torch.no_grad()
-def _validate(caption_lm: CaptionLM, val_sets: list[NamedDataset], *, cfg: ExperimentConfig,
+def _validate(caption_lm: CaptionLM, val_sets: list[NamedDataset], *, cfg: ExperimentConfig, info: DistInfo,
               autocast: Any) -> dict[str, dict[str, float]]:
     """Per validation set: caption loss of the model, and the pointing accuracy of its attention (frozen copy)."""
     caption_lm.eval()
     frozen = FrozenQwenLMM(qwen=copy.deepcopy(caption_lm.sync_full_weights()))  # capture attention on a copy
     scores = {}
     for entry in val_sets:
-        sampler = ShardedSampler(len(entry.dataset), shuffle=False, pad=False)
-        loader = make_loader(entry.dataset, sampler=sampler, batch_size=cfg.eval.batch_size,
-                             num_workers=cfg.data.num_workers, pad_token_id=caption_lm.tokenizer.pad_token_id,
-                             padding_side=cfg.data.padding_side)
+        loader = val_loader(entry, cfg=cfg, info=info, pad_token_id=caption_lm.tokenizer.pad_token_id)
         nll_sum = num_tokens = 0.0
         for batch in loader:
             with autocast:
@@ -316,6 +309,18 @@ def _publish(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
 
 
+def _export(caption_lm: CaptionLM, qwen_dir: Path) -> None:
+    """Write the finished LMM to `qwen_dir` under a temporary name and publish it, then sweep what an interrupted
+    export left (a killed run's `.tmp-qwen-<pid>` or `.old-qwen-<pid>`; the run's checkpoint had all it needed)."""
+    tmp = qwen_dir.with_name(f".tmp-{qwen_dir.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    caption_lm.save_pretrained(tmp)
+    _publish(tmp, qwen_dir)
+    for prefix in (f".tmp-{qwen_dir.name}-", f".old-{qwen_dir.name}-"):
+        for leftover in qwen_dir.parent.glob(f"{prefix}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def pretrain_lmm(cfg: ExperimentConfig) -> dict[str, Any]:
     """Caption-pretrain the LMM as `cfg` says and write `<train.out_dir>/qwen` (see the module docstring).
 
@@ -327,12 +332,13 @@ def pretrain_lmm(cfg: ExperimentConfig) -> dict[str, Any]:
     tc = cfg.train
     _check_pretrain_config(cfg)
     check_model_paths(cfg.model)
-    device = resolve_device(tc.device)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=resolve_device(tc.device))  # one process
+    device = info.device
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
     out_dir = Path(tc.out_dir)
-    ckpt_root, metrics_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
+    metrics_path = out_dir / "metrics.jsonl"
 
     # ---- Data first (bad settings fail before any weights load).
     prompt = prompt_settings(cfg.model)
@@ -348,25 +354,15 @@ def pretrain_lmm(cfg: ExperimentConfig) -> dict[str, Any]:
     micro_per_epoch = math.ceil(len(train_set) / cfg.data.batch_size)
     total_steps, warmup_steps = schedule_steps(tc, micro_per_epoch=micro_per_epoch)
 
-    # ---- Resume from a checkpoint, or start afresh (refusing to delete an earlier run's checkpoints unless asked).
-    resume_from = None
-    if tc.resume == "latest":
-        resume_from = latest_checkpoint(ckpt_root)
-        if resume_from is None:
-            print(f"train.resume=latest: no checkpoint in {ckpt_root}; starting from scratch")
-    elif tc.resume:
-        resume_from = resolve_checkpoint(tc.resume)
+    # ---- Resume from a checkpoint, or start afresh (refusing to delete an earlier run's checkpoints or LMM unless
+    # asked: an LMM of the earlier run must not pass for this one's).
+    source = resume_source(tc, info=info, earlier_outputs=[export_dir(cfg)], what="an earlier pretraining run")
+    resume_from = resolve_checkpoint(source) if source is not None else None
     state = None
     if resume_from is not None:
         state = load_trainer_state(resume_from)
         check_resume_setup(state, checkpoint=resume_from, world_size=1, batch_size=cfg.data.batch_size,
                            grad_accum=tc.grad_accum, total_steps=total_steps)
-    elif latest_checkpoint(ckpt_root) is not None or export_dir(cfg).exists():
-        if not tc.overwrite:
-            raise FileExistsError(f"{out_dir} holds an earlier pretraining run: pass --resume to continue it, set "
-                                  f"train.out_dir to a new directory, or train.overwrite=true to replace it")
-        delete_checkpoints(ckpt_root)
-        shutil.rmtree(export_dir(cfg), ignore_errors=True)  # an LMM of the earlier run must not pass for this one
 
     # ---- Model (the checkpoint's weights when resuming), optimizer over the trainable parameters, schedule.
     qwen = build_qwen(str(resume_from) if resume_from else cfg.model.qwen, seed=cfg.model.seed)
@@ -377,103 +373,50 @@ def pretrain_lmm(cfg: ExperimentConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(warmup_steps=warmup_steps, total_steps=total_steps))
     autocast = autocast_context(device, tc.precision)
-    step, epoch, micro_done = 0, 0, 0
+    start = Position()
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, micro_done = state["step"], state["epoch"], state["micro_in_epoch"]
-        restore_rng_state(state["rng"][0])
-        print(f"resumed from {resume_from} at step {step} (epoch {epoch}, micro-batch {micro_done})")
+        start = restore_trainer_state(state, optimizer=optimizer, scheduler=scheduler, rank=0)
+        print(f"resumed from {resume_from} at step {start.step} (epoch {start.epoch}, micro-batch "
+              f"{start.micro_in_epoch})")
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", config_to_yaml(cfg))
-    kept = [r for r in read_metrics(metrics_path) if r["step"] <= step and state is not None]  # fresh run: none
-    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    start_run_files(out_dir, cfg=cfg, resumed_step=start.step if state is not None else None)
     trainable = sum(p.numel() for p in params)
     print(f"caption pretraining of {cfg.model.qwen}: {trainable:,} trainable parameters ({len(vocab)} vocabulary "
           f"rows of {caption_lm.vocab_size:,}); {len(train_set)} scenes, {cfg.data.batch_size} x {tc.grad_accum} per "
           f"step, {total_steps} steps, warm-up {warmup_steps}")
     caption_lm.train()
 
-    def log_record(record: dict[str, Any]) -> None:
-        with open(metrics_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+    def micro_step(batch: dict[str, Any], last_micro: bool) -> torch.Tensor:
+        with autocast:
+            out = caption_lm(batch)
+        (out["loss"] / tc.grad_accum).backward()
+        # (2,): the NLL sum and the target tokens it is over; the window's mean is the caption loss per token.
+        return torch.stack([out["nll_sum"].double(), out["num_tokens"].to(device=device, dtype=torch.float64)])
 
-    def run_validation() -> dict[str, dict[str, float]]:
-        scores = _validate(caption_lm, val_sets, cfg=cfg, autocast=autocast)
+    def run_validation(step: int, final: bool) -> dict[str, dict[str, float]]:
+        scores = _validate(caption_lm, val_sets, cfg=cfg, info=info, autocast=autocast)
         record: dict[str, Any] = {"kind": "val", "step": step}
         for label, metrics in scores.items():
             record.update({f"{label}/caption_loss": metrics["caption_loss"], f"{label}/pointing": metrics["pointing"],
                            f"{label}/baseline_chance": metrics["pointing_chance"]})
-        log_record(record)
+        append_metrics(metrics_path, record)
         if step > 0:  # a plot needs training losses
             plot_metrics(read_metrics(metrics_path), out_dir / "metrics.png")
         return scores
 
-    def checkpoint() -> None:
-        trainer_state = {
-            "step": step, "epoch": epoch, "micro_in_epoch": micro_done, "total_steps": total_steps, "world_size": 1,
-            "batch_size": cfg.data.batch_size, "grad_accum": tc.grad_accum, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": [capture_rng_state()],
-        }
-        save_checkpoint(root=ckpt_root, step=step, write_model=caption_lm.save_pretrained,
-                        trainer_state=trainer_state, config_yaml=config_to_yaml(cfg), keep_last=tc.keep_last)
-
-    start_scores = run_validation() if val_sets and step == 0 else {}
-    bar = tqdm(total=total_steps, initial=step, disable=not tc.progress, desc="pretrain-lmm", dynamic_ncols=True)
-    window = torch.zeros(2, dtype=torch.float64)  # nll sum, target tokens of the log window
-    window_images, window_start = 0, time.perf_counter()
-    last_saved, scores, stopped_early, last_loss = -1, {}, False, float("nan")
-    while step < total_steps and not stopped_early:
-        sampler.set_position(epoch, micro_done * cfg.data.batch_size)
-        batches = iter(loader)
-        while step < total_steps and micro_done + tc.grad_accum <= micro_per_epoch:
-            for _ in range(tc.grad_accum):
-                batch = next(batches)
-                with autocast:
-                    out = caption_lm(batch)
-                (out["loss"] / tc.grad_accum).backward()
-                window += torch.tensor([float(out["nll_sum"]), int(out["num_tokens"])], dtype=torch.float64)
-                window_images += len(batch["images"])
-            micro_done += tc.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step % tc.log_every == 0 or step == total_steps:
-                last_loss = float(window[0] / window[1])
-                images_per_s = window_images / max(time.perf_counter() - window_start, 1e-9)
-                log_record({"kind": "train", "step": step, "epoch": epoch, "lr": lr, "grad_norm": float(grad_norm),
-                            "images_per_s": images_per_s, "loss": last_loss})
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-                window.zero_()
-                window_images, window_start = 0, time.perf_counter()
-            if val_sets and tc.val_every and step % tc.val_every == 0 and step != total_steps:
-                scores = run_validation()
-            if tc.save_every and step % tc.save_every == 0:
-                checkpoint()
-                last_saved = step
-            if tc.stop_after_steps is not None and step >= tc.stop_after_steps:
-                stopped_early = True  # as if the job were killed here: no final validation, checkpoint or export
-                break
-        if micro_done + tc.grad_accum > micro_per_epoch:  # epoch exhausted (leftover micro-batches dropped)
-            epoch, micro_done = epoch + 1, 0
-    bar.close()
+    start_scores = run_validation(0, False) if val_sets and start.step == 0 else {}
+    parts = LoopParts(micro_step=micro_step, loss_keys=("loss",), validate=run_validation if val_sets else None,
+                      model_files=lambda: {"write_model": caption_lm.save_pretrained})
+    result = run_loop(parts, cfg=cfg, info=info, loader=loader, sampler=sampler, datasets=train_set.datasets,
+                      micro_per_epoch=micro_per_epoch, total_steps=total_steps, optimizer=optimizer,
+                      scheduler=scheduler, params=params, start=start, desc="pretrain-lmm")
+    step, scores = result.step, result.scores
 
     qwen_dir = None
-    if not stopped_early:
-        if val_sets:
-            scores = run_validation()
-        if last_saved != step:
-            checkpoint()
+    if not result.stopped_early:
         plot_metrics(read_metrics(metrics_path), out_dir / "metrics.png")
         qwen_dir = export_dir(cfg)
-        tmp = qwen_dir.with_name(f".tmp-{qwen_dir.name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        caption_lm.save_pretrained(tmp)
-        _publish(tmp, qwen_dir)
+        _export(caption_lm, qwen_dir)
         columns = ("caption_loss", "pointing", "pointing_chance")
         rows = {}
         for label, metrics in scores.items():
@@ -486,7 +429,8 @@ def pretrain_lmm(cfg: ExperimentConfig) -> dict[str, Any]:
         print(f"run directory: {out_dir} (metrics.jsonl, metrics.png, config.yaml); LMM: {qwen_dir} "
               f"(model.qwen={qwen_dir})")
     return {"out_dir": str(out_dir), "qwen_dir": str(qwen_dir) if qwen_dir else None, "steps": step,
-            "stopped_early": stopped_early, "last_loss": last_loss, "val": {"start": start_scores, "end": scores}}
+            "stopped_early": result.stopped_early, "last_loss": result.last_loss,
+            "val": {"start": start_scores, "end": scores}}
 
 
 def ensure_pretrained_lmm(model_cfg: ModelConfig) -> dict[str, Any] | None:
