@@ -188,10 +188,15 @@ class GroundingPredictor:
         if not 0 <= grounded_image < len(images):
             raise InputError(f"chat: grounded_image {grounded_image} does not exist; {len(images)} image(s) given, "
                              f"indices 0..{len(images) - 1}")
-        answer, token_ids = self.generate(prompt, images, max_new_tokens=max_new_tokens, **generate_options)
+        # Each image preprocessed once and the vision tower run once: the grounding forward reuses generation's
+        # image inputs and vision features (the same pixels give the same features).
+        image_inputs = self._image_inputs(images)
+        answer, token_ids, vision = self._generate(prompt, image_inputs, max_new_tokens=max_new_tokens,
+                                                   **generate_options)
         answer = answer_prefix + answer
         spans = ground(answer)
-        masks = self.ground_answer(prompt, answer, spans, images, grounded_image=grounded_image)
+        masks = self.ground_answer(prompt, answer, spans, images, grounded_image=grounded_image,
+                                   image_inputs=image_inputs, vision=vision)
         return ChatOutput(answer=answer, phrases=[answer[s:e] for s, e in spans], spans=list(spans), masks=masks,
                           token_ids=token_ids, history=[*zip(_turn_questions(turns, question), [*answers, answer],
                                                              strict=True)],
@@ -217,18 +222,26 @@ class GroundingPredictor:
                  **generate_options: Any) -> tuple[str, torch.Tensor]:
         """The generated continuation of `prompt` (after its answer prefix): (text without special tokens, (T,)
         ids on the CPU without the end-of-turn token)."""
+        text, token_ids, _ = self._generate(prompt, self._image_inputs(images), max_new_tokens=max_new_tokens,
+                                            **generate_options)
+        return text, token_ids
+
+    def _generate(self, prompt: ChatPrompt, image_inputs: tuple[torch.Tensor, torch.Tensor, list[Image.Image]], *,
+                  max_new_tokens: int, **generate_options: Any) -> tuple[str, torch.Tensor, Any]:
+        """`generate` on images already preprocessed (`_image_inputs`); also returns the vision features."""
         tokenizer = self.model.tokenizer
         input_ids, _ = encode_chat(tokenizer, prompt, max_length=self.model.max_length)
-        pixel_values, image_grid_thw, _ = self._image_inputs(images)
+        pixel_values, image_grid_thw, _ = image_inputs
         end_ids = self.end_token_ids()
         options = dict(max_new_tokens=max_new_tokens, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
         options.update(generate_options)
-        new_ids = self.model.generate(input_ids[None], torch.ones_like(input_ids)[None], pixel_values,
-                                      image_grid_thw, **options)[0].cpu()  # (T,)
+        new_ids, vision = self.model.generate(input_ids[None], torch.ones_like(input_ids)[None], pixel_values,
+                                              image_grid_thw, return_vision=True, **options)
+        new_ids = new_ids[0].cpu()  # (T,)
         stops = torch.isin(new_ids, torch.tensor(end_ids)).nonzero().flatten()
         token_ids = new_ids[: int(stops[0])] if stops.numel() else new_ids
         text = tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return text, token_ids
+        return text, token_ids, vision
 
     def end_token_ids(self) -> list[int]:
         """The ids that end an assistant turn: `<|im_end|>` and `<|endoftext|>`."""
@@ -237,8 +250,13 @@ class GroundingPredictor:
 
     @torch.no_grad()
     def ground_answer(self, prompt: ChatPrompt, answer: str, spans: Sequence[tuple[int, int]],
-                      images: Sequence[Image.Image], *, grounded_image: int = 0) -> torch.Tensor:
+                      images: Sequence[Image.Image], *, grounded_image: int = 0,
+                      image_inputs: tuple[torch.Tensor, torch.Tensor, list[Image.Image]] | None = None,
+                      vision: Any = None) -> torch.Tensor:
         """Masks of `answer[start:end]` for each span: one teacher-forced forward over prompt + answer.
+
+        `image_inputs` (`_image_inputs(images)`) and `vision` (their vision features, from generation): reused
+        instead of preprocessing the images and running the vision tower again.
 
         Returns:
             (K, H, W) bool at the grounded image's original size, on the CPU (K = 0: no forward at all).
@@ -246,15 +264,19 @@ class GroundingPredictor:
         original = to_rgb(images[grounded_image])
         if not spans:
             return torch.zeros((0, original.height, original.width), dtype=torch.bool)
-        batch = self.encode_answer(prompt, answer, spans, images, grounded_image=grounded_image)
-        return self.model.predict_masks(batch)[0][:, :original.height, :original.width].cpu()
+        batch = self.encode_answer(prompt, answer, spans, images, grounded_image=grounded_image,
+                                   image_inputs=image_inputs)
+        return self.model.predict_masks(batch, vision=vision)[0][:, :original.height, :original.width].cpu()
 
     def encode_answer(self, prompt: ChatPrompt, answer: str, spans: Sequence[tuple[int, int]],
-                      images: Sequence[Image.Image], *, grounded_image: int = 0) -> dict[str, Any]:
-        """The collated one-sample batch of the grounding forward: prompt + answer, span k's tokens = object k."""
+                      images: Sequence[Image.Image], *, grounded_image: int = 0,
+                      image_inputs: tuple[torch.Tensor, torch.Tensor, list[Image.Image]] | None = None
+                      ) -> dict[str, Any]:
+        """The collated one-sample batch of the grounding forward: prompt + answer, span k's tokens = object k
+        (`image_inputs`: the images already preprocessed by `_image_inputs`)."""
         input_ids, mask_ids = encode_chat(self.model.tokenizer, prompt, answer=answer, spans=spans,
                                           max_length=self.model.max_length)
-        pixel_values, image_grid_thw, padded = self._image_inputs(images)
+        pixel_values, image_grid_thw, padded = image_inputs or self._image_inputs(images)
         original = to_rgb(images[grounded_image])
         item = dict(input_ids=input_ids, mask_ids=mask_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                     image=image_tensor(padded[grounded_image]), gt_masks=None, grounded_image=grounded_image,

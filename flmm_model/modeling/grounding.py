@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import SamModel
 
-from flmm_model.backbones import QwenVLModel
+from flmm_model.backbones import QwenVLModel, VisionFeatures
 from flmm_model.config import DEFAULT_INSTRUCTION
 from flmm_model.data.prompts import DEFAULT_SYSTEM
 from flmm_model.data.sam_cache import SamEmbeddingCache, sam_cache_key
@@ -235,10 +235,11 @@ class GroundingModel(nn.Module):
             return batch
         return to_device(self.prepare_batch(batch), self.device)
 
-    def _heads(self, prepared: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _heads(self, prepared: PreparedBatch, vision: VisionFeatures | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(K, h'_max, w'_max) coarse and (K, H_max, W_max) float32 refined logits canvases of a prepared batch, and
         the SAM embeddings computed for the images the SAM cache missed (None without a cache)."""
-        lmm_out = self.lmm.forward_prepared(prepared.lmm)
+        lmm_out = self.lmm.forward_prepared(prepared.lmm, vision=vision)
         head_dtype = next(self.mask_head.parameters()).dtype
         outputs = []
         for group in prepared.unet_groups:  # one U-Net call per distinct attention grid
@@ -284,8 +285,10 @@ class GroundingModel(nn.Module):
             mask_logits.append(refined[offset:offset + count, :height, :width])
         return coarse_logits, mask_logits
 
-    def predict_logits(self, batch: dict[str, Any] | PreparedBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Coarse and refined logits for a collated batch, or a prepared one (no losses).
+    def predict_logits(self, batch: dict[str, Any] | PreparedBatch, *, vision: VisionFeatures | None = None
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Coarse and refined logits for a collated batch, or a prepared one (no losses). `vision`: the batch's
+        vision features already computed (`FrozenQwenLMM.generate(..., return_vision=True)` over the same images).
 
         Returns:
             coarse_logits: per sample (K_b, h', w') U-Net logits over the whole image.
@@ -293,7 +296,7 @@ class GroundingModel(nn.Module):
                 coarse logits upsampled when the model has no SAM).
         """
         prepared = self._prepared(batch)
-        coarse, refined, _ = self._heads(prepared)
+        coarse, refined, _ = self._heads(prepared, vision)
         return self._split(prepared, coarse, refined)
 
     def forward(self, batch: dict[str, Any] | PreparedBatch) -> dict[str, Any]:
@@ -331,12 +334,13 @@ class GroundingModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def predict_masks(self, batch: dict[str, Any]) -> list[torch.Tensor]:
-        """Per sample (K_b, H_b, W_b) bool masks: sigmoid(logits) > 0.5 at the original size."""
+    def predict_masks(self, batch: dict[str, Any], *, vision: VisionFeatures | None = None) -> list[torch.Tensor]:
+        """Per sample (K_b, H_b, W_b) bool masks: sigmoid(logits) > 0.5 at the original size (`vision`: see
+        `predict_logits`)."""
         was_training = self.training
         self.eval()
         try:
-            _, mask_logits = self.predict_logits(batch)
+            _, mask_logits = self.predict_logits(batch, vision=vision)
         finally:
             self.train(was_training)
         return [logits > 0 for logits in mask_logits]
@@ -348,7 +352,7 @@ class GroundingModel(nn.Module):
         pixel_values: torch.Tensor,
         image_grid_thw: torch.Tensor,
         **generate_options: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, VisionFeatures]:
         """New token ids (B, T) from the frozen LMM on compact ids, expanded as the forward expands them; greedy
-        unless `do_sample=True`. See `FrozenQwenLMM.generate`."""
+        unless `do_sample=True`. See `FrozenQwenLMM.generate` (`vision=`, `return_vision=`)."""
         return self.lmm.generate(input_ids, attention_mask, pixel_values, image_grid_thw, **generate_options)

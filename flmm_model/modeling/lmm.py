@@ -167,24 +167,31 @@ class FrozenQwenLMM(nn.Module):
                                   mask_ids=mask_ids, grounded_image=grounded_image)
 
     @torch.no_grad()
-    def embed(self, prepared: PreparedLMMInputs) -> tuple[torch.Tensor, VisionFeatures]:
+    def embed(self, prepared: PreparedLMMInputs, *, vision: VisionFeatures | None = None
+              ) -> tuple[torch.Tensor, VisionFeatures]:
         """(B, L', D) token embeddings with every image's features copied in (in (sample, position) order = image
-        order), and the vision tower's output, for prepared inputs on the model's device."""
+        order), and the vision tower's output, for prepared inputs on the model's device.
+
+        `vision`: the vision tower's output for the same images (`pixel_values`, `image_grid_thw`), e.g. from an
+        earlier `generate(..., return_vision=True)` over them: the tower is not run again (a chat turn's grounding
+        forward reuses its generation's features)."""
         input_ids = prepared.input_ids
         inputs_embeds = self.qwen.model.get_input_embeddings()(input_ids)  # (B, L', D)
-        vision = self.adapter.encode_images(self.qwen, prepared.pixel_values, prepared.image_grid_thw,
-                                            prepared.vision_inputs)
+        if vision is None:
+            vision = self.adapter.encode_images(self.qwen, prepared.pixel_values, prepared.image_grid_thw,
+                                                prepared.vision_inputs)
         image_features = vision.image_embeds.to(inputs_embeds.dtype)  # (sum_i N_i, D)
         inputs_embeds = inputs_embeds.flatten(0, 1).index_copy(0, prepared.image_positions, image_features)
         return inputs_embeds.view(*input_ids.shape, -1), vision  # (B * L', D) -> (B, L', D)
 
     @torch.no_grad()
-    def forward_prepared(self, prepared: PreparedLMMInputs) -> LMMOutput:
-        """The device part of `forward`, on inputs from `prepare` moved to the model's device: no host sync."""
+    def forward_prepared(self, prepared: PreparedLMMInputs, *, vision: VisionFeatures | None = None) -> LMMOutput:
+        """The device part of `forward`, on inputs from `prepare` moved to the model's device: no host sync.
+        `vision`: the images' vision features already computed (see `embed`), or None to run the tower."""
         if prepared.queries is None:
             raise ValueError("forward_prepared: the inputs were prepared without mask_ids (for generation)")
         attention_mask, queries = prepared.attention_mask, prepared.queries
-        inputs_embeds, vision = self.embed(prepared)
+        inputs_embeds, vision = self.embed(prepared, vision=vision)
         capture = CaptureState(queries=queries)
         layer_rows: list[torch.Tensor] = []  # per layer (B, P, D): phrase-token hidden states
         row_index = queries.query_index.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1])  # (B, P, D)
@@ -239,8 +246,11 @@ class FrozenQwenLMM(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
         image_grid_thw: torch.Tensor,
+        *,
+        vision: VisionFeatures | None = None,
+        return_vision: bool = False,
         **generate_options: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, VisionFeatures]:
         """Generate with the frozen model from compact (or pre-expanded) ids, expanded exactly as `forward` expands.
 
         The prompt goes through `prepare` and `embed` (the same expansion, positions and image features as the forward),
@@ -250,13 +260,15 @@ class FrozenQwenLMM(nn.Module):
 
         Args:
             input_ids, attention_mask, pixel_values, image_grid_thw: as `forward` (no phrases).
+            vision: the images' vision features already computed (see `embed`), or None to run the tower.
+            return_vision: also return the vision features (to ground the answer without running the tower again).
             generate_options: passed to transformers' `generate` on top of the checkpoint's generation config
                 (`max_new_tokens`, `do_sample`, `temperature`, `top_p`, `eos_token_id`, `stopping_criteria`, ...);
                 greedy (`do_sample=False`) unless given.
 
         Returns:
             (B, T) long on the model's device: the new tokens only (eos included where generation stopped on it;
-            shorter rows padded with the generation config's pad id).
+            shorter rows padded with the generation config's pad id). With `return_vision`: (ids, VisionFeatures).
 
         Raises:
             ValueError: on inconsistent input, before the model runs; or a `return_dict_in_generate` option.
@@ -267,7 +279,7 @@ class FrozenQwenLMM(nn.Module):
         prepared = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
         right_padded = not bool(prepared.attention_mask[:, -1].all())  # read on the host, before the copy
         prepared = prepared.to(self.qwen.device)
-        inputs_embeds, vision = self.embed(prepared)
+        inputs_embeds, vision = self.embed(prepared, vision=vision)
         ids, mask, positions, image_mask = (prepared.input_ids, prepared.attention_mask, prepared.position_ids,
                                             prepared.image_mask)
         if right_padded:  # roll each row so its padding comes first
@@ -280,10 +292,11 @@ class FrozenQwenLMM(nn.Module):
 
             ids, mask, positions = roll(ids, 1), roll(mask, 1), roll(positions, 2)
             inputs_embeds, image_mask = roll(inputs_embeds, 1), roll(image_mask, 1)
-        return self.adapter.generate(
+        new_ids = self.adapter.generate(
             self.qwen, input_ids=ids, attention_mask=mask, position_ids=positions, inputs_embeds=inputs_embeds,
             image_mask=image_mask, vision=vision, **generate_options,
         )
+        return (new_ids, vision) if return_vision else new_ids
 
 
 def _expand_index(columns: torch.Tensor, tensor: torch.Tensor, dim: int) -> torch.Tensor:
