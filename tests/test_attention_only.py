@@ -47,8 +47,8 @@ def _perturbed_hidden_states(model: FrozenQwenSAM, monkeypatch) -> None:
     def noise(tensor: torch.Tensor) -> torch.Tensor:
         return torch.randn(tensor.shape, generator=generator) * 10
 
-    def forward_prepared(prepared):
-        out = real(prepared)
+    def forward_prepared(prepared, **options):
+        out = real(prepared, **options)
         return dataclasses.replace(
             out, phrase_rows=noise(out.phrase_rows), last_hidden_state=noise(out.last_hidden_state),
             phrase_hidden_states=[[noise(states) for states in sample] for sample in out.phrase_hidden_states])
