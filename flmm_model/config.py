@@ -2,7 +2,7 @@
 
 Each dataclass field carries its help text (shown by `run.py <command> --help`) and, where the values are a closed
 set, its choices. Reading a YAML, applying `key=value` overrides and checking types live in `config_loader.py`;
-which dataset types exist is the data registry's business (`flmm_model.data.registry`).
+which dataset types exist is the data registry's business (`flmm_model.data.kinds`, `flmm_model.data.registry`).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class ModelConfig:
 class DatasetConfig:
     """One dataset split. Paths default to the layout under `data.root` (see README)."""
 
-    type: str = _field(help="dataset type: a key of flmm_model.data.registry.DATASETS (refcoco | refcoco+ | "
+    type: str = _field(help="dataset type: a key of flmm_model.data.kinds.DATASET_KINDS (refcoco | refcoco+ | "
                             "refcocog | png | reason_seg | synthetic)")
     split: str = _field("train", help="refcoco*: train | val | testA | testB | test; png: train | val; "
                                       "reason_seg: train | val | test; "

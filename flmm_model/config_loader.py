@@ -6,7 +6,7 @@ A config is loaded in three steps, all before any weights load:
 3. the container is checked against the schema's dataclasses (unknown key -> error naming the key and the closest
    known keys; wrong type -> error naming the key, the expected and the found type; a value outside its choices ->
    error listing them), merged into the schema and resolved; then the cross-field checks (`config.check_values`)
-   and the data registry's per-dataset checks run.
+   and the per-dataset checks (`flmm_model.data.kinds`, torch-free) run.
 
 `load_config(path, overrides)` returns a plain `ExperimentConfig` dataclass; `config_to_yaml(cfg)` writes it back.
 """
@@ -26,7 +26,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flmm_model.config import ConfigError, ExperimentConfig, check_values
-from flmm_model.data.registry import check_dataset_configs
+from flmm_model.data.kinds import check_dataset_configs
 
 # ----------------------------------------------------------------------------------------------------------------
 # Validation of a plain container against the dataclasses.

@@ -1,21 +1,22 @@
-"""Which datasets exist: one `DatasetSpec` per config `type`, the only place a dataset type is named.
+"""How each dataset type is built and scored: one `DatasetSpec` per config `type`.
 
-A new dataset is one module in `flmm_model/data/` plus one entry in `DATASETS`: how to build it from its config
-entry, how it is scored (its metric class), and which config checks it needs. Training, validation and `run.py eval`
+A new dataset is one module in `flmm_model/data/` plus one entry in `DATASETS` (how to build it from its config
+entry, how it is scored: its metric class) and one in `flmm_model.data.kinds.DATASET_KINDS` (the config checks it
+needs, kept free of torch so a config is checked before torch loads). Training, validation and `run.py eval`
 go through `build_dataset` and `DatasetSpec.metric`; nothing else switches on a dataset type.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from flmm_model.config import ConfigError, DataConfig, DatasetConfig
+from flmm_model.config import DatasetConfig
 from flmm_model.data.item import PromptSettings
+from flmm_model.data.kinds import DATASET_KINDS, dataset_label, dataset_seed  # noqa: F401 (re-exported)
 from flmm_model.data.png import PngDataset
 from flmm_model.data.reason_seg import ReasonSegDataset
 from flmm_model.data.refcoco import RefCocoDataset
@@ -30,14 +31,11 @@ class DatasetSpec:
     Attributes:
         build: (config entry, data root, prompt settings, train, on_error) -> the dataset.
         metric: class whose instances score predictions (`update(pred_masks, gt_masks, meta)`, `compute()`).
-        needs_root: the dataset reads files under a data root (`data.root` or the entry's `root`).
-        check: extra checks of a config entry, raising ConfigError naming `key` (None = no extra checks).
+    Its config-level facts (needs a data root, extra checks) are its `DatasetKind` in `flmm_model.data.kinds`.
     """
 
     build: Callable[..., torch.utils.data.Dataset]
     metric: type
-    needs_root: bool = True
-    check: Callable[[DatasetConfig, str], None] | None = None
 
 
 def _build_refcoco(ds: DatasetConfig, *, root: str, prompt: PromptSettings, train: bool,
@@ -68,33 +66,22 @@ def _build_reason_seg(ds: DatasetConfig, *, root: str, prompt: PromptSettings, t
                             **_prompt_kwargs(prompt))
 
 
-def _check_protocol(*allowed: str) -> Callable[[DatasetConfig, str], None]:
-    def check(ds: DatasetConfig, key: str) -> None:
-        if ds.protocol not in allowed:
-            raise ConfigError(f"{key}.protocol: {ds.type} takes one of {list(allowed)}, found {ds.protocol!r}")
-
-    return check
-
-
-def _check_synthetic(ds: DatasetConfig, key: str) -> None:
-    if ds.length < 1:
-        raise ConfigError(f"{key}.length: a synthetic dataset needs length >= 1, found {ds.length}")
-
-
 def _prompt_kwargs(prompt: PromptSettings) -> dict[str, Any]:
     return dict(tokenizer=prompt.tokenizer, image_processor=prompt.image_processor, instruction=prompt.instruction,
                 system=prompt.system, max_length=prompt.max_length)
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "refcoco": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric, check=_check_protocol("flmm", "per_sentence")),
-    "refcoco+": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric, check=_check_protocol("flmm", "per_sentence")),
-    "refcocog": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric, check=_check_protocol("flmm", "per_sentence")),
+    "refcoco": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric),
+    "refcoco+": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric),
+    "refcocog": DatasetSpec(build=_build_refcoco, metric=ReferSegMetric),
     "png": DatasetSpec(build=_build_png, metric=PngRecallMetric),
-    "reason_seg": DatasetSpec(build=_build_reason_seg, metric=ReasonSegMetric, check=_check_protocol("flmm", "direct")),
-    "synthetic": DatasetSpec(build=_build_synthetic, metric=ReferSegMetric, needs_root=False,
-                             check=_check_synthetic),
+    "reason_seg": DatasetSpec(build=_build_reason_seg, metric=ReasonSegMetric),
+    "synthetic": DatasetSpec(build=_build_synthetic, metric=ReferSegMetric),
 }
+if set(DATASETS) != set(DATASET_KINDS):  # a type added on one side only would pass its config checks, then fail
+    raise RuntimeError(f"data.registry.DATASETS {sorted(DATASETS)} and data.kinds.DATASET_KINDS "
+                       f"{sorted(DATASET_KINDS)} name different dataset types")
 
 
 def dataset_spec(ds: DatasetConfig) -> DatasetSpec:
@@ -102,44 +89,6 @@ def dataset_spec(ds: DatasetConfig) -> DatasetSpec:
     if ds.type not in DATASETS:
         raise ValueError(f"dataset type {ds.type!r}: expected one of {sorted(DATASETS)}")
     return DATASETS[ds.type]
-
-
-def check_dataset_configs(data: DataConfig) -> None:
-    """Config checks of every dataset entry (type known, data root set where needed, the type's own checks)."""
-    for section in ("train", "val", "test"):
-        for index, ds in enumerate(getattr(data, section)):
-            key = f"data.{section}.{index}"
-            if ds.type not in DATASETS:
-                raise ConfigError(f"{key}.type: expected one of {sorted(DATASETS)}, found {ds.type!r}")
-            spec = DATASETS[ds.type]
-            if spec.needs_root and not (ds.root or data.root):
-                raise ConfigError(f"{key}.root: {ds.type} needs a data root; set data.root=/path/to/data "
-                                  f"(or {key}.root)")
-            if spec.check is not None:
-                spec.check(ds, key)
-
-
-def dataset_seed(ds: DatasetConfig) -> int:
-    """The seed a dataset is built with: `ds.seed` when set (used as is), else one derived from the split name.
-
-    The derived seed is a stable hash (SHA-256, not Python's per-process salted `hash()`), the same in every process
-    and run, and different for different split names: a synthetic `val` split without a seed is not a copy of the
-    first samples of the `train` split. Two entries with the same explicit seed draw the same samples, whatever
-    their splits.
-    """
-    if ds.seed is not None:
-        return ds.seed
-    digest = hashlib.sha256(f"split:{ds.split}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-def dataset_label(ds: DatasetConfig) -> str:
-    """Name of a dataset split in logs and tables: `ds.name`, else `<type>_<split>` (+ `_<protocol>` when the
-    protocol is not the default F-LMM one)."""
-    if ds.name:
-        return ds.name
-    suffix = f"_{ds.protocol}" if ds.protocol != "flmm" else ""
-    return f"{ds.type}_{ds.split}{suffix}"
 
 
 class EpochSubset(torch.utils.data.Subset):
