@@ -126,7 +126,7 @@ def run_mode(args: argparse.Namespace) -> None:
     else:
         host = {k: v.cpu() for k, v in batch.items()}
         prepared = to_device(lmm.prepare(host["input_ids"], host["attention_mask"], batch["pixel_values"],
-                                         host["image_grid_thw"], host["mask_ids"]), device)
+                                         host["image_grid_thw"], mask_ids=host["mask_ids"]), device)
         seconds, peak, out = measure(lambda: lmm.forward_prepared(prepared), device, args.repeats)
         maps = [m.flatten(2) for m in out.attention_maps]
     torch.save([m.float().cpu().flatten(2) for m in maps], args.maps_file)

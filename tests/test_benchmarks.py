@@ -1,0 +1,80 @@
+"""Every script in benchmarks/ runs at its smallest size (seconds, CPU), so a signature change in the package fails
+here instead of on the next GPU run. The numbers are not checked (benchmarks print measured tables; timing
+assertions would be noise), only that each script runs end to end and returns its table's fields."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    """A benchmark script as a module, imported as its `python benchmarks/<name>.py` run sees its folder."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_benchmark_script_has_a_smoke_test():
+    covered = {"lmm_forward", "train_step", "chat", "cuda_checks", "op_count", "peak_memory"}
+    scripts = {path.stem for path in BENCHMARKS.glob("*.py")}
+    assert scripts <= covered, f"benchmarks without a smoke test: {sorted(scripts - covered)}"
+
+
+def test_lmm_forward_runs_every_mode_and_matches_the_baseline_maps():
+    result = load("lmm_forward").main(["--arch", "tiny", "--seq-len", "64", "--repeats", "1", "--device", "cpu"])
+    assert set(result["rows"]) >= {"sdpa", "baseline"} and result["time_ratio"] > 0
+
+
+def test_train_step_runs_the_demo_step_with_op_counts(tmp_path):
+    result = load("train_step").main(["--arch", "demo", "--device", "cpu", "--batch-size", "2", "--image-size", "112",
+                                      "--repeats", "1", "--warmup", "0", "--count-ops"])
+    assert isinstance(result, dict) and result
+
+
+def test_train_step_runs_with_a_sam_cache(tmp_path):
+    result = load("train_step").main(["--arch", "demo", "--device", "cpu", "--batch-size", "2", "--image-size", "112",
+                                      "--repeats", "1", "--warmup", "0", "--sam-cache", str(tmp_path / "cache")])
+    assert isinstance(result, dict) and result
+
+
+def test_chat_benchmark_runs_both_ways():
+    result = load("chat").main(["--arch", "tiny", "--image-size", "112", "--new-tokens", "2", "--repeats", "1",
+                                "--device", "cpu"])
+    assert isinstance(result, dict) and result
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer of a CUDA-only script")
+def test_cuda_checks_imports_and_says_it_needs_cuda(capsys):
+    assert load("cuda_checks").main() == 1
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_train_smoke.sh"])
+def test_gpu_scripts_parse_and_name_existing_files(script):
+    text = (BENCHMARKS / script).read_text()
+    assert subprocess.run(["bash", "-n", str(BENCHMARKS / script)]).returncode == 0
+    for word in text.split():
+        if word.startswith("benchmarks/") and word.endswith(".py"):
+            assert (BENCHMARKS.parent / word).is_file(), word
+        if word.startswith("configs/") and word.endswith(".yaml"):
+            assert (BENCHMARKS.parent / word).is_file(), word
+
+
+def test_op_count_and_peak_memory_helpers_measure_a_block():
+    op_count, peak_memory = load("op_count"), load("peak_memory")
+    regions = op_count.Regions()
+    with peak_memory.PeakMemory(torch.device("cpu")) as memory:
+        with regions.region("matmul"):
+            torch.ones(64, 64) @ torch.ones(64, 64)
+    assert memory.peak_mib > 0
