@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise RuntimeError(f"mode {mode} failed:\n{done.stdout}\n{done.stderr}")
             seconds, peak, seq_len, n_vision = result[-1].split()[1:]
             rows[mode] = (float(seconds), float(peak))
-            maps[mode] = torch.load(maps_file)
+            maps[mode] = torch.load(maps_file, weights_only=True)
 
     text = qwen_config(args.arch).text_config
     print(f"arch={args.arch} ({PRESETS[args.arch][0]}) layers={text.num_hidden_layers} "

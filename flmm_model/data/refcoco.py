@@ -228,21 +228,32 @@ class RefCocoDataset(torch.utils.data.Dataset):
                          instruction=self.instruction, system=self.system, max_length=self.max_length, sample=sample)
 
 
+class PlainUnpickler(pickle.Unpickler):
+    """An unpickler for data files: the plain types pickle encodes without naming a class (dict, list, tuple, str,
+    bytes, int, float, bool, None) load; anything that names a global (a class, a function: how a pickle runs code
+    or imports a module) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"it names {module}.{name}; only plain dicts, lists, tuples, strings and numbers "
+                                     f"are allowed in a refs file")
+
+
 def _load_refs(path: str) -> list[dict]:
     """Read a REFER refs pickle (a list of dicts); REFER's files were written by Python 2.
 
-    Pickles can run code when loaded: only read refs files from a source you trust (the REFER release).
+    Read with `PlainUnpickler`: a refs file that names any class or function (a payload that would run a command,
+    an object of another library) is a DataError, and nothing in it runs.
     """
     if not os.path.isfile(path):
         raise DataError(f"missing refs file {path}")
     try:
         with open(path, "rb") as handle:
             try:
-                refs = pickle.load(handle)
+                refs = PlainUnpickler(handle).load()
             except UnicodeDecodeError:  # Python 2 str holding non-ASCII bytes
                 handle.seek(0)
-                refs = pickle.load(handle, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as error:
+                refs = PlainUnpickler(handle, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as error:
         raise DataError(f"cannot read refs file {path}: {error}") from error
     if not isinstance(refs, list):
         raise DataError(f"refs file {path}: expected a list of refs, found {type(refs).__name__}")
