@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -64,18 +65,47 @@ def resolve_spans(answer: str, ground: Any, *, spacy_model: str = DEFAULT_SPACY_
 
 
 def phrase_spans(answer: str, phrases: Sequence[str]) -> list[Span]:
-    """Each phrase's first occurrence after the previous phrase's end."""
-    spans, cursor = [], 0
+    """Each phrase's first occurrence after the previous phrase's end, case-exact (`chat(ground=phrases)`)."""
+    return search_phrases(answer, phrases, ignore_case=False, strict=True)[0]
+
+
+def search_phrases(answer: str, phrases: Sequence[str], *, ignore_case: bool = False,
+                   strict: bool = True) -> tuple[list[Span], list[str]]:
+    """The one phrase search: (sorted spans of the found phrases, the phrases not found).
+
+    Each phrase takes its first occurrence after the previous found phrase's end. `strict` (`chat(ground=phrases)`):
+    a phrase that does not occur there, or an empty one, is an InputError naming it. Not strict (the web demo's
+    typed phrases): a phrase that occurs only earlier takes its first occurrence overlapping no found phrase, and
+    one that does not occur at all is returned as missing. `ignore_case`: "the cup" finds "The cup" (the span is the
+    answer's own text), for phrases a person types without knowing how the answer capitalises them.
+    """
+    found: list[Span] = []
+    missing: list[str] = []
+    cursor = 0
     for k, phrase in enumerate(phrases):
-        if not phrase.strip():
+        if strict and not phrase.strip():
             raise InputError(f"ground: phrase {k} is empty ({phrase!r})")
-        start = answer.find(phrase, cursor)
-        if start < 0:
-            where = "in the answer" if cursor == 0 else f"in the answer after phrase {k - 1} ({phrases[k - 1]!r})"
-            raise InputError(f"ground: phrase {k} {phrase!r} does not occur {where}; the answer is {answer!r}")
-        spans.append((start, start + len(phrase)))
+        starts = _occurrences(answer, phrase, cursor, ignore_case=ignore_case)
+        if not strict:
+            starts += _occurrences(answer, phrase, 0, ignore_case=ignore_case)
+        start = next((s for s in starts if all(s + len(phrase) <= a or b <= s for a, b in found)), None)
+        if start is None:
+            if strict:
+                where = "in the answer" if cursor == 0 else f"in the answer after phrase {k - 1} ({phrases[k - 1]!r})"
+                raise InputError(f"ground: phrase {k} {phrase!r} does not occur {where}; the answer is {answer!r}")
+            missing.append(phrase)
+            continue
+        found.append((start, start + len(phrase)))
         cursor = start + len(phrase)
-    return spans
+    return sorted(found), missing
+
+
+def _occurrences(text: str, phrase: str, start: int, *, ignore_case: bool) -> list[int]:
+    """Every index at or after `start` where `phrase` occurs in `text` (overlapping occurrences included: a lookahead
+    matches at each position). A case-folded copy of `text` could change its length (e.g. "ß"), so matching runs on
+    the text itself."""
+    pattern = re.compile(f"(?={re.escape(phrase)})", re.IGNORECASE if ignore_case else 0)
+    return [match.start() for match in pattern.finditer(text, start)]
 
 
 def check_spans(answer: str, spans: Sequence[Span]) -> list[Span]:

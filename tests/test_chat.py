@@ -282,3 +282,21 @@ def test_heads_read_the_grounded_image_of_a_two_image_sample(model, photos):
     assert maps.attention_maps[0].shape[-2:] == (h, w)
     assert coarse[0].shape == expected.shape and torch.allclose(coarse[0], expected, atol=1e-5)
     assert refined[0].shape == (1, 168, 112)
+
+
+def test_one_phrase_search_with_the_case_rule_as_a_parameter():
+    """`phrases.search_phrases`, hand-computed: chat's rule (case-exact, in order, strict) and the demo's (ignoring
+    case, an earlier occurrence when none follows, missing phrases returned)."""
+    from flmm_model.errors import InputError
+    from flmm_model.phrases import search_phrases
+
+    answer = "The cup is on the table. A cup again."
+    assert search_phrases(answer, ["cup", "table"]) == ([(4, 7), (18, 23)], [])
+    assert search_phrases(answer, ["the cup"], ignore_case=True, strict=False) == ([(0, 7)], [])
+    with pytest.raises(InputError, match="'the cup' does not occur in the answer"):
+        search_phrases(answer, ["the cup"])  # case-exact: "The cup" is not "the cup"
+    # not strict: "The" occurs only before "table", so it takes its first non-overlapping occurrence; "dog" is missing
+    assert search_phrases(answer, ["table", "the", "dog"], ignore_case=True, strict=False) == (
+        [(0, 3), (18, 23)], ["dog"])
+    with pytest.raises(InputError, match="phrase 1 'cup' does not occur in the answer after phrase 0"):
+        search_phrases(answer, ["again", "cup"])

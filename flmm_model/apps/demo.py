@@ -26,7 +26,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import html
-import re
 import shutil
 import signal
 import socket
@@ -54,7 +53,7 @@ from flmm_model.distributed import resolve_device
 from flmm_model.errors import InputError, MissingDependencyError
 from flmm_model.model import FrozenQwenSAM
 from flmm_model.overlay import draw_overlay, hex_colour
-from flmm_model.phrases import DEFAULT_SPACY_MODEL, NOUN_PHRASES, Span, spacy_missing_message
+from flmm_model.phrases import DEFAULT_SPACY_MODEL, NOUN_PHRASES, Span, search_phrases, spacy_missing_message
 
 GRADIO_MISSING = 'the web demo needs Gradio, an optional extra: pip install -e ".[demo]"'
 MODEL_QUEUE = "model"  # the concurrency group of every event that runs the model (limit 1)
@@ -305,33 +304,10 @@ def segmentation(image: Image.Image, seen: Image.Image, masks: np.ndarray, phras
 
 
 def find_phrases(answer: str, phrases: Sequence[str]) -> tuple[list[Span], list[str]]:
-    """Spans of the typed `phrases` in `answer` (sorted), and the phrases not found.
-
-    Each phrase takes its first occurrence after the previous found phrase, as `FrozenQwenSAM.chat(ground=phrases)`
-    does (so the two agree whenever chat finds every phrase with the case it was typed in); one that occurs only
-    earlier takes its first occurrence that overlaps no found phrase. Matching ignores case ("the cup" finds "The
-    cup"): a person types a phrase without knowing how the answer capitalises it; the span is the answer's own text.
-    """
-    found: list[Span] = []
-    missing: list[str] = []
-    cursor = 0
-    for phrase in phrases:
-        starts = [*_occurrences(answer, phrase, cursor), *_occurrences(answer, phrase, 0)]
-        start = next((s for s in starts if all(s + len(phrase) <= a or b <= s for a, b in found)), None)
-        if start is None:
-            missing.append(phrase)
-            continue
-        found.append((start, start + len(phrase)))
-        cursor = start + len(phrase)
-    return sorted(found), missing
-
-
-def _occurrences(text: str, phrase: str, start: int) -> list[int]:
-    """Every index at or after `start` where `phrase` occurs in `text`, ignoring case (overlapping occurrences
-    included: a lookahead matches at each position). A case-folded copy of `text` could change its length (e.g. "ß"),
-    so matching runs on the text itself."""
-    pattern = re.compile(f"(?={re.escape(phrase)})", re.IGNORECASE)
-    return [match.start() for match in pattern.finditer(text, start)]
+    """Spans of the typed `phrases` in `answer` (sorted), and the phrases not found: `phrases.search_phrases`, not
+    strict and ignoring case (a person types a phrase without knowing how the answer capitalises it). Whenever chat
+    would find every phrase with the case it was typed in, the two agree."""
+    return search_phrases(answer, phrases, ignore_case=True, strict=False)
 
 
 def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
