@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from flmm_model.data.collate import collate
 from flmm_model.data.images import image_tensor, letterbox, qwen_image_inputs, to_rgb
+from flmm_model.data.loader import collate
 from flmm_model.data.prompts import ChatPrompt, build_chat_prompt, encode_chat, encode_grounded, expression_parts
 from flmm_model.errors import InputError, MissingDependencyError
 from flmm_model.phrases import DEFAULT_SPACY_MODEL, NOUN_PHRASES, resolve_spans, spacy_missing_message

@@ -130,7 +130,7 @@ def module_imports(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("folder, forbidden", [
     ("data", ("flmm_model.modeling", "flmm_model.model", "flmm_model.predictor")),
-    ("modeling", ("flmm_model.data.collate", "flmm_model.predictor", "flmm_model.model", "flmm_model.recipes",
+    ("modeling", ("flmm_model.data.loader", "flmm_model.predictor", "flmm_model.model", "flmm_model.recipes",
                   "flmm_model.apps")),
 ])
 def test_the_data_side_holds_no_model_and_the_network_no_consumer(folder, forbidden):

@@ -85,7 +85,7 @@ class _EpochEcho(torch.utils.data.Dataset):
 def test_persistent_workers_see_every_epoch():
     """Persistent workers keep their dataset copy; the epoch travels with the indices (`set_epoch` in the main
     process alone would leave the workers drawing epoch 0's random choices forever)."""
-    from flmm_model.data.collate import EpochIndexed, EpochSampler
+    from flmm_model.data.loader import EpochIndexed, EpochSampler
     from flmm_model.distributed import ShardedSampler
 
     dataset = _EpochEcho()

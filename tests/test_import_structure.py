@@ -159,10 +159,10 @@ def test_import_graph_sees_function_level_and_submodule_imports(tmp_path):
     found = _imports(ast.parse(source), module="flmm_model.x", is_package=False, known=known)
     assert found == {"flmm_model.data", "flmm_model.metrics", "flmm_model.recipes.train"}
     # A lazily exported name counts as an import of the module that defines it.
-    lazy = {"flmm_model.data": {"Collator": "flmm_model.data.collate"}}
+    lazy = {"flmm_model.data": {"Collator": "flmm_model.data.loader"}}
     found = _imports(ast.parse(source), module="flmm_model.x", is_package=False,
-                     known=known | {"flmm_model.data.collate"}, lazy=lazy)
-    assert found == {"flmm_model.data", "flmm_model.data.collate", "flmm_model.metrics", "flmm_model.recipes.train"}
+                     known=known | {"flmm_model.data.loader"}, lazy=lazy)
+    assert found == {"flmm_model.data", "flmm_model.data.loader", "flmm_model.metrics", "flmm_model.recipes.train"}
 
 
 def test_package_has_no_import_cycle():
@@ -170,3 +170,16 @@ def test_package_has_no_import_cycle():
     assert "flmm_model.model" in graph and "flmm_model.data.kinds" in graph  # the walk found the package
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_lazy_public_name_shadows_a_submodule():
+    """A package that exports a name lazily loses it when a submodule of the same name is imported (Python sets the
+    submodule as the package's attribute): `flmm_model.data.collate` would turn from the function into the module."""
+    import importlib
+
+    for package in ("flmm_model", "flmm_model.data"):
+        module = importlib.import_module(package)
+        folder = Path(module.__file__).parent
+        submodules = {path.stem for path in folder.glob("*.py")} | {path.name for path in folder.iterdir()
+                                                                  if (path / "__init__.py").is_file()}
+        assert not set(module._EXPORTS) & submodules, (package, sorted(set(module._EXPORTS) & submodules))

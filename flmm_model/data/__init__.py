@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "Collator": "flmm_model.data.collate",
-    "collate": "flmm_model.data.collate",
+    "Collator": "flmm_model.data.loader",
+    "collate": "flmm_model.data.loader",
     "DataError": "flmm_model.data.errors",
     "image_tensor": "flmm_model.data.images",
     "load_rgb": "flmm_model.data.images",
@@ -35,10 +35,10 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on first use
-    from flmm_model.data.collate import Collator, collate  # noqa: F401
     from flmm_model.data.errors import DataError  # noqa: F401
     from flmm_model.data.images import image_tensor, load_rgb, qwen_image_inputs, to_rgb  # noqa: F401
     from flmm_model.data.item import make_item  # noqa: F401
+    from flmm_model.data.loader import Collator, collate  # noqa: F401
     from flmm_model.data.png import PngDataset  # noqa: F401
     from flmm_model.data.prompts import (  # noqa: F401
         DEFAULT_INSTRUCTION,

@@ -2,7 +2,7 @@
 
 `BatchPreparer` holds what the host side needs to know about a model (its Qwen config, SAM's input and mask sizes,
 the U-Net grid, whether to build targets, the SAM embedding cache), no weights, and is picklable: the training and
-evaluation loaders run it in their workers (`data.collate.Collator(prepare=...)` puts the result in
+evaluation loaders run it in their workers (`data.loader.Collator(prepare=...)` puts the result in
 `batch["prepared"]`), and `GroundingModel.prepare_batch` runs the same preparer in the main process for a batch
 that comes without one (the predictor's, a test's). Values are read here, where reading costs no device sync; the
 result moves to the device in one go (pinned, asynchronous on CUDA: `device.to_device`), and the forward then
@@ -223,7 +223,7 @@ class BatchPreparer:
 
 
 def prepare_batch(batch: dict[str, Any], *, preparer: BatchPreparer) -> PreparedBatch:
-    """A collated CPU batch (`data.collate.collate`) -> `PreparedBatch`: the one route (see the module docstring).
+    """A collated CPU batch (`data.loader.collate`) -> `PreparedBatch`: the one route (see the module docstring).
 
     Raises:
         ValueError: inconsistent input (see `lmm_inputs.validate_lmm_inputs`), or ground-truth masks that do not

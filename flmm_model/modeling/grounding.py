@@ -300,7 +300,7 @@ class GroundingModel(nn.Module):
         return self._split(prepared, coarse, refined)
 
     def forward(self, batch: dict[str, Any] | PreparedBatch) -> dict[str, Any]:
-        """Losses and logits for a collated batch (see `flmm_model.data.collate`), or one from `prepare_batch`
+        """Losses and logits for a collated batch (see `flmm_model.data.loader`), or one from `prepare_batch`
         moved to the device (what the training loop passes: then nothing is read back from the device).
 
         All objects of the batch go through each head at once: the U-Net once per distinct attention grid, the

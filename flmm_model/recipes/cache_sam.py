@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from flmm_model.build import build_sam, check_model_paths, prompt_settings
 from flmm_model.config import ConfigError, ExperimentConfig
-from flmm_model.data.collate import make_loader
+from flmm_model.data.loader import make_loader
 from flmm_model.data.registry import build_datasets
 from flmm_model.data.sam_cache import SamEmbeddingCache, sam_cache_key
 from flmm_model.distributed import (

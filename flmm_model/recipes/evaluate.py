@@ -19,7 +19,7 @@ from typing import Any
 from flmm_model.build import check_model_paths, prompt_settings
 from flmm_model.checkpoint import atomic_write_text, eval_results_path, load_checkpoint, prepare_output_dir
 from flmm_model.config import ConfigError, ExperimentConfig
-from flmm_model.data.collate import make_loader
+from flmm_model.data.loader import make_loader
 from flmm_model.data.registry import build_datasets
 from flmm_model.distributed import (
     ShardedSampler,

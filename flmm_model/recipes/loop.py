@@ -43,7 +43,7 @@ from flmm_model.checkpoint import (
 )
 from flmm_model.config import ConfigError, ExperimentConfig, TrainConfig
 from flmm_model.config_loader import config_to_yaml
-from flmm_model.data.collate import make_loader
+from flmm_model.data.loader import make_loader
 from flmm_model.data.registry import NamedDataset
 from flmm_model.distributed import DistInfo, ShardedSampler, all_gather_objects, all_reduce_sum, barrier
 from flmm_model.errors import CheckpointError, UserError

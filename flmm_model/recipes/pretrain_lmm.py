@@ -47,7 +47,7 @@ from flmm_model.build import QWEN_ARCHS, build_qwen, check_model_paths, prompt_s
 from flmm_model.checkpoint import load_trainer_state, resolve_checkpoint
 from flmm_model.config import ConfigError, ExperimentConfig, ModelConfig
 from flmm_model.config_loader import load_config
-from flmm_model.data.collate import make_loader
+from flmm_model.data.loader import make_loader
 from flmm_model.data.prompts import chat_prefix
 from flmm_model.data.registry import NamedDataset, build_datasets
 from flmm_model.data.synthetic import all_phrases
@@ -213,7 +213,7 @@ class CaptionLM(nn.Module):
         return self.qwen
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Caption loss of a collated batch (compact ids, see `flmm_model.data.collate`).
+        """Caption loss of a collated batch (compact ids, see `flmm_model.data.loader`).
 
         Returns:
             dict with `loss` (mean negative log-likelihood per target token, nats, over the full vocabulary),

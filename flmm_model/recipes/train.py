@@ -22,7 +22,7 @@ import torch
 from flmm_model.build import check_model_paths, prompt_settings
 from flmm_model.checkpoint import latest_checkpoint, load_checkpoint, prepare_output_dir
 from flmm_model.config import ConfigError, ExperimentConfig
-from flmm_model.data.collate import make_loader
+from flmm_model.data.loader import make_loader
 from flmm_model.data.registry import NamedDataset, build_datasets
 from flmm_model.device import to_device
 from flmm_model.distributed import (
