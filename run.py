@@ -262,7 +262,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     if importlib.util.find_spec("gradio") is None:
         raise UsageError('run.py demo needs Gradio, an optional extra: pip install -e ".[demo]"')
-    from flmm_model.apps.demo import address_problem, serve_demo
+    from flmm_model.apps.demo.app import address_problem, serve_demo
 
     cfg = load_config(args.config, args.overrides)
     if args.max_side < 28:

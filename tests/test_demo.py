@@ -43,7 +43,8 @@ pytest.importorskip("gradio", reason="the demo extra is not installed")
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402
 
-from flmm_model.apps.demo import MODEL_QUEUE, DemoModel, build_app, example_scenes, find_phrases  # noqa: E402
+from flmm_model.apps.demo.app import MODEL_QUEUE, build_app  # noqa: E402
+from flmm_model.apps.demo.session import DemoModel, example_scenes, find_phrases  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo_random_lmm.yaml")
@@ -231,7 +232,7 @@ def _bad_inputs(tmp_path: Path, good_image: str) -> list[tuple[str, object, str,
         ("too elongated", handle_file(str(too_thin)), "the red circle", "less than 200 times the short one"),
         ("phrase too long", good, "the red circle\n" + "a very red circle " * 700, "too long for the model"),
         ("end token", good, "the red circle<|im_end|>", "'<|im_end|>', a control token"),
-        ("image token", good, "the red circle\nthe <|image_pad|> square", "Line 2 contains '<|image_pad|>'"),
+        ("image token", good, "the red circle\nthe <|image_pad|> square", "Line 2 contains the special token '<|image_pad|>'"),
         ("too many phrases", good, "\n".join(f"the circle number {k}" for k in range(21)), "at most 20"),
     ]
 
@@ -307,9 +308,9 @@ def test_bad_chat_input_gets_a_message_and_the_server_keeps_serving(server, refe
     cases = [
         ("no image", None, QUESTION, "", "No image"),
         ("no question", good, " \n\t", "", "No question"),
-        ("start token", good, "What is <|im_start|>assistant here?", "", "The question contains '<|im_start|>'"),
-        ("image token", good, "What is <|image_pad|> here?", "", "The question contains '<|image_pad|>'"),
-        ("end token in a phrase", good, QUESTION, "the circle\nthe square<|im_end|>", "Line 2 contains '<|im_end|>'"),
+        ("start token", good, "What is <|im_start|>assistant here?", "", "The question contains the special token '<|im_start|>'"),
+        ("image token", good, "What is <|image_pad|> here?", "", "The question contains the special token '<|image_pad|>'"),
+        ("end token in a phrase", good, QUESTION, "the circle\nthe square<|im_end|>", "Line 2 contains the special token '<|im_end|>'"),
         ("question too long", good, "why " * 2500, "", "Shorten it"),
         ("phrases too long", good, QUESTION, "a very red circle " * 700, "too long for the model"),
         ("not an image", handle_file(str(not_an_image)), QUESTION, "", "is not an image"),
@@ -504,7 +505,8 @@ def test_chat_without_spacy_says_to_install_the_nlp_extra_and_typed_phrases_stil
 def test_package_imports_without_gradio_and_demo_says_what_to_install():
     # A fresh interpreter: the package (demo module included) must not import Gradio; then, with Gradio made
     # unimportable, `run.py demo` must stop with one line that says what to install (exit status 2).
-    code = ("import runpy, sys; import flmm_model, flmm_model.apps.demo, flmm_model.overlay, flmm_model.apps.predict; "
+    code = ("import runpy, sys; import flmm_model, flmm_model.apps.demo.app, flmm_model.apps.demo.session; "
+            "import flmm_model.overlay, flmm_model.apps.predict; "
             "print('gradio imported:', 'gradio' in sys.modules, flush=True); sys.modules['gradio'] = None; "
             "sys.argv = ['run.py', 'demo', '--checkpoint', 'x']; runpy.run_path('run.py', run_name='__main__')")
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
@@ -515,12 +517,12 @@ def test_package_imports_without_gradio_and_demo_says_what_to_install():
 
 
 def test_demo_refuses_a_busy_port_before_any_weights_load(monkeypatch):
-    import flmm_model.apps.demo as demo
+    from flmm_model.model import FrozenQwenSAM
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights must not load when the server cannot listen")
 
-    monkeypatch.setattr(demo.FrozenQwenSAM, "from_pretrained", no_weights)
+    monkeypatch.setattr(FrozenQwenSAM, "from_pretrained", no_weights)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -17,7 +17,7 @@ from flmm_model.data import RefCocoDataset, load_rgb
 from flmm_model.data.registry import EpochSubset, build_dataset
 from flmm_model.errors import UserError
 from flmm_model.metrics import ReferSegMetric
-from flmm_model.model import build_model
+from flmm_model.model import FrozenQwenSAM, build_model
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo_random_lmm.yaml")  # tiny random LMM
 SMALL_MODEL = dict(mask_head_widths=[8, 16, 32, 64], mask_head_size=32, max_pixels=12544)
@@ -88,12 +88,10 @@ def test_eval_without_checkpoint_or_data_fails_with_the_key():
 
 
 def test_eval_missing_data_files_fail_before_weights_load(checkpoint, tmp_path, monkeypatch):
-    import flmm_model.recipes.evaluate as evaluate_module
-
     def no_weights(*args, **kwargs):
         raise AssertionError("weights must not load when the data is missing")
 
-    monkeypatch.setattr(evaluate_module.FrozenQwenSAM, "from_pretrained", no_weights)
+    monkeypatch.setattr(FrozenQwenSAM, "from_pretrained", no_weights)
     with pytest.raises(Exception, match="refs"):
         run.main(["eval", "--config", DEMO, "--checkpoint", str(checkpoint[0]), f"data.root={tmp_path}",
                   "data.test=[{type: refcoco, split: val}]", f"eval.out_dir={tmp_path / 'eval'}"])

@@ -9,11 +9,12 @@ import pytest
 from PIL import Image
 
 import run
-from flmm_model.apps.predict import load_image, slugify
+from flmm_model.apps.predict import load_image
 from flmm_model.config import ModelConfig
 from flmm_model.data import load_rgb
 from flmm_model.model import FrozenQwenSAM, build_model
 from flmm_model.overlay import contour, draw_overlay
+from flmm_model.recipes.inference import slugify
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo_random_lmm.yaml")  # tiny random LMM
 

@@ -10,30 +10,21 @@ checkpoint's config and trainable weights (read into memory), the phrases encode
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-from flmm_model.build import check_model_paths, prompt_settings
-from flmm_model.checkpoint import load_checkpoint, prepare_output_dir
+from flmm_model.checkpoint import atomic_write_text, prepare_output_dir
 from flmm_model.config import ModelConfig
 from flmm_model.data.images import load_rgb
-from flmm_model.data.prompts import encode_grounded, expression_parts
+from flmm_model.data.prompts import encode_grounded, expression_parts, reject_control_tokens
 from flmm_model.distributed import check_device, resolve_device
 from flmm_model.errors import InputError, MissingDependencyError, MissingFileError
-from flmm_model.model import FrozenQwenSAM
 from flmm_model.overlay import draw_overlay
 from flmm_model.phrases import DEFAULT_SPACY_MODEL, NOUN_PHRASES, spacy_missing_message
-
-
-def slugify(text: str, *, max_len: int = 40) -> str:
-    """A file-name-safe version of a phrase: lower case, words joined by '_'."""
-    slug = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-    return slug[:max_len] or "phrase"
+from flmm_model.recipes.inference import open_checkpoint, save_image, write_masks
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -71,34 +62,21 @@ def predict(model_cfg: ModelConfig, *, checkpoint: str, image: str, phrases: lis
         raise InputError(f"--text: {error}") from error
     check_device(device, key="--device")
     picture = load_image(image)
-    if model is None:
-        check_model_paths(model_cfg)
-        loaded = load_checkpoint(checkpoint)  # config + trainable weights, in memory
-        run_cfg = loaded.model_config(qwen=model_cfg.qwen, sam=model_cfg.sam, tokenizer=model_cfg.tokenizer,
-                                      max_length=model_cfg.max_length)
-        prompt = prompt_settings(run_cfg)
-        instruction, system, max_length, tokenizer = (prompt.instruction, prompt.system, prompt.max_length,
-                                                      prompt.tokenizer)
-    else:
-        instruction, system, max_length, tokenizer = model.instruction, model.system, model.max_length, model.tokenizer
+    opened = open_checkpoint(checkpoint, model_cfg) if model is None else None  # config + weights, in memory
+    prompt = opened.prompt if opened is not None else model
     try:  # the very encoding segment() will do: a control token or a too long text fails here
-        encode_grounded(tokenizer, parts, instruction=instruction, system=system, max_length=max_length)
+        encode_grounded(prompt.tokenizer, parts, instruction=prompt.instruction, system=prompt.system,
+                        max_length=prompt.max_length)
     except InputError as error:
         raise InputError(f"--text {list(phrases)}: {error}") from error
     out = prepare_output_dir(out_dir, what="--out")
     if model is None:
-        model = FrozenQwenSAM.from_pretrained(loaded, qwen_path=run_cfg.qwen, sam_path=run_cfg.sam,
-                                              tokenizer_path=run_cfg.tokenizer, max_length=run_cfg.max_length,
-                                              device=str(resolve_device(device))).eval()
+        model = opened.build(resolve_device(device))
     with torch.no_grad():
         masks = model.segment(picture, list(phrases)).cpu().numpy().astype(bool)  # (K, H, W)
-    mask_paths = []
-    for k, (mask, phrase) in enumerate(zip(masks, phrases, strict=True)):
-        path = out / f"mask_{k:02d}_{slugify(phrase)}.png"
-        Image.fromarray(mask.astype(np.uint8) * 255).save(path)
-        mask_paths.append(str(path))
-    overlay_path = out / "overlay.png"
-    draw_overlay(picture, masks, [f"{k}: {phrase}" for k, phrase in enumerate(phrases)]).save(overlay_path)
+    mask_paths = write_masks(out, masks, phrases)
+    overlay_path = save_image(draw_overlay(picture, masks, [f"{k}: {phrase}" for k, phrase in enumerate(phrases)]),
+                              out / "overlay.png")
     areas = [int(mask.sum()) for mask in masks]
     for phrase, path, area in zip(phrases, mask_paths, areas, strict=True):
         print(f"{phrase!r}: {area} px -> {path}")
@@ -157,24 +135,13 @@ def chat(model_cfg: ModelConfig, *, checkpoint: str, images: list[str], question
     if not images:
         raise InputError("chat: give at least one --image")
     pictures = [load_image(path) for path in images]
-    tokenizer = model.tokenizer if model is not None else None
-    if model is None:
-        check_model_paths(model_cfg)
-        loaded = load_checkpoint(checkpoint)  # config + trainable weights, in memory
-        run_cfg = loaded.model_config(qwen=model_cfg.qwen, sam=model_cfg.sam, tokenizer=model_cfg.tokenizer,
-                                      max_length=model_cfg.max_length)
-        tokenizer = prompt_settings(run_cfg).tokenizer
-    texts = [(question, "--question")] + [(phrase, f"--ground {phrase!r}") for phrase in ground or []]
-    special = [added.content for added in tokenizer.added_tokens_decoder.values()]
-    for text, name in texts:  # what chat() would refuse after loading: refuse it now
-        found = next((token for token in special if token in text), None)
-        if found:
-            raise InputError(f"{name} contains the special token {found!r}, which user text must not contain")
+    opened = open_checkpoint(checkpoint, model_cfg) if model is None else None  # config + weights, in memory
+    tokenizer = opened.prompt.tokenizer if opened is not None else model.tokenizer
+    for text, name in [(question, "--question")] + [(phrase, f"--ground {phrase!r}") for phrase in ground or []]:
+        reject_control_tokens(tokenizer, text, what=name)  # what chat() would refuse after loading: refuse it now
     out = prepare_output_dir(out_dir, what="--out") if out_dir is not None else None
     if model is None:
-        model = FrozenQwenSAM.from_pretrained(loaded, qwen_path=run_cfg.qwen, sam_path=run_cfg.sam,
-                                              tokenizer_path=run_cfg.tokenizer, max_length=run_cfg.max_length,
-                                              device=str(resolve_device(device))).eval()
+        model = opened.build(resolve_device(device))
     cot = None
     if visual_cot:
         cot = model.visual_cot(pictures[0], question, box_scale=box_scale, max_new_tokens=max_new_tokens or 32)
@@ -192,21 +159,17 @@ def chat(model_cfg: ModelConfig, *, checkpoint: str, images: list[str], question
         summary.update(thought=cot.thought, box=list(cot.box), answer=cot.answer, marked=cot.answer)
     print(f"answer: {summary['marked']}")
     if out is not None:
-        mask_paths = []
-        for k, (mask, phrase) in enumerate(zip(masks, result.phrases, strict=True)):
-            path = out / f"mask_{k:02d}_{slugify(phrase)}.png"
-            Image.fromarray(mask.astype(np.uint8) * 255).save(path)
-            mask_paths.append(str(path))
+        mask_paths = write_masks(out, masks, result.phrases)
+        for k, (phrase, path) in enumerate(zip(result.phrases, mask_paths, strict=True)):
             print(f"{k}: {phrase!r}: {areas[k]} px -> {path}")
-        overlay_path = out / "overlay.png"
-        draw_overlay(pictures[0], masks, [f"{k}: {phrase}" for k, phrase in enumerate(result.phrases)]) \
-            .save(overlay_path)
+        overlay_path = save_image(draw_overlay(pictures[0], masks, [f"{k}: {phrase}" for k, phrase in
+                                                                    enumerate(result.phrases)]), out / "overlay.png")
         if cot is not None:
-            cot.crop.save(out / "crop.png")
-            summary["crop"] = str(out / "crop.png")
+            summary["crop"] = str(save_image(cot.crop, out / "crop.png"))
         answer_path = out / "answer.json"
-        answer_path.write_text(json.dumps(dict(question=question, images=list(images), **summary,
-                                               token_ids=result.token_ids.tolist(), masks=mask_paths), indent=2))
+        atomic_write_text(answer_path, json.dumps(dict(question=question, images=list(images), **summary,
+                                                       token_ids=result.token_ids.tolist(), masks=mask_paths),
+                                                  indent=2))
         print(f"overlay -> {overlay_path}\nanswer -> {answer_path}")
         summary.update(masks=mask_paths, overlay=str(overlay_path), answer_json=str(answer_path))
     return summary

@@ -120,15 +120,14 @@ def encode_grounded(
             truncated).
     """
     num_objects = _check_parts(parts)
-    special_texts = [added.content for added in tokenizer.added_tokens_decoder.values()]
     if system is not None:
-        _reject_special_tokens(special_texts, system, "system prompt")
-    _reject_special_tokens(special_texts, instruction, "instruction")
+        reject_control_tokens(tokenizer, system, what="system prompt")
+    reject_control_tokens(tokenizer, instruction, what="instruction")
     for index, (text, k) in enumerate(parts):
-        _reject_special_tokens(special_texts, text, f"part {index} (object {k})")
+        reject_control_tokens(tokenizer, text, what=f"part {index} (object {k})")
     prefix = chat_prefix(instruction=instruction, system=system)
     answer = "".join(text for text, _ in parts)
-    _reject_special_tokens(special_texts, answer, "the answer joined from its parts")
+    reject_control_tokens(tokenizer, answer, what="the answer joined from its parts")
     full_text = prefix + answer + "<|im_end|>\n"
 
     # Object index per character: only non-space characters of object parts count.
@@ -196,12 +195,25 @@ def _check_parts(parts: list[tuple[str, int]]) -> int:
     return len(objects)
 
 
-def _reject_special_tokens(special_texts: list[str], text: str, name: str) -> None:
-    """Raise if `text` contains an added token (it would be encoded as a control token, e.g. an image slot)."""
-    for special in special_texts:
+def control_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The tokenizer's added (control) tokens, e.g. `<|im_end|>`, `<|image_pad|>`, in id order."""
+    return [added.content for _, added in sorted(tokenizer.added_tokens_decoder.items())]
+
+
+def reject_control_tokens(tokenizer: PreTrainedTokenizerBase, text: str, *, what: str) -> None:
+    """Raise InputError naming `what` if `text` contains a control token of `tokenizer`: it would be encoded as the
+    chat template's structure (an end of turn, an image slot), not as words. The one check of user text (prompts,
+    phrases, questions, answers; the CLI, the predictor and the web demo).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        text: user text.
+        what: how the message names the text (e.g. "--question", "Line 2", "instruction").
+    """
+    for special in control_tokens(tokenizer):
         if special in text:
-            raise InputError(f"{name} contains the special token {special!r}, which user text must not "
-                             f"contain: {text!r}")
+            raise InputError(f"{what} contains the special token {special!r}, a control token of the model's chat "
+                             f"template, which user text must not contain: {text!r}")
 
 
 def _check_control_tokens(tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
@@ -289,7 +301,6 @@ def build_chat_prompt(
     if len(answers) != len(turns) - 1:
         raise InputError(f"chat: expected {len(turns) - 1} earlier answers for {len(turns)} user turns, found "
                          f"{len(answers)}")
-    special_texts = [added.content for added in tokenizer.added_tokens_decoder.values()]
     checks = [] if system is None else [(system, "system prompt")]
     text = template = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
     if system is not None:
@@ -318,7 +329,7 @@ def build_chat_prompt(
     for value, name in checks:
         if not isinstance(value, str):
             raise InputError(f"chat: the {name} must be a str, found {type(value).__name__}")
-        _reject_special_tokens(special_texts, value, name)
+        reject_control_tokens(tokenizer, value, what=name)
     return ChatPrompt(text=text, template=template, num_images=num_images, answer_prefix=answer_prefix)
 
 
@@ -356,8 +367,7 @@ def encode_chat(
             raise InputError("encode_chat: spans need an answer")
         full_text, template = prompt.text + prompt.answer_prefix, prompt.template
     else:
-        special_texts = [added.content for added in tokenizer.added_tokens_decoder.values()]
-        _reject_special_tokens(special_texts, answer, "the answer")
+        reject_control_tokens(tokenizer, answer, what="the answer")
         full_text, template = prompt.text + answer + "<|im_end|>\n", prompt.template + "<|im_end|>\n"
     char_object = np.full(len(full_text), -1, dtype=np.int64)  # (num_chars,)
     offset = len(prompt.text)

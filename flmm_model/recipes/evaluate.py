@@ -16,8 +16,7 @@ import dataclasses
 import json
 from typing import Any
 
-from flmm_model.build import check_model_paths, prompt_settings
-from flmm_model.checkpoint import atomic_write_text, eval_results_path, load_checkpoint, prepare_output_dir
+from flmm_model.checkpoint import atomic_write_text, eval_results_path, prepare_output_dir
 from flmm_model.config import ConfigError, ExperimentConfig
 from flmm_model.data.loader import make_loader
 from flmm_model.data.registry import build_datasets
@@ -28,7 +27,7 @@ from flmm_model.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from flmm_model.model import FrozenQwenSAM
+from flmm_model.recipes.inference import open_checkpoint
 from flmm_model.recipes.scoring import predict_batch, print_table, score_dataset
 
 __all__ = ["evaluate", "predict_batch", "print_table", "score_dataset"]  # the scoring's names, as before
@@ -46,27 +45,22 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
         raise ConfigError("eval.checkpoint: not set; pass --checkpoint DIR (a checkpoint or a run directory)")
     if not cfg.data.test:
         raise ConfigError("data.test: no dataset to evaluate")
-    check_model_paths(cfg.model)
     check_device(ec.device, key="eval.device")
-    loaded = load_checkpoint(ec.checkpoint)  # config + trainable weights, in memory
-    checkpoint = loaded.directory
+    opened = open_checkpoint(ec.checkpoint, cfg.model)  # config + trainable weights, in memory
+    checkpoint = opened.directory
     eval_json = eval_results_path(checkpoint, ec.out_dir)
     # The run's own model settings (pixel budget, instruction) drive the data too; only the paths and the length
     # limit are this config's.
-    model_cfg = loaded.model_config(qwen=cfg.model.qwen, sam=cfg.model.sam, tokenizer=cfg.model.tokenizer,
-                                    max_length=cfg.model.max_length)
-    cfg = dataclasses.replace(cfg, model=model_cfg)
+    cfg = dataclasses.replace(cfg, model=opened.config)
     info = init_distributed(ec.device)
     try:
         if info.is_main:
             prepare_output_dir(eval_json.parent, what="eval.out_dir" if ec.out_dir else "the results directory")
         # Data first: missing files fail before the frozen weights load.
-        prompt = prompt_settings(model_cfg)
+        prompt = opened.prompt
         datasets = build_datasets(cfg.data.test, data_root=cfg.data.root, prompt=prompt, train=False,
                                   on_error=cfg.data.on_error)
-        model = FrozenQwenSAM.from_pretrained(loaded, qwen_path=model_cfg.qwen, sam_path=model_cfg.sam,
-                                              tokenizer_path=model_cfg.tokenizer, max_length=model_cfg.max_length,
-                                              device=str(info.device)).eval()
+        model = opened.build(info.device)
         autocast = autocast_context(info.device, ec.precision)
         results: dict[str, dict[str, float]] = {}
         for entry in datasets:
