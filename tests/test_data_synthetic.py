@@ -103,9 +103,8 @@ def test_synthetic_validates_arguments(tokenizer, image_processor):
 
 def test_background_is_the_documented_sum_of_blotches_stripes_and_noise():
     """The background draws (base, blotch cells, stripe angle and period, pixel noise) in a fixed order and sums them
-    in that order: the same scenes whatever the implementation's speed-ups."""
-    from PIL import Image
-
+    in that order: the same scenes whatever the implementation's speed-ups. The blotches' reference is torch's
+    bilinear resize (half-pixel centres, edges clamped), an implementation independent of the module's."""
     from flmm_model.data.synthetic import _background
 
     height, width = 37, 53
@@ -113,10 +112,43 @@ def test_background_is_the_documented_sum_of_blotches_stripes_and_noise():
     rng = np.random.default_rng(7)
     base = rng.uniform(90, 170) + rng.uniform(-15, 15, size=3)
     cells = rng.normal(0.0, 25.0, size=(int(rng.integers(3, 7)), int(rng.integers(3, 7)), 3))
-    blotches = np.stack([np.asarray(Image.fromarray(cells[..., c].astype(np.float32)).resize(
-        (width, height), Image.Resampling.BILINEAR)) for c in range(3)], axis=-1)
+    blotches = torch.nn.functional.interpolate(torch.from_numpy(cells).permute(2, 0, 1)[None], size=(height, width),
+                                               mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
     angle, period = rng.uniform(0, np.pi), rng.uniform(8, 24)
     ys, xs = np.mgrid[0:height, 0:width]
     stripes = 12.0 * np.sin(2 * np.pi * (xs * np.cos(angle) + ys * np.sin(angle)) / period)
     expected = base + blotches + stripes[..., None] + rng.normal(0.0, 10.0, size=(height, width, 3))
-    assert background.shape == (height, width, 3) and np.array_equal(background, expected)
+    assert background.shape == (height, width, 3)
+    np.testing.assert_allclose(background, expected, rtol=0, atol=1e-9)
+
+
+def test_bilinear_upsampling_matches_a_hand_computed_case():
+    from flmm_model.data.synthetic import upsample_bilinear
+
+    cells = np.array([[0.0, 4.0], [8.0, 12.0]])[..., None]  # (2, 2, 1)
+    # 2 -> 4 samples the input at (i + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25, clamped to 0, 0.25, 0.75, 1.
+    expected = np.array([[0, 1, 3, 4], [2, 3, 5, 6], [6, 7, 9, 10], [8, 9, 11, 12]], dtype=np.float64)
+    np.testing.assert_array_equal(upsample_bilinear(cells, 4, 4)[..., 0], expected)
+    # 2 x 2 -> 3 x 1: rows at -1/6, 1/2, 7/6 (clamped to 0, 1/2, 1), the one column at 1/2 (the rows' means 2, 10).
+    assert upsample_bilinear(cells, 3, 1)[:, 0, 0].tolist() == [2.0, 6.0, 10.0]
+
+
+def test_shapes_are_rasterised_by_pixel_centres_as_hand_computed():
+    from flmm_model.data.synthetic import _shape_mask, shape_mask
+
+    # A 5 x 5 box: the circle's centre is (2, 2), its radius 2.5; (0, 0) lies at 2.83 from it (out), (1, 0) and
+    # (0, 1) at 2.24 (in). The triangle's row y spans |x - 2| <= y / 2.
+    circle = ["01110", "11111", "11111", "11111", "01110"]
+    triangle = ["00100", "00100", "01110", "01110", "11111"]
+    as_rows = lambda mask: ["".join(str(int(v)) for v in row) for row in mask]  # noqa: E731
+    assert as_rows(shape_mask("circle", 5, 5)) == circle
+    assert as_rows(shape_mask("triangle", 5, 5)) == triangle
+    assert shape_mask("square", 3, 2).all() and shape_mask("square", 3, 2).shape == (2, 3)
+    # An ellipse 7 wide, 3 high: centre (3, 1), semi-axes 3.5 and 1.5; the corners' (3/3.5)^2 + (1/1.5)^2 > 1.
+    assert as_rows(shape_mask("circle", 7, 3)) == ["0111110", "1111111", "0111110"]
+    # Placed in an image: the box (x0, y0, x1, y1) = (2, 1, 6, 5), inclusive, of a 7 x 9 image.
+    placed = _shape_mask("triangle", (2, 1, 6, 5), 7, 9)
+    assert placed.shape == (7, 9) and placed.sum() == sum(row.count("1") for row in triangle)
+    assert as_rows(placed[1:6, 2:7]) == triangle and not placed[0].any() and not placed[:, :2].any()
+    with pytest.raises(ValueError, match="shape"):
+        shape_mask("star", 4, 4)

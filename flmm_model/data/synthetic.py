@@ -6,6 +6,8 @@ shape are named either together ("the two green triangles", mask = their union) 
 square on the left" / "... at the top"); three are always named together. Masks are exact: the pixels painted for
 an object are its mask. Objects cover a modest part of the image (each about 1-5%), so all-foreground or empty
 predictions score low. Everything is generated on the fly, deterministic in (seed, index); nothing is stored.
+Shapes and backgrounds are rasterised in numpy (`shape_mask`, `upsample_bilinear`): the pixels depend on no
+imaging library's version.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from flmm_model.data.item import make_item
@@ -98,10 +100,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     """A muted colour with smooth blotches, faint stripes and pixel noise: (H, W, 3) float in about [0, 255]."""
     base = rng.uniform(90, 170) + rng.uniform(-15, 15, size=3)  # low saturation
     cells = rng.normal(0.0, 25.0, size=(int(rng.integers(3, 7)), int(rng.integers(3, 7)), 3))
-    blotches = np.stack([
-        np.asarray(Image.fromarray(cells[..., c].astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR))
-        for c in range(3)
-    ], axis=-1)  # (H, W, 3)
+    blotches = upsample_bilinear(cells, height, width)  # (H, W, 3)
     angle, period = rng.uniform(0, np.pi), rng.uniform(8, 24)
     ys, xs = np.arange(height)[:, None], np.arange(width)[None, :]  # (H, 1), (1, W)
     stripes = 12.0 * np.sin(2 * np.pi * (xs * np.cos(angle) + ys * np.sin(angle)) / period)  # (H, W)
@@ -127,17 +126,52 @@ def _place(
 
 
 def _shape_mask(shape: str, box: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
-    """The (H, W) bool mask of a shape drawn in `box` (aliased drawing: exact pixels)."""
-    layer = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(layer)
+    """The (H, W) bool mask of a shape filling `box` (see `shape_mask`), placed in an H x W image."""
     x0, y0, x1, y1 = box
+    mask = np.zeros((height, width), dtype=bool)
+    mask[y0:y1 + 1, x0:x1 + 1] = shape_mask(shape, x1 - x0 + 1, y1 - y0 + 1)
+    return mask
+
+
+def shape_mask(shape: str, width: int, height: int) -> np.ndarray:
+    """The (height, width) bool mask of a shape that fills a box of that size, rasterised by pixel centres.
+
+    Pixel (x, y) has its centre at (x, y); the box spans x in [0, width - 1], y in [0, height - 1]. A pixel is in
+    the shape when its centre is, edges included:
+    - square: every pixel of the box;
+    - circle: the ellipse with centre ((width - 1) / 2, (height - 1) / 2) and semi-axes width / 2, height / 2;
+    - triangle: apex at the top centre, base along the bottom row: row y spans |x - (width - 1) / 2| <=
+      (width - 1) / 2 * y / (height - 1).
+    Pure numpy, so the pixels do not depend on any imaging library's rasteriser or version.
+    """
+    ys = np.arange(height, dtype=np.float64)[:, None]  # (h, 1)
+    xs = np.arange(width, dtype=np.float64)[None, :]  # (1, w)
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    if shape == "square":
+        return np.ones((height, width), dtype=bool)
     if shape == "circle":
-        draw.ellipse(box, fill=255)
-    elif shape == "square":
-        draw.rectangle(box, fill=255)
-    else:
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=255)
-    return np.asarray(layer) > 0
+        return ((xs - cx) / (width / 2)) ** 2 + ((ys - cy) / (height / 2)) ** 2 <= 1.0  # (h, w)
+    if shape == "triangle":
+        return np.abs(xs - cx) <= cx * ys / max(height - 1, 1)  # (h, w)
+    raise ValueError(f"shape: expected one of {SHAPES}, found {shape!r}")
+
+
+def upsample_bilinear(cells: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of (h, w, C) `cells` to (height, width, C), sampling at pixel centres (half-pixel offsets,
+    edges clamped): output pixel i reads the input at (i + 0.5) * h / height - 0.5. Pure numpy."""
+
+    def axis(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        position = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)  # (out,)
+        low = np.floor(position).astype(np.int64)
+        high = np.minimum(low + 1, size_in - 1)
+        return low, high, position - low
+
+    rows_low, rows_high, row_weight = axis(cells.shape[0], height)  # (H,)
+    cols_low, cols_high, col_weight = axis(cells.shape[1], width)  # (W,)
+    col_weight = col_weight[None, :, None]  # (1, W, 1)
+    top = cells[rows_low][:, cols_low] * (1 - col_weight) + cells[rows_low][:, cols_high] * col_weight  # (H, W, C)
+    bottom = cells[rows_high][:, cols_low] * (1 - col_weight) + cells[rows_high][:, cols_high] * col_weight
+    return top * (1 - row_weight[:, None, None]) + bottom * row_weight[:, None, None]  # (H, W, C)
 
 
 def _expressions(
