@@ -277,8 +277,8 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_convert_sam(args: argparse.Namespace) -> dict[str, Any]:
-    from flmm_model.checkpoint import prepare_output_dir
     from flmm_model.recipes.convert_sam import convert_sam_checkpoint
+    from flmm_model.run_dir import prepare_output_dir
 
     if not Path(args.checkpoint).is_file():
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file")

@@ -16,18 +16,15 @@ import torch
 from flmm_model import checkpoint, errors
 from flmm_model.checkpoint import (
     WEIGHTS_NAME,
-    delete_checkpoints,
-    eval_results_path,
     is_complete,
     list_checkpoints,
     load_checkpoint,
-    prepare_output_dir,
     read_weights,
     resolve_checkpoint,
-    save_checkpoint,
 )
 from flmm_model.errors import MissingCheckpointError, StorageError, UserError
 from flmm_model.recipes.train import read_metrics
+from flmm_model.run_dir import delete_checkpoints, eval_results_path, prepare_output_dir, save_checkpoint
 
 
 class Killed(BaseException):

@@ -10,7 +10,6 @@ from dataset_files import write_png, write_refer
 
 import run
 from flmm_model.build import prompt_settings
-from flmm_model.checkpoint import save_checkpoint
 from flmm_model.config import ModelConfig
 from flmm_model.config_loader import load_config
 from flmm_model.data import RefCocoDataset, load_rgb
@@ -18,6 +17,7 @@ from flmm_model.data.registry import EpochSubset, build_dataset
 from flmm_model.errors import UserError
 from flmm_model.metrics import ReferSegMetric
 from flmm_model.model import FrozenQwenSAM, build_model
+from flmm_model.run_dir import save_checkpoint
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo_random_lmm.yaml")  # tiny random LMM
 SMALL_MODEL = dict(mask_head_widths=[8, 16, 32, 64], mask_head_size=32, max_pixels=12544)

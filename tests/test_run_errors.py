@@ -18,9 +18,9 @@ import flmm_model.apps.predict
 import flmm_model.model
 import flmm_model.recipes.train
 import run
-from flmm_model.checkpoint import save_checkpoint
 from flmm_model.config import ModelConfig
 from flmm_model.model import build_model
+from flmm_model.run_dir import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo_random_lmm.yaml")

@@ -10,16 +10,14 @@ import torch
 
 from flmm_model import checkpoint
 from flmm_model.checkpoint import (
-    capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
     load_trainer_state,
     read_weights,
     resolve_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
 )
 from flmm_model.recipes.train import WarmupCosine, plot_metrics, warmup_cosine
+from flmm_model.run_dir import capture_rng_state, restore_rng_state, save_checkpoint
 
 
 def _save(root, step, value, *, keep_last=2):

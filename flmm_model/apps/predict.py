@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from flmm_model.checkpoint import atomic_write_text, prepare_output_dir
+from flmm_model.checkpoint import atomic_write_text
 from flmm_model.config import ModelConfig
 from flmm_model.data.images import load_rgb
 from flmm_model.data.prompts import encode_grounded, expression_parts, reject_control_tokens
@@ -25,6 +25,7 @@ from flmm_model.errors import InputError, MissingDependencyError, MissingFileErr
 from flmm_model.overlay import draw_overlay
 from flmm_model.phrases import DEFAULT_SPACY_MODEL, NOUN_PHRASES, spacy_missing_message
 from flmm_model.recipes.inference import open_checkpoint, save_image, write_masks
+from flmm_model.run_dir import prepare_output_dir
 
 
 def load_image(path: str | Path) -> Image.Image:

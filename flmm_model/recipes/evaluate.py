@@ -16,7 +16,7 @@ import dataclasses
 import json
 from typing import Any
 
-from flmm_model.checkpoint import atomic_write_text, eval_results_path, prepare_output_dir
+from flmm_model.checkpoint import atomic_write_text
 from flmm_model.config import ConfigError, ExperimentConfig
 from flmm_model.data.loader import make_loader
 from flmm_model.data.registry import build_datasets
@@ -29,6 +29,7 @@ from flmm_model.distributed import (
 )
 from flmm_model.recipes.inference import open_checkpoint
 from flmm_model.recipes.scoring import predict_batch, print_table, score_dataset
+from flmm_model.run_dir import eval_results_path, prepare_output_dir
 
 __all__ = ["evaluate", "predict_batch", "print_table", "score_dataset"]  # the scoring's names, as before
 

@@ -33,20 +33,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from flmm_model.checkpoint import (
-    atomic_write_text,
-    capture_rng_state,
-    delete_checkpoints,
-    latest_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from flmm_model.checkpoint import atomic_write_text, latest_checkpoint
 from flmm_model.config import ConfigError, ExperimentConfig, TrainConfig
 from flmm_model.config_loader import config_to_yaml
 from flmm_model.data.loader import make_loader
 from flmm_model.data.registry import NamedDataset
 from flmm_model.distributed import DistInfo, ShardedSampler, all_gather_objects, all_reduce_sum, barrier
 from flmm_model.errors import CheckpointError, UserError
+from flmm_model.run_dir import capture_rng_state, delete_checkpoints, restore_rng_state, save_checkpoint
 
 LOSS_KEYS = ("loss", "loss_mask_bce", "loss_mask_dice", "loss_sam_bce", "loss_sam_dice")  # plotted when logged
 METRICS_FILE = "metrics.jsonl"

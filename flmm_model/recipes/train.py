@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from flmm_model.build import check_model_paths, prompt_settings
-from flmm_model.checkpoint import latest_checkpoint, load_checkpoint, prepare_output_dir
+from flmm_model.checkpoint import latest_checkpoint, load_checkpoint
 from flmm_model.config import ConfigError, ExperimentConfig
 from flmm_model.data.loader import make_loader
 from flmm_model.data.registry import NamedDataset, build_datasets
@@ -56,6 +56,7 @@ from flmm_model.recipes.loop import (
 )
 from flmm_model.recipes.pointing import pointing_rows, score_pointing
 from flmm_model.recipes.scoring import print_table, score_dataset
+from flmm_model.run_dir import prepare_output_dir
 
 # The loop's helpers, importable from here as before the loop had its own module.
 __all__ = ["LOSS_KEYS", "WarmupCosine", "check_resume_setup", "check_run_setup", "earlier_run_error",
