@@ -152,9 +152,9 @@ def draw_overlay(image: Image.Image, masks: np.ndarray, labels: Sequence[str], *
     """The image with mask k tinted and outlined in `colour(k)` and labelled `labels[k]`; labels never overlap.
 
     A label is a box filled with its colour holding its text (black or white, whichever reads better), placed by
-    `layout_labels` next to its mask. Labels of empty masks get " (no mask)". A label wider than the image is
-    shortened with "...". Labels with no free spot in the image go into a legend strip below it, one per row; only
-    then is the result taller than the image.
+    `layout_labels` next to its mask. Labels of empty masks get " (no mask)". Whitespace (line breaks too) is drawn
+    as single spaces. A label wider than the image is shortened with "...". Labels with no free spot in the image go
+    into a legend strip below it, one per row; only then is the result taller than the image.
 
     Args:
         image: RGB PIL image (W x H).
@@ -184,8 +184,9 @@ def draw_overlay(image: Image.Image, masks: np.ndarray, labels: Sequence[str], *
     draw = ImageDraw.Draw(overlay)
     font = label_font(width, height)
     anchors = [mask_box(mask) for mask in masks]
+    one_line = [" ".join(str(text).split()) for text in labels]  # an answer's phrase may span a line break
     texts = [fit_text(draw, text if anchor is not None else f"{text} (no mask)", font, max(1, width - 2 * pad))
-             for text, anchor in zip(labels, anchors, strict=True)]
+             for text, anchor in zip(one_line, anchors, strict=True)]
     text_boxes = [draw.textbbox((0, 0), text, font=font) for text in texts]  # (left, top, right, bottom) each
     sizes = [(right - left + 2 * pad, bottom - top + 2 * pad) for left, top, right, bottom in text_boxes]
     corners = layout_labels(sizes, anchors, width=width, height=height)

@@ -14,6 +14,7 @@ For the README screenshot, run the browser test against the trained demo checkpo
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -537,3 +538,86 @@ def test_demo_refuses_a_busy_port_before_any_weights_load(monkeypatch):
         run.main(["demo", "--checkpoint", "runs/none", "--max-side", "10"])
     with pytest.raises(run.UsageError, match="--max-new-tokens: expected at least 1, found 0"):
         run.main(["demo", "--checkpoint", "runs/none", "--max-new-tokens", "0"])
+
+
+def _raw_call(url: str, api_name: str, data: list) -> str:
+    """One call of a named endpoint over plain HTTP (Gradio's /gradio_api/call protocol): the event stream's text."""
+    body = json.dumps({"data": data}).encode()
+    start = urllib.request.Request(f"{url}gradio_api/call/{api_name}", data=body,
+                                   headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(start, timeout=60) as response:
+        event_id = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{api_name}/{event_id}", timeout=120) as response:
+        return response.read().decode()
+
+
+def test_the_server_reads_no_file_that_was_not_uploaded_to_it(server, client, reference, scene_path, tmp_path):
+    # A client writes server-side paths into the image payload by hand. An image the server can read (never
+    # uploaded), a missing path, a non-image system file and a folder must all be refused with one and the same
+    # message, so the answer says nothing about which paths exist; a real upload of the same image still works.
+    from flmm_model.apps.demo.app import NOT_UPLOADED
+
+    url, _ = server
+    path, phrases = scene_path
+    secret = tmp_path / "secret.png"
+    shutil.copy(path, secret)
+    paths = [str(secret), str(tmp_path / "missing.png"), "/etc/passwd", str(tmp_path), str(REPO / "README.md"),
+             f"{tmp_path}/../{tmp_path.name}/secret.png"]
+    refusals = set()
+    for server_path in paths:
+        # A bare payload reaches the demo's own check. (With the FileData marker gradio_client would first upload
+        # the file from this machine, which is a real upload.)
+        payload = {"path": server_path, "orig_name": "image.png"}
+        with pytest.raises(gradio_client.exceptions.AppError) as raised:
+            client.predict(payload, phrases[0], api_name="/segment")
+        assert str(raised.value) == NOT_UPLOADED, (server_path, str(raised.value))
+        with pytest.raises(gradio_client.exceptions.AppError) as raised:
+            client.predict(payload, QUESTION, phrases[0], api_name="/chat")
+        assert str(raised.value) == NOT_UPLOADED, (server_path, str(raised.value))
+        # Raw HTTP, bare and as a full FileData (which Gradio itself refuses before the demo sees it).
+        for sent in (payload, {"path": server_path, "meta": {"_type": "gradio.FileData"}}):
+            for api_name, data in (("segment", [sent, phrases[0]]), ("chat", [sent, QUESTION, phrases[0]])):
+                stream = _raw_call(url, api_name, data)
+                assert stream.startswith("event: error"), (server_path, api_name, stream[-500:])
+                for named in (server_path, os.path.abspath(server_path)):  # Gradio echoes the path, normalised
+                    stream = stream.replace(json.dumps(named)[1:-1], "<PATH>")
+                refusals.add((api_name, "meta" in sent, stream))
+    # Per endpoint and payload kind one answer, whatever the path: nothing tells an existing file from a missing one.
+    assert len(refusals) == 4, "\n".join(map(str, sorted(refusals)))
+    assert all(NOT_UPLOADED in stream for _, meta, stream in refusals if not meta)
+    uploaded = client.predict(handle_file(str(secret)), phrases[0], api_name="/segment")
+    np.testing.assert_array_equal(_masks_of(uploaded), reference.segment(Image.open(path).convert("RGB"),
+                                                                         phrases[:1]).numpy())
+
+
+def test_upload_gate_admits_uploads_and_examples_only(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from flmm_model.apps.demo.app import NOT_UPLOADED, UploadGate
+
+    cache = tmp_path / "gradio"  # Gradio's upload folder, where uploads and its copies of examples land
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    (cache / "a1").mkdir(parents=True)
+    (tmp_path / "examples").mkdir()
+    example = tmp_path / "examples" / "scene.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(example)
+    copy_of_example = cache / "a1" / "scene.png"
+    shutil.copy(example, copy_of_example)
+    uploaded = cache / "a1" / "upload.png"
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(uploaded)
+    not_uploaded = cache / "a1" / "other.png"  # in the folder, but not in Gradio's record of uploads
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(not_uploaded)
+    app = SimpleNamespace(upload_file_set={str(uploaded)})
+    gate = UploadGate(app, [str(example)])
+    assert gate.check(str(example)) == str(example.resolve())
+    assert gate.check(str(copy_of_example)) == str(copy_of_example.resolve())
+    assert gate.upload_path({"path": str(uploaded), "orig_name": "mine.png"}) == (str(uploaded.resolve()), "mine.png")
+    assert gate.upload_path(None) == (None, None)
+    link = tmp_path / "link.png"
+    link.symlink_to(not_uploaded)
+    for refused in (not_uploaded, link, tmp_path / "missing.png", cache, tmp_path / "examples"):
+        with pytest.raises(InputError) as raised:
+            gate.check(str(refused))
+        assert str(raised.value) == NOT_UPLOADED
+    with pytest.raises(InputError, match="not uploaded"):
+        gate.upload_path({"path": None})

@@ -96,6 +96,16 @@ def test_labels_wider_than_the_image_are_shortened_with_dots():
     assert draw_overlay(image, np.zeros((1, 48, 64), dtype=bool), ["x" * 200]).size == (64, 48)
 
 
+def test_a_label_with_line_breaks_is_drawn_on_one_line():
+    # A chat answer's noun phrase can span a line break ("the red\ncircle"): drawn as "the red circle".
+    image = Image.new("RGB", (96, 64), (0, 0, 0))
+    masks = np.zeros((1, 64, 96), dtype=bool)
+    masks[0, 30:50, 20:60] = True
+    drawn = draw_overlay(image, masks, ["the red\n circle"])
+    expected = draw_overlay(image, masks, ["the red circle"])
+    assert np.array_equal(np.asarray(drawn), np.asarray(expected))
+
+
 def test_colours_are_distinct_for_many_phrases():
     colours = [colour(k) for k in range(64)]
     assert len(set(colours)) == 64

@@ -1,6 +1,6 @@
 """The web demo, `python run.py demo --checkpoint DIR`: a Gradio app over one `DemoModel` (`apps/demo/session.py`).
 
-Each tab is one function `tab(gr, demo_model, *, files, examples)` that builds its components and registers its
+Each tab is one function `tab(gr, demo_model, *, files, examples, uploads)` that builds its components and registers its
 events; `build_app` renders the tabs of `TABS` (Segment, Chat) into one `gr.Blocks`. Every event that touches the
 model joins one queue (`concurrency_id=MODEL_QUEUE`, limit 1) and the model call also holds `DemoModel.lock`, so
 requests wait in line and never run two at a time on the model. Each model event is also a named endpoint
@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import html
+import os
 import shutil
 import signal
 import socket
@@ -69,16 +70,63 @@ def legend_html(result: Segmentation) -> str:
             f"{result.seconds:.2f} s.</p>")
 
 
-def upload_path(payload: Any) -> tuple[str | None, str | None]:
-    """(path, original file name) of a Gradio file payload that was not preprocessed (a dict or None)."""
-    if not payload:
-        return None, None
-    if not isinstance(payload, dict):
-        raise InputError(f"Expected an uploaded image file, found {type(payload).__name__}.")
-    return payload.get("path"), payload.get("orig_name")
+NOT_UPLOADED = "This image was not uploaded to this demo: upload it (or pick an example) first."
 
 
-def segment_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: list[list[str]]) -> None:
+class UploadGate:
+    """The only image files a request may name: those uploaded to this server (Gradio's own record of its uploads)
+    and the demo's example scenes (their files, or Gradio's cached copies of them, recognised by their content).
+
+    A request's image payload carries a server-side path, which any client can write by hand (`gradio_client`, raw
+    HTTP); without this gate the server would read and return any image file it can open. Every other path gets
+    the one message `NOT_UPLOADED`, whether or not it exists, so the answer tells nothing about the server's files.
+    Gradio's upload protocol does not say which session uploaded a file; a path under the server's upload folder is
+    unguessable (a content hash), so a client can name only files whose content it had.
+
+    Args:
+        app: the `gr.Blocks` being served (its `upload_file_set` grows with every upload).
+        example_paths: the example scene files.
+    """
+
+    def __init__(self, app: Any, example_paths: Sequence[str]) -> None:
+        self.app = app
+        self.examples = {os.path.realpath(path) for path in example_paths}
+        self.example_digests = {_digest(path) for path in self.examples}
+
+    def check(self, path: str) -> str:
+        """`path`, resolved, if a request may read it; else InputError(NOT_UPLOADED)."""
+        from gradio.utils import get_upload_folder  # only here: the package never imports Gradio at import time
+
+        real = os.path.realpath(path)
+        uploaded = {os.path.realpath(name) for name in getattr(self.app, "upload_file_set", ())}
+        if real in self.examples or real in uploaded:
+            return real
+        cache = os.path.realpath(get_upload_folder())
+        if real.startswith(cache + os.sep) and os.path.isfile(real) and _digest(real) in self.example_digests:
+            return real  # Gradio's copy of an example scene, as the browser sends it when an example is picked
+        raise InputError(NOT_UPLOADED)
+
+    def upload_path(self, payload: Any) -> tuple[str | None, str | None]:
+        """(path, original file name) of a Gradio file payload that was not preprocessed (a dict or None), the
+        path checked (see `check`)."""
+        if not payload:
+            return None, None
+        if not isinstance(payload, dict):
+            raise InputError(f"Expected an uploaded image file, found {type(payload).__name__}.")
+        path = payload.get("path")
+        if not isinstance(path, str) or not path:
+            raise InputError(NOT_UPLOADED)
+        name = payload.get("orig_name")
+        return self.check(path), name if isinstance(name, str) else None
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as file:
+        return hashlib.sha256(file.read()).hexdigest()
+
+
+def segment_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: list[list[str]],
+                uploads: UploadGate) -> None:
     """The Segment tab: image + phrases -> overlay, masks (gallery and PNG downloads), legend with pixel shares.
 
     Registers the `/segment` endpoint: (image, phrases one per line) -> (overlay image, list of mask images).
@@ -103,7 +151,7 @@ def segment_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples
 
         def segment(image: Any, phrases: str | None) -> tuple[Image.Image, list, dict]:
             try:
-                path, name = upload_path(image)
+                path, name = uploads.upload_path(image)
                 if not path:  # the cheap checks first, and every check before the model runs
                     raise InputError(NO_IMAGE)
                 phrase_list = demo_model.check_phrases(phrases)
@@ -167,7 +215,8 @@ def chat_notes_html(turn: ChatTurn) -> str:
     return notes
 
 
-def chat_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: list[list[str]]) -> None:
+def chat_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: list[list[str]],
+             uploads: UploadGate) -> None:
     """The Chat tab: image + question -> the answer with its grounded phrases highlighted in the overlay's colours,
     the overlay and its legend; the conversation goes on over turns until a new image or Clear.
 
@@ -202,7 +251,7 @@ def chat_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: l
         def chat(image: Any, question: str | None, phrases: str | None,
                  state: dict[str, Any] | None) -> tuple[str, Image.Image, dict, dict]:
             try:
-                path, name = upload_path(image)
+                path, name = uploads.upload_path(image)
                 if not path:
                     raise InputError(NO_IMAGE)
                 picture = demo_model.read_image(path, name)
@@ -215,7 +264,8 @@ def chat_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: l
                 torch.cuda.empty_cache()
                 raise gr.Error("Out of GPU memory: try a smaller image, or Clear the conversation.",
                                title="Cannot answer") from None
-            messages = [{"role": role, "content": text} for asked, answered in turn.history
+            # Escaped: the Chatbot sanitizes HTML, and would drop tag-like text of a question or answer ("</b x>").
+            messages = [{"role": role, "content": html.escape(text)} for asked, answered in turn.history
                         for role, text in (("user", asked), ("assistant", answered))]
             shown = {"messages": messages, "pieces": highlighted(turn.answer, turn.spans),
                      "colours": {str(k): hex_colour(k) for k in range(len(turn.spans))}, "notes": chat_notes_html(turn)}
@@ -296,8 +346,9 @@ def build_app(demo_model: DemoModel, *, work_dir: str | Path, title: str = "F-LM
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as app:
         gr.Markdown(f"## {title}\nF-LMM on a frozen Qwen-VL. *Segment*: type one phrase per line; each gets a mask, "
                     f"drawn in its own colour. *Chat*: ask about the image; phrases of the answer get masks.")
+        uploads = UploadGate(app, [path for path, _ in examples])
         for tab in TABS:
-            tab(gr, demo_model, files=files, examples=examples)
+            tab(gr, demo_model, files=files, examples=examples, uploads=uploads)
     app.queue(default_concurrency_limit=1)
     return app
 
