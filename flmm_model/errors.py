@@ -46,6 +46,10 @@ class MissingCheckpointError(MissingFileError):
     """No checkpoint where the user pointed (no such directory, or a run directory without a complete one)."""
 
 
+class NonFiniteLossError(UserError, ArithmeticError):
+    """Training diverged: a loss or gradient norm became nan / inf. The run stops; no checkpoint of it is written."""
+
+
 class StorageError(UserError, OSError):
     """Writing failed for a reason the user can fix: no space left, no permission, an output path that is a file.
 

@@ -157,3 +157,29 @@ def test_schedule_steps_by_hand():
     assert schedule_steps(TrainConfig(max_steps=7, warmup_ratio=0.0), micro_per_epoch=10) == (7, 0)
     with pytest.raises(ConfigError, match=r"train\.grad_accum: 4 micro-batches per step, but an epoch has only 3"):
         schedule_steps(TrainConfig(grad_accum=4), micro_per_epoch=3)
+
+
+def test_a_diverged_run_stops_at_its_first_nan_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+    from flmm_model.errors import NonFiniteLossError
+    from flmm_model.modeling.grounding import GroundingModel
+
+    forward, calls = GroundingModel.forward, []
+
+    def diverging(self, *args, **kwargs):  # the 4th step's loss is nan (one micro-batch per step)
+        output = forward(self, *args, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 4:
+                output = {**output, "loss": output["loss"] * float("nan")}
+        return output
+
+    monkeypatch.setattr(GroundingModel, "forward", diverging)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite \(nan / inf\) at step 4; .*step_0000002, is kept"):
+        run.main(["train", "--config", DEMO, *TINY, f"train.out_dir={out}", "train.max_steps=8", "train.log_every=1",
+                  "train.save_every=2", "train.keep_last=1", "data.val=[]"])
+    assert [path.name for path in list_checkpoints(out / "checkpoints")] == ["step_0000002"]
+    assert [record["step"] for record in _records(out, "train")] == [1, 2, 3]  # no nan logged as a result
+    assert "NaN" not in (out / "metrics.jsonl").read_text()
+    weights = load_file(str(out / "checkpoints" / "step_0000002" / "model.safetensors"))
+    assert all(bool(torch.isfinite(tensor).all()) for tensor in weights.values())

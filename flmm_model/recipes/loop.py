@@ -39,7 +39,7 @@ from flmm_model.config_loader import config_to_yaml
 from flmm_model.data.loader import make_loader
 from flmm_model.data.registry import NamedDataset
 from flmm_model.distributed import DistInfo, ShardedSampler, all_gather_objects, all_reduce_sum, barrier
-from flmm_model.errors import CheckpointError, UserError
+from flmm_model.errors import CheckpointError, NonFiniteLossError, UserError
 from flmm_model.run_dir import capture_rng_state, delete_checkpoints, restore_rng_state, save_checkpoint
 
 LOSS_KEYS = ("loss", "loss_mask_bce", "loss_mask_dice", "loss_sam_bce", "loss_sam_dice")  # plotted when logged
@@ -325,7 +325,24 @@ def run_loop(parts: LoopParts, *, cfg: ExperimentConfig, info: DistInfo, loader:
         if info.is_main:
             append_metrics(metrics_path, record)
 
+    def check_finite(*, weights: bool = False) -> None:
+        """Stop the run at the first non-finite step (a loss or gradient norm of nan / inf; with `weights`, also
+        a non-finite trainable weight): from there on the weights are garbage, so nothing after the last good
+        checkpoint is logged as a result or saved."""
+        bad = int(first_bad.item())  # a host read: only at log steps and before saves
+        if bad < 0:
+            if not weights or all(bool(torch.isfinite(param).all()) for param in params):
+                return
+            bad = step
+        good = latest_checkpoint(ckpt_root)
+        kept = f"the newest good one, {good}, is kept" if good else "none was saved before"
+        raise NonFiniteLossError(
+            f"train: the loss or its gradient became non-finite (nan / inf) at step {bad}; the run stops and writes "
+            f"no checkpoint of the diverged weights ({kept}). Lower train.lr, set train.grad_clip, use "
+            f"train.precision=fp32, or check the data of that step")
+
     def checkpoint() -> None:
+        check_finite(weights=True)
         rng_states = all_gather_objects(capture_rng_state())  # every rank's, so each resumes its own streams
         trainer_state = {
             "step": step, "epoch": epoch, "micro_in_epoch": micro_done, "total_steps": total_steps,
@@ -341,6 +358,7 @@ def run_loop(parts: LoopParts, *, cfg: ExperimentConfig, info: DistInfo, loader:
                dynamic_ncols=True)
     # Loss sums of the log window and their count, on the device: read once per log step.
     window = torch.zeros(len(parts.loss_keys) + 1, dtype=torch.float64, device=info.device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=info.device)  # the first non-finite step, on the device
     window_images, window_start = 0, time.perf_counter()
     last_saved, scores, stopped_early, last_loss = -1, {}, False, float("nan")
     skipped = 0  # bad samples dropped by the datasets (data.on_error=skip), this process
@@ -351,16 +369,20 @@ def run_loop(parts: LoopParts, *, cfg: ExperimentConfig, info: DistInfo, loader:
                 dataset.set_epoch(epoch)
         batches = iter(loader)
         while step < total_steps and micro_done + tc.grad_accum <= micro_per_epoch:
+            step_sums = torch.zeros_like(window)
             for micro in range(tc.grad_accum):
                 batch = next(batches)
                 if len(batch["images"]) == 0:
                     raise UserError(f"epoch {epoch}: a batch with no usable sample (all skipped as bad data, "
                                     f"data.on_error=skip); see the warnings that name them")
-                window += parts.micro_step(batch, micro == tc.grad_accum - 1)
+                step_sums += parts.micro_step(batch, micro == tc.grad_accum - 1)
                 window_images += len(batch["images"])
                 skipped += batch["num_skipped"]
             micro_done += tc.grad_accum
+            window += step_sums
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            finite = torch.isfinite(step_sums).all() & torch.isfinite(grad_norm)  # no host read in a step
+            first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step + 1), first_bad)
             lr = scheduler.get_last_lr()[0]  # the LR this step uses (scheduler.step() sets the next one)
             optimizer.step()
             scheduler.step()
@@ -369,6 +391,7 @@ def run_loop(parts: LoopParts, *, cfg: ExperimentConfig, info: DistInfo, loader:
             bar.update(1)
 
             if step % tc.log_every == 0 or step == total_steps:
+                check_finite()
                 totals = all_reduce_sum(window)  # sums over ranks: same mean on every rank
                 means = (totals[:-1] / totals[-1]).tolist()
                 images_per_s = window_images * info.world_size / max(time.perf_counter() - window_start, 1e-9)
