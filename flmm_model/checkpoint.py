@@ -152,6 +152,51 @@ def read_weights(directory: str | Path, *, device: str | torch.device = "cpu") -
                               f"step_*), or train again") from error
 
 
+# The model settings the trained heads depend on: the LMM's maps (family, capture, pixel budget, prompt) and the heads'
+# own shapes. A resumed run or a prediction with other values would feed the heads inputs they were not trained on.
+HEADS_SETTINGS = ("instruction", "system", "min_pixels", "max_pixels", "attn_capture", "mask_head_widths",
+                  "mask_head_size", "attention_only")
+
+
+def _family(qwen: str) -> str | None:
+    """The Qwen-VL family of a preset or local checkpoint, or None when it cannot be told here (a path of another
+    machine)."""
+    from flmm_model.backbones import model_type_of  # transformers-heavy: only when a checkpoint is compared
+
+    try:
+        return model_type_of(qwen)
+    except (ValueError, OSError):
+        return None
+
+
+def settings_differ(saved: ModelConfig, current: ModelConfig, *, keys: tuple[str, ...] = HEADS_SETTINGS) -> list[str]:
+    """'field: saved X, now Y' for each setting of `keys` (and the LMM family) on which `current` differs from the
+    checkpoint's `saved` config; empty when the heads can be used (or trained on) as they are."""
+    differ = []
+    saved_family, current_family = _family(saved.qwen), _family(current.qwen)
+    if saved_family and current_family and saved_family != current_family:
+        differ.append(f"model.qwen: a {saved_family} model in the checkpoint, a {current_family} model now")
+    for key in keys:
+        before, now = getattr(saved, key), getattr(current, key)
+        if (list(before) if isinstance(before, (list, tuple)) else before) != \
+                (list(now) if isinstance(now, (list, tuple)) else now):
+            differ.append(f"model.{key}: {before!r} in the checkpoint, {now!r} now")
+    return differ
+
+
+def check_weights(weights: dict[str, torch.Tensor], *, source: str | Path) -> None:
+    """Raise CheckpointError naming the tensor unless every trainable weight is a floating-point tensor of finite
+    values (an integer tensor or a nan / inf would load and then give empty or garbage masks without a word)."""
+    for name, tensor in weights.items():
+        if not torch.is_floating_point(tensor):
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                                  f"trainable weights are floating point: not a checkpoint of this model, or damaged")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CheckpointError(f"{source}: tensor {name!r} holds {bad} non-finite values (nan / inf) of "
+                                  f"{tensor.numel()}: the weights of a diverged run; use an earlier checkpoint")
+
+
 def step_of(path: Path) -> int:
     """The step of a checkpoint directory (`step_N`, or its hidden copy `.old-step_N-<pid>`)."""
     return int(checkpoint_name(path).split("_")[1])
@@ -267,14 +312,16 @@ def load_checkpoint(path: str | Path, *, trainer_state: bool = False, device: st
 
     Raises:
         MissingCheckpointError: nothing to load, or an explicitly named checkpoint deleted while being read.
-        CheckpointError: a damaged file.
+        CheckpointError: a damaged file; a trainable tensor that is not floating point or not finite.
     """
     path = Path(path)
 
     def read(directory: Path) -> LoadedCheckpoint:
         state = load_trainer_state(directory) if trainer_state else None
-        return LoadedCheckpoint(directory=directory, model_fields=read_model_fields(directory),
-                                weights=read_weights(directory, device=device), trainer_state=state)
+        weights = read_weights(directory, device=device)
+        check_weights(weights, source=directory / WEIGHTS_NAME)
+        return LoadedCheckpoint(directory=directory, model_fields=read_model_fields(directory), weights=weights,
+                                trainer_state=state)
 
     return _read_newest(path, read, attempts=attempts)
 

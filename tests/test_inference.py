@@ -88,3 +88,32 @@ def test_every_consumer_loads_models_and_writes_masks_only_through_recipes_infer
         mask_names = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
                       and isinstance(node.value, str) and node.value.startswith("mask_")]
         assert not mask_names, f"{relative} names mask files itself: {mask_names}"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda tensor: tensor.to(torch.int32), r"has dtype int32; trainable weights are floating point"),
+    (lambda tensor: tensor.clone().fill_(float("nan")), r"holds \d+ non-finite values \(nan / inf\)"),
+    (lambda tensor: torch.where(torch.arange(tensor.numel()).reshape(tensor.shape) == 0, float("inf"), tensor),
+     r"holds 1 non-finite values"),
+])
+def test_a_checkpoint_of_non_float_or_non_finite_weights_is_refused_naming_the_tensor(tmp_path, damage, message,
+                                                                                       capsys):
+    from safetensors.torch import load_file, save_file
+
+    import run
+    from flmm_model.errors import CheckpointError
+
+    build_model(TINY).save_pretrained(str(tmp_path / "model"))
+    weights_file = tmp_path / "model" / "model.safetensors"
+    weights = load_file(str(weights_file))
+    name = sorted(weights)[0]
+    weights[name] = damage(weights[name])
+    save_file(weights, str(weights_file))
+    with pytest.raises(CheckpointError, match=rf"tensor {name!r} {message}"):
+        open_checkpoint(tmp_path / "model", ModelConfig(qwen="tiny", sam="tiny"))
+    image = tmp_path / "image.png"
+    Image.new("RGB", (64, 48), (90, 120, 30)).save(image)
+    status = run.cli(["predict", "--checkpoint", str(tmp_path / "model"), "--image", str(image), "--text", "a cat",
+                      "--out", str(tmp_path / "out"), "model.qwen=tiny", "model.sam=tiny"])
+    assert status == 2 and name in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

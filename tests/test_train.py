@@ -9,12 +9,14 @@ import pytest
 import torch
 import yaml
 from dataset_files import write_png
+from PIL import Image
 from safetensors.torch import load_file
 
 import flmm_model.recipes.train
 import run
 from flmm_model.checkpoint import TRAINER_STATE, list_checkpoints, load_trainer_state
 from flmm_model.config import ConfigError, TrainConfig
+from flmm_model.errors import CheckpointError
 from flmm_model.recipes.train import schedule_steps, warmup_cosine
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo_random_lmm.yaml")  # tiny random LMM
@@ -132,6 +134,35 @@ def test_resume_refuses_another_setup_or_length_before_building_the_model(tmp_pa
     torch.save(state, checkpoint / TRAINER_STATE)
     with pytest.raises(ValueError, match=r"world size 2 in the checkpoint, 1 now"):
         run.main(["train", *common, "--resume"])
+
+
+def test_resume_and_predict_refuse_heads_trained_with_other_model_settings(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    common = ["--config", DEMO, *TINY, f"train.out_dir={out}", "train.max_steps=4", "data.val=[]"]
+    run.main(["train", *common, "train.save_every=2", "train.stop_after_steps=2"])
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a resume that cannot continue the run must fail before the model is built")
+
+    monkeypatch.setattr(flmm_model.recipes.train, "build_model", no_model)
+    cases = {
+        "model.instruction=Describe the picture.": r"model\.instruction: 'Please .*' in the checkpoint, 'Describe the "
+                                                   r"picture\.' now",
+        "model.system=You are terse.": r"model\.system: .* in the checkpoint, 'You are terse\.' now",
+        "model.qwen=qwen2_vl_tiny": r"model\.qwen: a qwen2_5_vl model in the checkpoint, a qwen2_vl model now",
+        "model.max_pixels=6272": r"model\.max_pixels: 12544 in the checkpoint, 6272 now",
+    }
+    for override, message in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            run.main(["train", *common, override, "--resume"])
+    assert run.cli(["train", *common, "model.qwen=qwen2_vl_tiny", "--resume"]) == 2
+    # predict takes the checkpoint's prompt and pixel budget, but the LMM is the user's: another family is refused.
+    image = tmp_path / "image.png"
+    Image.new("RGB", (64, 48), (90, 120, 30)).save(image)
+    with pytest.raises(CheckpointError, match=r"trained on another LMM \(model\.qwen: a qwen2_5_vl model in the "
+                                              r"checkpoint, a qwen2_vl model now\)"):
+        run.main(["predict", "--config", DEMO, "--checkpoint", str(out), "--image", str(image), "--text", "a cat",
+                  "--out", str(tmp_path / "pred"), "model.qwen=qwen2_vl_tiny"])
 
 
 def test_validation_scores_a_png_set_with_average_recall(tmp_path, photos, capsys):

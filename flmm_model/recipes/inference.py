@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 
 from flmm_model.build import PromptSettings, check_model_paths, prompt_settings
-from flmm_model.checkpoint import LoadedCheckpoint, load_checkpoint
+from flmm_model.checkpoint import LoadedCheckpoint, load_checkpoint, settings_differ
 from flmm_model.config import ModelConfig
-from flmm_model.errors import storage_error
+from flmm_model.errors import CheckpointError, storage_error
 from flmm_model.model import FrozenQwenSAM
 
 
@@ -67,10 +67,15 @@ def open_checkpoint(checkpoint: str | Path, model_cfg: ModelConfig) -> OpenedChe
 
     Raises:
         MissingFileError / ConfigError: a frozen-part path that does not exist or is not a checkpoint.
-        MissingCheckpointError / CheckpointError: nothing to load, or a damaged checkpoint.
+        MissingCheckpointError / CheckpointError: nothing to load, a damaged checkpoint, or a `model.qwen` of another
+            family than the one the heads were trained on.
     """
     check_model_paths(model_cfg)
     loaded = load_checkpoint(checkpoint)  # config + trainable weights, in memory
+    differ = settings_differ(loaded.model_config(), model_cfg, keys=())  # the rest is the checkpoint's anyway
+    if differ:
+        raise CheckpointError(f"{loaded.directory}: its heads were trained on another LMM ({'; '.join(differ)}); "
+                              f"their masks would be wrong. Point model.qwen at a model of the checkpoint's family")
     config = loaded.model_config(qwen=model_cfg.qwen, sam=model_cfg.sam, tokenizer=model_cfg.tokenizer,
                                  max_length=model_cfg.max_length)
     return OpenedCheckpoint(loaded=loaded, config=config, prompt=prompt_settings(config))

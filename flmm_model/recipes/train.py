@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from flmm_model.build import check_model_paths, prompt_settings
-from flmm_model.checkpoint import latest_checkpoint, load_checkpoint
+from flmm_model.checkpoint import latest_checkpoint, load_checkpoint, settings_differ
 from flmm_model.config import ConfigError, ExperimentConfig
 from flmm_model.data.loader import make_loader
 from flmm_model.data.registry import NamedDataset, build_datasets
@@ -34,6 +34,7 @@ from flmm_model.distributed import (
     shutdown_distributed,
     wrap_ddp,
 )
+from flmm_model.errors import CheckpointError
 from flmm_model.model import build_model
 from flmm_model.recipes.loop import (
     LOSS_KEYS,
@@ -194,6 +195,11 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
         source = resume_source(tc, info=info)
         resume = load_checkpoint(source, trainer_state=True) if source is not None else None
         if resume is not None:
+            differ = settings_differ(resume.model_config(), cfg.model)
+            if differ:
+                raise CheckpointError(f"train.resume: {resume.directory} was trained with other model settings "
+                                      f"({'; '.join(differ)}); its heads and optimizer state belong to those. Resume "
+                                      f"with the checkpoint's settings, or start a new run")
             check_resume_setup(resume.trainer_state, checkpoint=resume.directory, world_size=info.world_size,
                                batch_size=cfg.data.batch_size, grad_accum=tc.grad_accum, total_steps=total_steps)
 
