@@ -271,7 +271,7 @@ def test_a_20000_by_20000_png_says_its_megapixels_and_the_limit(tmp_path, capsys
     with pytest.raises(DataError, match=message):
         read_image_size(str(path))
     # predict checks the image before any checkpoint is read (this one does not exist): exit 2, the same message.
-    status = run.cli(["predict", "--config", DEMO, "--checkpoint", str(tmp_path / "none"), "--image", str(path), "--text", "a cat",
-                      "--out", str(tmp_path / "out"), "--device", "cpu"])
+    status = run.cli(["predict", "--config", DEMO, "--checkpoint", str(tmp_path / "none"), "--image", str(path),
+                      "--text", "a cat", "--out", str(tmp_path / "out"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert status == 2 and "400 megapixels, over the 179 megapixels" in err and "Traceback" not in err, err
