@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-import pickle
 import re
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,18 +343,78 @@ def _read_newest(path: Path, read: Callable[[Path], T], *, attempts: int) -> T:
 
 
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    """The `trainer_state.pt` dict of a checkpoint (tensors on CPU).
+    """The `trainer_state.pt` dict of a checkpoint (tensors on CPU), its fields' types checked
+    (`check_trainer_state`; a resume also checks that none is missing).
 
     Raises:
         MissingCheckpointError: no trainer state (a model directory, not a training checkpoint).
-        CheckpointError: a damaged or truncated file.
+        CheckpointError: a damaged, truncated or unreadable file, or one whose contents are not a trainer state.
     """
     path = Path(checkpoint) / TRAINER_STATE
     if not path.is_file():
         raise MissingCheckpointError(f"{path}: missing; {checkpoint} is not a training checkpoint (it cannot be "
                                      f"resumed)")
+    again = "resume from another checkpoint (--resume DIR) or start a new run"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({type(error).__name__}: {error.strerror or error}); "
+                              f"{again}") from error
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types for a damaged file
         raise CheckpointError(f"{path}: damaged or truncated ({type(error).__name__}: {str(error).splitlines()[0]}); "
-                              f"resume from another checkpoint (--resume DIR) or start a new run") from error
+                              f"{again}") from error
+    check_trainer_state(state, path=path, complete=False)
+    return state
+
+
+# The fields of a trainer state (`recipes.loop.run_loop` writes them): counters, and the states of the optimizer, the
+# LR scheduler and every rank's RNGs.
+_STATE_COUNTERS = ("step", "epoch", "micro_in_epoch", "total_steps", "world_size", "batch_size", "grad_accum")
+_STATE_REQUIRED = ("step", "epoch", "micro_in_epoch", "total_steps", "optimizer", "scheduler", "rng")
+
+
+def check_trainer_state(state: Any, *, path: str | Path, complete: bool = True) -> None:
+    """Raise CheckpointError naming `path` and the field when `state` is not a trainer state a run can continue.
+
+    Every field present must have its type: the counters non-negative integers, `optimizer` a dict with `state` and
+    `param_groups`, `scheduler` a dict, `rng` a list with one dict of python / numpy / torch states per rank. With
+    `complete` (a resume), the fields a resume reads must all be there, and the step within the run's total.
+    """
+    def fail(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a usable trainer state: {problem}; resume from another checkpoint "
+                               f"(--resume DIR) or start a new run")
+
+    if not isinstance(state, dict):
+        raise fail(f"the file holds a {type(state).__name__}, expected a dict of the run's state")
+    if complete:
+        missing = [key for key in _STATE_REQUIRED if key not in state]
+        if missing:
+            raise fail(f"field {missing[0]!r} is missing (fields present: {sorted(map(str, state))})")
+    for key in _STATE_COUNTERS:
+        value = state.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise fail(f"field {key!r} is {type(value).__name__} {str(value)[:40]}, expected an integer >= 0")
+    if complete and state["total_steps"] < 1:
+        raise fail("field 'total_steps' is 0, expected the run's length in steps (>= 1)")
+    if state.get("step", 0) > state.get("total_steps", math.inf):
+        raise fail(f"field 'step' {state['step']} is beyond field 'total_steps' {state['total_steps']}")
+    optimizer = state.get("optimizer", {"state": {}, "param_groups": []})
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        raise fail(f"field 'optimizer' is not an optimizer state (a dict with 'state' and 'param_groups'), found "
+                   f"{type(optimizer).__name__}")
+    if not isinstance(state.get("scheduler", {}), dict):
+        raise fail(f"field 'scheduler' is {type(state['scheduler']).__name__}, expected a dict")
+    rng = state.get("rng", [])
+    if not isinstance(rng, list) or (complete and not rng):
+        raise fail(f"field 'rng' is {type(rng).__name__} {str(rng)[:40]}, expected a list of RNG states (one per rank)")
+    for rank, entry in enumerate(rng):
+        ok = (isinstance(entry, dict) and isinstance(entry.get("python"), (tuple, list)) and len(entry["python"]) == 3
+              and isinstance(entry.get("numpy"), dict)
+              and isinstance(entry["numpy"].get("key"), torch.Tensor)
+              and isinstance(entry.get("torch"), torch.Tensor) and entry["torch"].dtype == torch.uint8)
+        if not ok:
+            raise fail(f"field 'rng' entry {rank} is not the python / numpy / torch RNG states capture_rng_state "
+                       f"writes")

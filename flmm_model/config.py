@@ -7,6 +7,7 @@ which dataset types exist is the data registry's business (`flmm_model.data.kind
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,25 +181,69 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+SEED_LIMIT = 2**32  # numpy's global seed (`np.random.seed`, seeded with train.seed) takes 0 <= seed < 2**32
+
+
+def _check_range(key: str, value: float, *, low: float, high: float = math.inf, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    """ConfigError naming `key` unless `value` is a finite number in the interval (low / high open or closed)."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (math.isfinite(value) and above and below):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+        raise ConfigError(f"{key}: expected a value in {interval}, found {value}")
+
+
 def check_values(cfg: ExperimentConfig) -> None:
-    """Cross-field and range checks the types alone cannot express (per-dataset checks: the data registry)."""
+    """Cross-field and range checks the types alone cannot express (per-dataset checks: the data registry).
+
+    Every numeric key has its range here, checked when the config loads (before any file or weight is read): counts
+    of steps, samples and batches are positive; learning rate positive; betas in [0, 1); weights, decay and clipping
+    non-negative; seeds in [0, 2**32); every float finite.
+    """
     positive = {
         "data.batch_size": cfg.data.batch_size, "train.epochs": cfg.train.epochs,
         "train.grad_accum": cfg.train.grad_accum, "train.log_every": cfg.train.log_every,
         "train.keep_last": cfg.train.keep_last, "eval.batch_size": cfg.eval.batch_size,
         "model.mask_head_size": cfg.model.mask_head_size, "model.max_length": cfg.model.max_length,
+        "model.min_pixels": cfg.model.min_pixels, "model.max_pixels": cfg.model.max_pixels,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: expected a positive integer, found {value}")
-    optional_positive = {"train.max_steps": cfg.train.max_steps, "train.stop_after_steps": cfg.train.stop_after_steps}
+    optional_positive = {"train.max_steps": cfg.train.max_steps, "train.stop_after_steps": cfg.train.stop_after_steps,
+                         "train.num_threads": cfg.train.num_threads}
     for key, value in optional_positive.items():
         if value is not None and value < 1:
             raise ConfigError(f"{key}: expected a positive integer or null, found {value}")
-    if not 0.0 <= cfg.train.warmup_ratio < 1.0:
-        raise ConfigError(f"train.warmup_ratio: expected a value in [0, 1), found {cfg.train.warmup_ratio}")
+    non_negative = {"data.num_workers": cfg.data.num_workers, "train.val_every": cfg.train.val_every,
+                    "train.save_every": cfg.train.save_every}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: expected an integer >= 0, found {value}")
+    for key, seed in (("model.seed", cfg.model.seed), ("train.seed", cfg.train.seed)):
+        if not 0 <= seed < SEED_LIMIT:
+            raise ConfigError(f"{key}: expected a seed in [0, 2**32), found {seed}")
+    _check_range("train.lr", cfg.train.lr, low=0.0, low_open=True)
+    _check_range("train.weight_decay", cfg.train.weight_decay, low=0.0)
+    _check_range("train.grad_clip", cfg.train.grad_clip, low=0.0)
+    _check_range("train.warmup_ratio", cfg.train.warmup_ratio, low=0.0, high=1.0, high_open=True)
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"train.betas: expected 2 values, found {len(cfg.train.betas)}")
+    for index, beta in enumerate(cfg.train.betas):
+        _check_range(f"train.betas.{index}", beta, low=0.0, high=1.0, high_open=True)
+    _check_range("model.bce_weight", cfg.model.bce_weight, low=0.0)
+    _check_range("model.dice_weight", cfg.model.dice_weight, low=0.0)
+    if cfg.model.bce_weight == 0 and cfg.model.dice_weight == 0:
+        raise ConfigError("model.bce_weight, model.dice_weight: both are 0, so no loss would train the heads; set "
+                          "at least one above 0")
+    widths = cfg.model.mask_head_widths
+    if len(widths) < 2 or any(width < 1 for width in widths):
+        raise ConfigError(f"model.mask_head_widths: expected at least 2 positive widths (the U-Net's levels), found "
+                          f"{widths}")
+    if cfg.data.sam_cache and cfg.model.attention_only:
+        raise ConfigError(f"data.sam_cache: set to {cfg.data.sam_cache!r}, but model.attention_only=true builds no "
+                          f"SAM, so there are no SAM embeddings to cache or read; set data.sam_cache=null")
     if cfg.model.min_pixels > cfg.model.max_pixels:
         raise ConfigError(f"model.min_pixels: expected at most model.max_pixels ({cfg.model.max_pixels}), "
                           f"found {cfg.model.min_pixels}")
@@ -208,3 +253,11 @@ def check_values(cfg: ExperimentConfig) -> None:
                 value = getattr(ds, name)
                 if value is not None and (len(value) != 2 or value[0] > value[1]):
                     raise ConfigError(f"data.{section}.{index}.{name}: expected [min, max], found {value}")
+            if ds.seed is not None and not 0 <= ds.seed < SEED_LIMIT:
+                raise ConfigError(f"data.{section}.{index}.seed: expected a seed in [0, 2**32) or null, found "
+                                  f"{ds.seed}")
+            for name in ("max_samples", "max_objects"):
+                value = getattr(ds, name)
+                if value is not None and value < 1:
+                    raise ConfigError(f"data.{section}.{index}.{name}: expected a positive integer or null, found "
+                                      f"{value}")

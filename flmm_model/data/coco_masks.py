@@ -6,6 +6,10 @@ buffer, to fewer leave pixels uninitialised; negative counts overflow; NaN polyg
 So every segmentation is checked here before pycocotools sees it: types, finite coordinates near the image, counts
 that are non-negative integers summing to exactly H*W (for a compressed string: after decoding it character by
 character, as pycocotools' `rleFrString` would). Anything else raises DataError naming the annotation.
+
+The mask of an object (`decode_object_mask`, what the datasets use) must also cover at least one pixel: an empty
+segmentation, polygons without area or wholly outside the image, or an RLE of background only would train and score
+an object against an empty ground truth.
 """
 
 from __future__ import annotations
@@ -149,4 +153,32 @@ def decode_segmentation(segmentation: Any, *, height: int, width: int, where: st
         mask = mask_utils.decode(rle).astype(bool)  # (H, W)
     if mask.shape != (height, width):
         raise DataError(f"{where}: decoded mask is {mask.shape[0]}x{mask.shape[1]}, expected {height}x{width}")
+    return mask
+
+
+def _why_empty(segmentation: Any, *, height: int, width: int) -> str:
+    """Why a segmentation decoded to no pixel, for the message."""
+    if isinstance(segmentation, dict):
+        return "its RLE marks no pixel as foreground"
+    if not segmentation:
+        return "the segmentation is an empty list"
+    points = [(float(p[i]), float(p[i + 1])) for p in segmentation for i in range(0, len(p) - 1, 2)]
+    if len(points) >= 3 and all(not (0 <= x <= width and 0 <= y <= height) for x, y in points):
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        return (f"its polygons lie wholly outside the image (x in [{min(xs):g}, {max(xs):g}], y in [{min(ys):g}, "
+                f"{max(ys):g}])")
+    return "its polygons have no area (fewer than three points, collinear, or outside the image)"
+
+
+def decode_object_mask(segmentation: Any, *, height: int, width: int, where: str) -> np.ndarray:
+    """`decode_segmentation` for the mask of one object: an (H, W) bool mask with at least one pixel set.
+
+    Raises:
+        DataError: as `decode_segmentation`, or the mask is empty (naming `where` and why: an empty segmentation,
+            polygons without area or outside the image, a background-only RLE).
+    """
+    mask = decode_segmentation(segmentation, height=height, width=width, where=where)
+    if not mask.any():
+        raise DataError(f"{where}: 'segmentation' covers no pixel of the {width}x{height} (W x H) image: "
+                        f"{_why_empty(segmentation, height=height, width=width)}; an object needs a non-empty mask")
     return mask

@@ -111,16 +111,31 @@ def index_records(container: dict, section: str, key: str, *, path: str, skips: 
     """The records of `container[section]` (a list of dicts, e.g. COCO's "images") by their `key` field.
 
     The section must be a list (DataError otherwise); a record that is not a dict or lacks `key` is bad data, handed
-    to `skips` (raised, or skipped and counted).
+    to `skips` (raised, or skipped and counted). So are records sharing one `key` value: which of them is meant
+    cannot be told, so under "skip" all of them are left out (each counted), and whatever refers to that id finds
+    none.
     """
     records = expect_type(container.get(section, []), list, where=f"{path}: {section!r}", what="a list of records")
-    indexed = {}
+    indexed: dict[Any, dict] = {}
+    positions: dict[Any, list[int]] = {}
     for position, record in enumerate(records):
         if isinstance(record, dict) and key in record:
-            indexed[record[key]] = record
+            try:
+                positions.setdefault(record[key], []).append(position)
+            except TypeError:  # an unhashable id (a list, a dict)
+                skips.handle(DataError(f"{path}: {section} record {position}: its {key!r} is a "
+                                       f"{type(record[key]).__name__} ({str(record[key])[:80]}), not an id"))
+                continue
+            indexed.setdefault(record[key], record)
         else:
             skips.handle(DataError(f"{path}: {section} record {position} has no {key!r} (found "
                                    f"{type(record).__name__} {str(record)[:80]})"))
+    for value, found in positions.items():
+        if len(found) > 1:
+            del indexed[value]
+            for position in found:
+                skips.handle(DataError(f"{path}: {section} record {position}: {key} {value!r} is shared by "
+                                       f"{len(found)} records (positions {found}); ids must be unique"))
     return indexed
 
 

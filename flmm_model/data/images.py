@@ -11,11 +11,22 @@ would silently misalign it with its masks. An ignored orientation is logged once
 
 Limits, checked before anything expensive (`check_image_size`, reusable by any front end):
 - pixels: an image over twice `PIL.Image.MAX_IMAGE_PIXELS` (about 179 megapixels by default) is refused as PIL
-  refuses it (its decompression-bomb guard), with a message that says so and what to do;
+  refuses it (its decompression-bomb guard), with a message that gives its size and the limit in megapixels and
+  what to do (`read_image_size` reads a file's header the same way, for front ends that check before loading);
 - aspect ratio: Qwen2-VL's image processor (`smart_resize` in transformers) refuses a longest / shortest side ratio
   above 200. A dataset image beyond it is bad data (DataError: raise or skip); a user's image for prediction is
   letterboxed instead (`letterbox`: padded at the bottom or right up to 200:1, masks cropped back, so they stay
   exact at the original size).
+
+Integer and float gray images (`to_rgb`): PIL's own conversion clips mode I (32-bit integers) to 0..255, so a
+16-bit scan stored as I turns white, and truncates mode F (32-bit floats) to integers, so a float image in [0, 1]
+turns black. They are scaled by the range their values lie in instead, one rule for the whole image:
+- I;16 (and I;16B / I;16L / I;16N): 16-bit, v * 255 / 65535;
+- I: values in [0, 255] are 8-bit already (kept); values in [0, 65535] are 16-bit (v * 255 / 65535); anything
+  else (negative, or beyond 16 bits) is refused;
+- F: values in [0, 1] are scaled by 255; values in [0, 255] are 8-bit already (rounded); anything else (negative,
+  above 255, NaN or infinite) is refused.
+A refused image raises DataError naming the image, its mode and its value range.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -36,6 +48,7 @@ _EXIF_ORIENTATION = 0x0112
 _MOVING_ORIENTATIONS = frozenset(range(2, 9))  # 1 = as stored; 2-8 mirror and / or rotate; other values are invalid
 _warned_orientation: set[str] = set()  # files whose ignored EXIF orientation was already logged (per process)
 MAX_ASPECT_RATIO = 200  # transformers' qwen2_vl smart_resize: ValueError when max(h, w) / min(h, w) > 200
+_BOMB_PIXELS = re.compile(r"Image size \((\d+) pixels\)")  # PIL's DecompressionBombError message
 
 
 def max_image_pixels() -> int | None:
@@ -92,17 +105,49 @@ def letterbox(image: Image.Image, *, max_aspect_ratio: int = MAX_ASPECT_RATIO,
     return canvas
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def _gray_to_8bit(image: Image.Image, *, where: str) -> Image.Image:
+    """An I;16*, I or F image as 8-bit gray ("L"), scaled by the range of its values (see the module docstring).
+
+    Raises:
+        DataError: values outside every range of the rule (negative, beyond 16 bits, above 255 for floats, NaN).
+    """
+    values = np.asarray(image)  # (H, W): uint16, int32 or float32
+    if image.mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    else:
+        finite = bool(np.isfinite(values).all())
+        low, high = (float(values.min()), float(values.max())) if values.size and finite else (0.0, 0.0)
+        top = 255.0 if image.mode == "F" else 65535.0  # the largest value the rule can scale
+        if not finite or low < 0 or high > top:
+            found = "NaN or infinite values" if not finite else f"values in [{low:g}, {high:g}]"
+            ranges = "[0, 1] or [0, 255]" if image.mode == "F" else "[0, 255] (8-bit) or [0, 65535] (16-bit)"
+            raise DataError(f"{where}: a mode {image.mode} image with {found}; only {ranges} can be scaled to 8 "
+                            f"bits without guessing. Convert it to an 8-bit RGB or gray image first")
+        if image.mode == "F":
+            scale = 255.0 if high <= 1.0 else 1.0  # [0, 1] floats, or floats on the 8-bit scale
+        else:
+            scale = 1.0 if high <= 255.0 else 255.0 / 65535.0  # 8-bit values, or 16-bit ones
+    gray = np.round(values.astype(np.float64) * scale)  # (H, W) in [0, 255]
+    return Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8))  # mode L
+
+
+def to_rgb(image: Image.Image, *, where: str = "image") -> Image.Image:
     """Convert any PIL mode to 8-bit RGB.
 
     Gray, CMYK and YCbCr convert directly; palette images go through RGBA so palette transparency is kept; images
-    with alpha are composited on white (as Qwen's own image loading does); 16-bit gray is scaled to 8 bits.
+    with alpha are composited on white (as Qwen's own image loading does); 16-bit, 32-bit integer and float gray
+    images are scaled to 8 bits by the range of their values (the rule in the module docstring).
+
+    Args:
+        image: a PIL image of any mode.
+        where: the image, for error messages (a file name and sample).
+    Raises:
+        DataError: an I or F image whose values fit no range of the rule (e.g. negative, or NaN).
     """
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I;16"):
-        gray = np.asarray(image, dtype=np.float32) / 257.0  # 65535 -> 255
-        image = Image.fromarray(np.clip(np.round(gray), 0, 255).astype(np.uint8))
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = _gray_to_8bit(image, where=where)
     if image.mode in ("P", "PA"):
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "La", "RGBa"):
@@ -110,6 +155,39 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
     return image.convert("RGB")
+
+
+def too_large_error(error: Image.DecompressionBombError, *, where: str) -> DataError:
+    """The DataError for an image PIL refuses to open as a decompression bomb: its size and the limit in megapixels.
+
+    PIL refuses such an image while reading its header, before it gives the size; its message holds the pixel count.
+    """
+    limit = max_image_pixels()
+    found = _BOMB_PIXELS.search(str(error))
+    size = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "over the limit"
+    limit_text = f"{limit / 1e6:.0f} megapixels" if limit is not None else "PIL's limit"
+    fit = f", e.g. to fit {math.isqrt(limit)}x{math.isqrt(limit)}" if limit is not None else ""
+    return DataError(f"{where} is too large to decode safely: {size}, over the {limit_text} PIL decodes ({error}) "
+                     f"Downscale it (the model sees at most model.max_pixels anyway){fit}")
+
+
+def read_image_size(path: str, *, sample: str = "") -> tuple[int, int]:
+    """The (width, height) in an image file's header, without decoding the pixels.
+
+    Raises:
+        DataError: a missing or unreadable file, or one too large for PIL (`too_large_error`: its megapixels and the
+            limit), naming `path` and `sample`.
+    """
+    where = f" ({sample})" if sample else ""
+    if not os.path.isfile(path):
+        raise DataError(f"missing image file {path}{where}")
+    try:
+        with Image.open(path) as stored:
+            return stored.size
+    except Image.DecompressionBombError as error:
+        raise too_large_error(error, where=f"image file {path}{where}") from error
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise DataError(f"cannot read image file {path}{where}: {error} (not an image, or a damaged one)") from error
 
 
 def load_rgb(path: str, *, expected_hw: tuple[int, int] | None = None, sample: str = "") -> Image.Image:
@@ -144,12 +222,11 @@ def load_rgb(path: str, *, expected_hw: tuple[int, int] | None = None, sample: s
     except DataError:
         raise
     except Image.DecompressionBombError as error:
-        raise DataError(f"image file {path}{where} is too large to decode safely: {error} Downscale it (the model "
-                        f"sees at most model.max_pixels anyway)") from error
+        raise too_large_error(error, where=f"image file {path}{where}") from error
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DataError(f"cannot read image file {path}{where}: {error} (not an image, or a damaged one)") from error
     if expected_hw is None:
-        return to_rgb(image)
+        return to_rgb(image, where=f"image file {path}{where}")
 
     expected = (int(expected_hw[0]), int(expected_hw[1]))
     moves = orientation in _MOVING_ORIENTATIONS
@@ -168,7 +245,7 @@ def load_rgb(path: str, *, expected_hw: tuple[int, int] | None = None, sample: s
             _warned_orientation.add(key)
             logger.warning("%s: EXIF orientation %d ignored to keep image and masks aligned: the annotations refer "
                            "to the stored %dx%d (H x W) pixels%s", path, orientation, expected[0], expected[1], where)
-    return to_rgb(image)
+    return to_rgb(image, where=f"image file {path}{where}")
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:

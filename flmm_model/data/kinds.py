@@ -36,8 +36,15 @@ def _check_protocol(*allowed: str) -> Callable[[DatasetConfig, str], None]:
 
 
 def _check_synthetic(ds: DatasetConfig, key: str) -> None:
+    """The ranges `SyntheticShapesDataset` takes, checked at load time so that they are config errors."""
     if ds.length < 1:
         raise ConfigError(f"{key}.length: a synthetic dataset needs length >= 1, found {ds.length}")
+    if ds.image_size is not None and not 16 <= ds.image_size[0] <= ds.image_size[1]:
+        raise ConfigError(f"{key}.image_size: a synthetic dataset needs [min, max] with 16 <= min <= max pixels, "
+                          f"found {ds.image_size}")
+    if ds.object_size is not None and not 0 < ds.object_size[0] <= ds.object_size[1] < 1:
+        raise ConfigError(f"{key}.object_size: a synthetic dataset needs [min, max] with 0 < min <= max < 1 (fractions "
+                          f"of the shorter side), found {ds.object_size}")
 
 
 _REFCOCO = DatasetKind(check=_check_protocol("flmm", "per_sentence"))

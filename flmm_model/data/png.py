@@ -139,22 +139,26 @@ class PngDataset(torch.utils.data.Dataset):
         utterances: list[tuple[str, int]] = []  # (stripped text, k)
         segment_ids, plural, isthing = [], [], []
         for position, segment in enumerate(narrative["segments"]):
-            text = " ".join(str(segment.get("utterance", "")).split())
+            utterance = segment.get("utterance", "")
+            if not isinstance(utterance, str):  # str(None) would put "None" into the narrative
+                raise DataError(f"{where}: segment {position} field 'utterance': expected a string, found "
+                                f"{type(utterance).__name__} {str(utterance)[:80]}")
+            text = " ".join(utterance.split())
             if not segment.get("segment_ids"):
                 if text:
                     utterances.append((text, -1))
                 continue
             if not text:
                 raise DataError(f"{where}: segment {position} is grounded but its utterance is empty")
-            try:
-                ids = tuple(int(segment_id) for segment_id in segment["segment_ids"])
-            except (TypeError, ValueError) as error:
-                raise DataError(f"{where}: segment {position} has a non-integer segment id") from error
+            if not isinstance(segment["segment_ids"], list):
+                raise DataError(f"{where}: segment {position} field 'segment_ids': expected a list of ids, found "
+                                f"{type(segment['segment_ids']).__name__}")
+            ids = tuple(_segment_id(value, where=f"{where}: segment {position}") for value in segment["segment_ids"])
             absent = [segment_id for segment_id in ids if segment_id not in category_of]
             if absent:
                 raise DataError(f"{where}: segment ids {absent} of segment {position} are not in the segments_info "
                                 f"of image {image_id} in {self.panoptic_path}")
-            is_plural = bool(segment.get("plural"))
+            is_plural = _flag(segment.get("plural", False), where=f"{where}: segment {position} field 'plural'")
             utterances.append((text, len(segment_ids)))
             segment_ids.append(ids)
             plural.append(is_plural)
@@ -224,6 +228,27 @@ def read_panoptic_png(path: str, *, sample: str = "") -> np.ndarray:
     except Exception as error:  # noqa: BLE001 - PIL raises many types for a bad file (decompression bomb included)
         raise DataError(f"cannot read panoptic PNG {path}{where}: {type(error).__name__}: {error}") from error
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]  # (H, W)
+
+
+def _segment_id(value: Any, *, where: str) -> int:
+    """A panoptic segment id from the narratives file: an integer, or the decimal digits of one (PNG writes them as
+    strings). A float is taken only when integral: 1001.9 is no id (int() would read it as 1001)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value)
+    raise DataError(f"{where} has a non-integer segment id in field 'segment_ids': {value!r}")
+
+
+def _flag(value: Any, *, where: str) -> bool:
+    """A JSON boolean (or 0 / 1); a string such as "false" is refused, bool("false") being True."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise DataError(f"{where}: expected true or false, found {type(value).__name__} {value!r}")
 
 
 def _narrative_parts(caption: Any, utterances: list[tuple[str, int]]) -> list[tuple[str, int]]:

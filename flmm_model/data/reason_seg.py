@@ -27,11 +27,10 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from flmm_model.data.errors import DataError, SkipLog, record_errors
-from flmm_model.data.images import load_rgb
+from flmm_model.data.images import load_rgb, read_image_size
 from flmm_model.data.item import make_item
 from flmm_model.data.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, expression_parts
 
@@ -49,7 +48,12 @@ def flmm_question(query: str, is_sentence: bool) -> str:
 
 
 def draw_lisa_mask(shapes: list[dict[str, Any]], height: int, width: int, *, where: str) -> np.ndarray:
-    """LISA's `get_mask_from_json`: (H, W) uint8 with 1 = target, 255 = ignore, 0 = background."""
+    """LISA's `get_mask_from_json`: (H, W) uint8 with 1 = target, 255 = ignore, 0 = background.
+
+    Raises:
+        DataError (naming `where` and the shape): malformed points, points far outside the image (beyond one image
+            size from it, where int32 could wrap), or no target pixel at all.
+    """
     polygons = []
     for index, shape in enumerate(shapes):
         label = shape.get("label") if isinstance(shape, dict) else None
@@ -60,6 +64,12 @@ def draw_lisa_mask(shapes: list[dict[str, Any]], height: int, width: int, *, whe
         points = np.asarray(shape.get("points"), dtype=np.float64)
         if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] < 1 or not np.isfinite(points).all():
             raise DataError(f"{where}: shape {index} ({label!r}) needs 'points' as a list of finite [x, y] pairs")
+        xs, ys = points[:, 0], points[:, 1]
+        if xs.min() < -width or xs.max() > 2 * width or ys.min() < -height or ys.max() > 2 * height:
+            # int32 would wrap such coordinates (1e12 becomes -2147483648), drawing a polygon nobody annotated
+            raise DataError(f"{where}: shape {index} ({label!r}) field 'points' lies far outside the {width}x{height} "
+                            f"(W x H) image (x in [{xs.min():g}, {xs.max():g}], y in [{ys.min():g}, {ys.max():g}]); "
+                            f"it belongs to another image or is corrupt")
         polygon = np.array([points], dtype=np.int32)  # (1, P, 2), truncated as LISA's np.array(..., np.int32)
         alone = np.zeros((height, width), dtype=np.uint8)
         cv2.polylines(alone, polygon, True, 1, 1)
@@ -69,6 +79,9 @@ def draw_lisa_mask(shapes: list[dict[str, Any]], height: int, width: int, *, whe
     for _, value, polygon in sorted(polygons, key=lambda p: -p[0]):  # larger first (stable for equal areas)
         cv2.polylines(mask, polygon, True, value, 1)
         cv2.fillPoly(mask, polygon, value)
+    if not (mask == 1).any():
+        raise DataError(f"{where}: the 'target' shapes cover no pixel of the {width}x{height} (W x H) image (they lie "
+                        f"outside it, or 'ignore' shapes cover them); a sample needs a non-empty target")
     return mask
 
 
@@ -154,7 +167,11 @@ class ReasonSegDataset(torch.utils.data.Dataset):
         image_path = os.path.splitext(path)[0] + ".jpg"
         if not os.path.isfile(image_path):
             raise DataError(f"{path}: missing image file {image_path}")
-        return path, queries[0].strip(), bool(annotation.get("is_sentence", False)), shapes
+        is_sentence = annotation.get("is_sentence", False)
+        if not isinstance(is_sentence, bool):  # bool("false") is True
+            raise DataError(f"{path}: field 'is_sentence': expected true or false, found {type(is_sentence).__name__} "
+                            f"{is_sentence!r}")
+        return path, queries[0].strip(), is_sentence, shapes
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -167,11 +184,7 @@ class ReasonSegDataset(torch.utils.data.Dataset):
         path, query, is_sentence, shapes = self._samples[index]
         image_path = os.path.splitext(path)[0] + ".jpg"
         sample = f"reason_seg/{self.split} sample {index} ({os.path.basename(image_path)})"
-        try:
-            with Image.open(image_path) as stored:
-                width, height = stored.size  # the stored frame, which the polygons refer to
-        except (OSError, ValueError) as error:
-            raise DataError(f"cannot read image file {image_path} ({sample}): {error}") from error
+        width, height = read_image_size(image_path, sample=sample)  # the stored frame, which the polygons refer to
         image = load_rgb(image_path, expected_hw=(height, width), sample=sample)
         with record_errors(f"{path} ({sample})"):
             mask = draw_lisa_mask(shapes, height, width, where=f"{path} ({sample})")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from flmm_model.data.coco_masks import decode_segmentation
+from flmm_model.data.coco_masks import decode_object_mask, decode_segmentation  # noqa: F401 - re-exported
 from flmm_model.data.errors import DataError, SkipLog, expect_type, index_records, load_json, record_errors
 from flmm_model.data.images import load_rgb
 from flmm_model.data.item import make_item
@@ -165,10 +165,16 @@ class RefCocoDataset(torch.utils.data.Dataset):
                             f"not to the ref's image {image_id}")
         field = "sent" if self.sentence == "sent" else "raw"
         sentences = []
-        for sentence in ref.get("sentences", []):
+        listed = expect_type(ref.get("sentences", []), list, where=f"{where}: 'sentences'", what="a list of dicts")
+        for position, sentence in enumerate(listed):
+            if not isinstance(sentence, dict):
+                raise DataError(f"{where}: sentence {position} is a {type(sentence).__name__}, expected a dict")
             if field not in sentence:
                 raise DataError(f"{where}: sentence {sentence.get('sent_id')} has no {field!r} field")
-            text = str(sentence[field])
+            text = sentence[field]
+            if not isinstance(text, str):  # str(None) would train the text "none"
+                raise DataError(f"{where}: sentence {sentence.get('sent_id')} field {field!r}: expected a string, "
+                                f"found {type(text).__name__} {str(text)[:80]}")
             text = text.lower() if self.sentence == "raw_lower" else text
             if text.strip():
                 sentences.append((sentence.get("sent_id"), text))
@@ -213,8 +219,8 @@ class RefCocoDataset(torch.utils.data.Dataset):
 
         image = load_rgb(os.path.join(self.image_dir, file_name), expected_hw=(height, width), sample=sample)
         gt_masks = np.stack([
-            decode_segmentation(self._segmentations[ref.ann_id], height=height, width=width,
-                                where=f"{sample}, annotation {ref.ann_id} in {self.instances_path}")
+            decode_object_mask(self._segmentations[ref.ann_id], height=height, width=width,
+                               where=f"{sample}, annotation {ref.ann_id} in {self.instances_path}")
             for ref in refs
         ])  # (K, H, W)
         phrases = [ref.sentences[choice][1] for ref, choice in zip(refs, choices, strict=True)]

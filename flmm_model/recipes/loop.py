@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from flmm_model.checkpoint import atomic_write_text, latest_checkpoint
+from flmm_model.checkpoint import TRAINER_STATE, atomic_write_text, check_trainer_state, latest_checkpoint
 from flmm_model.config import ConfigError, ExperimentConfig, TrainConfig
 from flmm_model.config_loader import config_to_yaml
 from flmm_model.data.loader import make_loader
@@ -215,8 +215,10 @@ def check_resume_setup(state: dict[str, Any], *, checkpoint: str | Path, world_s
     The data position (`micro_in_epoch`) counts micro-batches of `batch_size` samples per process, so it means other
     samples under another world size, batch size or accumulation; the LR schedule spans `total_steps`, so another
     total would either stop early or train the extra steps at LR 0. Checkpoints written before `batch_size` and
-    `grad_accum` were saved are checked on what they hold.
+    `grad_accum` were saved are checked on what they hold. A state missing a field a resume reads, or holding one
+    of the wrong type, is refused first, naming the file (`checkpoint.check_trainer_state`).
     """
+    check_trainer_state(state, path=Path(checkpoint) / TRAINER_STATE)
     current = {"world_size": ("world size", world_size), "batch_size": ("data.batch_size", batch_size),
                "grad_accum": ("train.grad_accum", grad_accum)}
     differ = [f"{name} {state[key]} in the checkpoint, {value} now" for key, (name, value) in current.items()

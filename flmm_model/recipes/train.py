@@ -20,7 +20,13 @@ from typing import Any
 import torch
 
 from flmm_model.build import check_model_paths, prompt_settings
-from flmm_model.checkpoint import latest_checkpoint, load_checkpoint, settings_differ
+from flmm_model.checkpoint import (
+    TRAINER_STATE,
+    check_trainer_state,
+    latest_checkpoint,
+    load_checkpoint,
+    settings_differ,
+)
 from flmm_model.config import ConfigError, ExperimentConfig
 from flmm_model.data.loader import make_loader
 from flmm_model.data.registry import NamedDataset, build_datasets
@@ -85,6 +91,7 @@ def attention_only_config(cfg: ExperimentConfig) -> ExperimentConfig:
     A resumed run resumes its ablation from the ablation's own newest checkpoint."""
     return dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, attention_only=True),
+        data=dataclasses.replace(cfg.data, sam_cache=None),  # no SAM: no SAM embeddings to read
         train=dataclasses.replace(cfg.train, out_dir=str(Path(cfg.train.out_dir) / "attention_only"),
                                   attention_only_baseline=False, resume="latest" if cfg.train.resume else None))
 
@@ -99,10 +106,9 @@ def check_run_setup(cfg: ExperimentConfig) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train: no training dataset configured")
     ckpt_root = prepare_output_dir(tc.out_dir, what="train.out_dir") / "checkpoints"
-    if tc.resume == "latest" and latest_checkpoint(ckpt_root) is not None:
-        load_checkpoint(ckpt_root, trainer_state=True)
-    elif tc.resume and tc.resume != "latest":
-        load_checkpoint(tc.resume, trainer_state=True)
+    if tc.resume and (tc.resume != "latest" or latest_checkpoint(ckpt_root) is not None):
+        resume = load_checkpoint(ckpt_root if tc.resume == "latest" else tc.resume, trainer_state=True)
+        check_trainer_state(resume.trainer_state, path=resume.directory / TRAINER_STATE)
     elif not tc.resume and not tc.overwrite and latest_checkpoint(ckpt_root) is not None:
         raise earlier_run_error(ckpt_root)
 
