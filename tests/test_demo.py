@@ -621,3 +621,13 @@ def test_upload_gate_admits_uploads_and_examples_only(tmp_path, monkeypatch):
         assert str(raised.value) == NOT_UPLOADED
     with pytest.raises(InputError, match="not uploaded"):
         gate.upload_path({"path": None})
+
+
+def test_an_image_too_large_for_pil_gets_its_megapixels_and_the_limit(tmp_path):
+    from types import SimpleNamespace
+
+    huge = tmp_path / "huge.png"
+    Image.new("1", (20000, 20000)).save(huge)  # 400 megapixels, a few hundred kB on disk
+    demo_model = DemoModel(SimpleNamespace(max_length=2048, tokenizer=None))
+    with pytest.raises(InputError, match=r"'huge.png' is over \d+ megapixels; this demo takes at most 50 megapixels"):
+        demo_model.read_image(str(huge))

@@ -131,7 +131,11 @@ class DemoModel:
         try:
             with Image.open(path) as probe:
                 width, height = probe.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        except Image.DecompressionBombError as error:  # too large for PIL even to report its size
+            raise InputError(f"{name!r} is over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels; this demo "
+                             f"takes at most {self.max_input_pixels / 1e6:.0f} megapixels. Downscale it first.") \
+                from error
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise InputError(f"{name!r} is not an image this demo can read (PNG, JPEG, WebP, BMP, TIFF, GIF ...): "
                              f"{type(error).__name__}") from error
         if width * height > self.max_input_pixels:
