@@ -15,10 +15,12 @@ its newest complete checkpoint, and no incomplete directory is ever chosen.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -237,3 +239,66 @@ def save_checkpoint(*, root: str | Path, step: int, weights: dict[str, torch.Ten
         if old_checkpoint != final:
             delete_checkpoint(old_checkpoint)
     return final
+
+
+LOCK_NAME = ".lock"
+
+
+def acquire_run_lock(out_dir: str | Path, *, what: str = "train.out_dir") -> Path:
+    """Take `<out_dir>/.lock` for this process (its pid and host inside), so a second run on the same directory
+    refuses to start instead of deleting the first one's checkpoints and interleaving its metrics.
+
+    A lock left by a process that no longer runs on this host (a killed run) is stale: it is replaced. A lock of
+    another host cannot be checked from here and is respected; the message says how to remove it.
+
+    Returns:
+        the lock file, for `release_run_lock`.
+
+    Raises:
+        UserError: another live run holds the directory (naming its pid and host).
+    """
+    path = Path(out_dir) / LOCK_NAME
+    owner = f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(3):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None and _alive(*holder):
+                pid, host = holder
+                raise UserError(f"{what}: {out_dir} is in use by another run (pid {pid} on {host}, {path}); wait for "
+                                f"it, choose another {what}, or delete {path} if no such run exists") from None
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # stale: its owner is gone
+            continue
+        with os.fdopen(descriptor, "w") as file:
+            file.write(owner + "\n")
+        return path
+    raise UserError(f"{what}: could not take the lock {path} (another run keeps taking it)")
+
+
+def release_run_lock(path: Path | None) -> None:
+    """Remove a lock taken by `acquire_run_lock`, if this process still owns it."""
+    if path is not None and _lock_holder(path) == (os.getpid(), socket.gethostname()):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _lock_holder(path: Path) -> tuple[int, str] | None:
+    try:
+        pid, host = path.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None  # unreadable or half-written: treated as stale
+
+
+def _alive(pid: int, host: str) -> bool:
+    if host != socket.gethostname():
+        return True  # cannot tell from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

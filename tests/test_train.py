@@ -214,3 +214,28 @@ def test_a_diverged_run_stops_at_its_first_nan_step_and_keeps_the_good_checkpoin
     assert "NaN" not in (out / "metrics.jsonl").read_text()
     weights = load_file(str(out / "checkpoints" / "step_0000002" / "model.safetensors"))
     assert all(bool(torch.isfinite(tensor).all()) for tensor in weights.values())
+
+
+def test_a_second_run_on_a_busy_out_dir_refuses_and_a_stale_lock_is_replaced(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from flmm_model.errors import UserError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    common = ["train", "--config", DEMO, *TINY, f"train.out_dir={out}", "train.max_steps=1", "data.val=[]"]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live run on this host holds the directory
+        (out / ".lock").write_text(f"{sleeper.pid} {socket.gethostname()}\n")
+        with pytest.raises(UserError, match=rf"is in use by another run \(pid {sleeper.pid} on "):
+            run.main(common)
+        assert not (out / "checkpoints").exists() and (out / ".lock").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # Its process is gone: the lock is stale, the run takes it, trains, and removes it at the end.
+    run.main(common)
+    assert [path.name for path in list_checkpoints(out / "checkpoints")] == ["step_0000001"]
+    assert not (out / ".lock").exists()

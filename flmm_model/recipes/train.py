@@ -63,7 +63,7 @@ from flmm_model.recipes.loop import (
 )
 from flmm_model.recipes.pointing import pointing_rows, score_pointing
 from flmm_model.recipes.scoring import print_table, score_dataset
-from flmm_model.run_dir import prepare_output_dir
+from flmm_model.run_dir import acquire_run_lock, prepare_output_dir, release_run_lock
 
 # The loop's helpers, importable from here as before the loop had its own module.
 __all__ = ["LOSS_KEYS", "WarmupCosine", "check_resume_setup", "check_run_setup", "earlier_run_error",
@@ -171,6 +171,7 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
     check_model_paths(cfg.model)
     check_device(tc.device, key="train.device")
     info = init_distributed(tc.device)
+    lock = None
     try:
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
@@ -181,6 +182,7 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
         log = print if info.is_main else (lambda *args, **kwargs: None)
         if info.is_main:  # a run directory that is a file or read-only fails now, not after the model is built
             prepare_output_dir(out_dir, what="train.out_dir")
+            lock = acquire_run_lock(out_dir)  # a second run on this directory refuses to start
 
         # ---- Data first: missing files or an empty split fail before any weights load.
         if not cfg.data.train:
@@ -310,4 +312,5 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
                 "stopped_early": result.stopped_early, "last_loss": result.last_loss, "val": result.scores,
                 "pointing": pointing, "model": model}
     finally:
+        release_run_lock(lock)
         shutdown_distributed(info)
