@@ -14,16 +14,11 @@ import flmm_model.model
 import flmm_model.recipes.pretrain_lmm
 import flmm_model.recipes.train
 import run
-from flmm_model.checkpoint import (
-    TRAINER_STATE,
-    capture_rng_state,
-    check_trainer_state,
-    load_trainer_state,
-    save_checkpoint,
-)
+from flmm_model.checkpoint import TRAINER_STATE, check_trainer_state, load_trainer_state
 from flmm_model.config import ConfigError
 from flmm_model.config_loader import load_config
 from flmm_model.errors import CheckpointError
+from flmm_model.run_dir import capture_rng_state, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo_random_lmm.yaml")
