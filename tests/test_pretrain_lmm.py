@@ -253,6 +253,31 @@ def test_keep_last_keeps_the_newest_checkpoints(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]
 
 
+def test_a_second_pretraining_on_a_busy_out_dir_refuses_before_touching_it(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from flmm_model.errors import UserError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier run's file")
+    common = ["pretrain-lmm", "--config", PRETRAIN, *TINY, "train.max_steps=1", "data.val=[]", "train.overwrite=true",
+              f"train.out_dir={out}"]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live run on this host holds the directory: even overwrite=true must not clear it
+        (out / ".lock").write_text(f"{sleeper.pid} {socket.gethostname()}\n")
+        with pytest.raises(UserError, match=rf"is in use by another run \(pid {sleeper.pid} on "):
+            run.main(common)
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "keep.txt"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    run.main(common)  # the holder is gone: its lock is stale, this run takes it and removes it at the end
+    assert (out / "qwen" / "config.json").exists() and not (out / ".lock").exists()
+
+
 @pytest.mark.parametrize("kill", ["writing the LMM", "renaming it into place", "replacing an earlier export"])
 def test_a_kill_while_publishing_the_lmm_resumes_without_retraining(tmp_path, monkeypatch, capsys, kill):
     out = tmp_path / "run"

@@ -72,6 +72,7 @@ from flmm_model.recipes.loop import (
 )
 from flmm_model.recipes.pointing import score_pointing
 from flmm_model.recipes.scoring import print_table
+from flmm_model.run_dir import acquire_run_lock, prepare_output_dir, release_run_lock
 
 EXPORT_DIR = "qwen"  # the finished LMM inside train.out_dir
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
@@ -329,15 +330,24 @@ def pretrain_lmm(cfg: ExperimentConfig) -> dict[str, Any]:
         `last_loss` (caption loss of the last log window) and `val` (label -> caption_loss, pointing,
         pointing_chance, count; of the start and of the end).
     """
-    tc = cfg.train
     _check_pretrain_config(cfg)
     check_model_paths(cfg.model)
+    out_dir = prepare_output_dir(cfg.train.out_dir, what="train.out_dir")
+    lock = acquire_run_lock(out_dir)  # a second run on this directory refuses to start
+    try:
+        return _pretrain(cfg, out_dir=out_dir)
+    finally:
+        release_run_lock(lock)
+
+
+def _pretrain(cfg: ExperimentConfig, *, out_dir: Path) -> dict[str, Any]:
+    """`pretrain_lmm`'s body, run while this process holds the lock of `out_dir`."""
+    tc = cfg.train
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=resolve_device(tc.device))  # one process
     device = info.device
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
-    out_dir = Path(tc.out_dir)
     metrics_path = out_dir / "metrics.jsonl"
 
     # ---- Data first (bad settings fail before any weights load).
