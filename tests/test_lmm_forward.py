@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from flmm_model.backbones import PRESETS, adapter_for, load_image_processor
-from flmm_model.build import build_qwen
+from flmm_model.build import build_qwen, load_tokenizer
 from flmm_model.modeling.lmm import FrozenQwenLMM
 
-FAMILY_PRESETS = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny"]  # Qwen2-VL, Qwen2.5-VL, Qwen3-VL
+# Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 (hybrid: maps from its full-attention layers), Qwen3.5-MoE
+FAMILY_PRESETS = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny", "qwen3_vl_moe_tiny", "qwen3_5_tiny", "qwen3_5_moe_tiny"]
 PHRASES = [["the cup of coffee", "the saucer"], ["a man", "the flag", "his helmet"], ["the cat"]]
 
 
@@ -73,6 +74,12 @@ def preset(request) -> str:
 
 
 @pytest.fixture(scope="module")
+def tokenizer(preset):
+    """The family's bundled real tokenizer (Qwen3.5 has its own vocabulary)."""
+    return load_tokenizer(backbone=preset)
+
+
+@pytest.fixture(scope="module")
 def adapter(preset):
     return adapter_for(PRESETS[preset][0])
 
@@ -106,7 +113,10 @@ def reference(models, tokenizer, batch, padding_side):
         positions, _ = sdpa_model.model.get_rope_index(
             ids, mm_token_type_ids=image_mask.long(), image_grid_thw=batch["image_grid_thw"], attention_mask=attn
         )
-    assert len(attentions) == sdpa_model.config.text_config.num_hidden_layers
+    # Eager `output_attentions` returns one map per softmax-attention layer: all layers, or Qwen3.5's full ones.
+    text_config = sdpa_model.config.text_config
+    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+    assert len(attentions) == layer_types.count("full_attention")
     maps = []
     merge = sdpa_model.config.vision_config.spatial_merge_size
     for b in range(ids.shape[0]):
@@ -131,7 +141,7 @@ def run_lmm(lmm, tokenizer, batch, padding_side, key="compact"):
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("key", ["compact", "expanded"])
-def test_lmm_forward_matches_hf_reference(lmm, reference_models, tokenizer, batch, padding_side, key):
+def test_lmm_forward_matches_hf_reference(preset, lmm, reference_models, tokenizer, batch, padding_side, key):
     ref = reference(reference_models, tokenizer, batch, padding_side)
     out = run_lmm(lmm, tokenizer, batch, padding_side, key)
 
@@ -141,9 +151,12 @@ def test_lmm_forward_matches_hf_reference(lmm, reference_models, tokenizer, batc
     assert torch.equal(out.position_ids, ref["positions"])
     valid = ref["attn"].bool()
     torch.testing.assert_close(out.last_hidden_state[valid], ref["last_hidden_state"][valid], atol=1e-5, rtol=1e-5)
+    # The reference maps come from the eager model, whose hidden states differ from the sdpa model's by kernel
+    # rounding; in Qwen3.5 that difference passes through its recurrent layers before the map layers (up to 2e-5).
+    map_tolerance = 1e-4 if preset.startswith("qwen3_5") else 1e-5
     for b, ref_maps in enumerate(ref["maps"]):
         assert out.attention_maps[b].shape == ref_maps.shape
-        torch.testing.assert_close(out.attention_maps[b], ref_maps, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.attention_maps[b], ref_maps, atol=map_tolerance, rtol=1e-4)
         for k, states in enumerate(out.phrase_hidden_states[b]):
             rows = ref["mask_ids"][b] == k
             expected = torch.stack([h[b][rows] for h in ref["hidden_states"][1:]])  # (layers, T_k, D)
@@ -156,7 +169,11 @@ def test_sdpa_and_eager_capture_agree(preset, tokenizer, batch):
     for a, b in zip(sdpa.attention_maps, eager.attention_maps, strict=True):
         assert (a - b).abs().max() <= 1e-5
     valid = sdpa.attention_mask.bool()
-    torch.testing.assert_close(sdpa.last_hidden_state[valid], eager.last_hidden_state[valid], atol=1e-5, rtol=1e-5)
+    # Qwen3.5: the two attention kernels' rounding passes through 6 recurrent (gated delta rule) layers of the tiny
+    # model (init std 0.2): up to 2e-5 apart; the issue's bar for the family is 1e-4.
+    tolerance = 1e-4 if preset.startswith("qwen3_5") else 1e-5
+    torch.testing.assert_close(sdpa.last_hidden_state[valid], eager.last_hidden_state[valid], atol=tolerance,
+                               rtol=tolerance)
 
 
 def test_attention_maps_layout(lmm, tokenizer, batch):
@@ -164,8 +181,9 @@ def test_attention_maps_layout(lmm, tokenizer, batch):
     config = lmm.qwen.config.text_config
     merge = lmm.merge_size
     for maps, phrases, (_, h, w) in zip(out.attention_maps, PHRASES, batch["image_grid_thw"].tolist(), strict=True):
-        assert maps.shape == (len(phrases), config.num_hidden_layers * config.num_attention_heads, h // merge,
-                              w // merge)
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+        assert maps.shape == (len(phrases), layer_types.count("full_attention") * config.num_attention_heads,
+                              h // merge, w // merge)
         assert maps.dtype == torch.float32
         assert torch.all(maps.flatten(2).sum(-1) <= 1 + 1e-5)  # a share of a softmax row
 
@@ -314,10 +332,10 @@ def test_capture_stays_fp32_under_autocast(lmm, tokenizer, batch):
     assert all(maps.dtype == torch.float32 for maps in out.attention_maps)
 
 
-def test_qwen3_vl_hidden_states_depend_on_deepstack_inputs(tokenizer, photos):
+def test_qwen3_vl_hidden_states_depend_on_deepstack_inputs(photos):
     """Qwen3-VL's decoder runs without its deepstack inputs too, silently computing something else: the equivalence
     above can only pass if `run_decoder` passes them, because leaving them out moves the hidden states far."""
-    qwen = build_qwen("qwen3_vl_tiny")
+    qwen, tokenizer = build_qwen("qwen3_vl_tiny"), load_tokenizer(backbone="qwen3_vl")
     lmm = FrozenQwenLMM(qwen=qwen)
     batch = make_batch(lmm.adapter, photos)
     out = run_lmm(lmm, tokenizer, batch, "left")

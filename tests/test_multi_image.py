@@ -14,14 +14,21 @@ import torch
 from test_lmm_forward import encode  # padded ids and mask_ids from character offsets
 
 from flmm_model.backbones import PRESETS, adapter_for, load_image_processor
-from flmm_model.build import build_qwen
+from flmm_model.build import build_qwen, load_tokenizer
 from flmm_model.modeling.lmm import FrozenQwenLMM
 
-FAMILY_PRESETS = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny"]  # Qwen2-VL, Qwen2.5-VL, Qwen3-VL
+# Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE
+FAMILY_PRESETS = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny", "qwen3_vl_moe_tiny", "qwen3_5_tiny", "qwen3_5_moe_tiny"]
 # (photos of the sample, phrases, grounded image): batches mix samples with one and with two images.
 SAMPLES = [([0], ["the cup of coffee", "the saucer"], 0), ([3, 2], ["the cat", "a man in a suit"], 1),
            ([1, 3], ["the flag"], 0)]
-GENERATE = dict(max_new_tokens=6, do_sample=False, eos_token_id=151645, pad_token_id=151643)
+GENERATE = dict(max_new_tokens=6, do_sample=False)
+
+
+def generate_options(tokenizer) -> dict:
+    """Greedy, 6 tokens, stopping at the vocabulary's <|im_end|> (151645 in Qwen2's, 248046 in Qwen3.5's)."""
+    return dict(GENERATE, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                pad_token_id=tokenizer.pad_token_id)
 
 
 def chat_text(num_pads: list[int] | None, num_images: int, phrases: list[str], adapter):
@@ -41,6 +48,12 @@ def chat_text(num_pads: list[int] | None, num_images: int, phrases: list[str], a
 @pytest.fixture(scope="module", params=FAMILY_PRESETS)
 def preset(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def family_tokenizer(preset):
+    """The family's bundled real tokenizer (Qwen3.5 has its own vocabulary)."""
+    return load_tokenizer(backbone=preset)
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +81,9 @@ def models(preset):
                 eager=build_qwen(preset, attn_implementation="eager").eval())
 
 
-def hf_reference(models, tokenizer, family, padding_side):
+def hf_reference(models, family_tokenizer, family, padding_side):
     texts, spans = zip(*family["expanded"], strict=True)
-    ids, attn, mask_ids = encode(tokenizer, list(texts), spans, padding_side)
+    ids, attn, mask_ids = encode(family_tokenizer, list(texts), spans, padding_side)
     model = models["sdpa"]
     image_mask = ids == model.config.image_token_id
     kwargs = dict(input_ids=ids, attention_mask=attn, pixel_values=family["pixel_values"],
@@ -112,10 +125,10 @@ def hf_reference(models, tokenizer, family, padding_side):
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("key", ["compact", "expanded"])
-def test_multi_image_forward_matches_hf_reference(models, tokenizer, family, padding_side, key):
-    ref = hf_reference(models, tokenizer, family, padding_side)
+def test_multi_image_forward_matches_hf_reference(preset, models, family_tokenizer, family, padding_side, key):
+    ref = hf_reference(models, family_tokenizer, family, padding_side)
     texts, spans = zip(*family[key], strict=True)
-    ids, attn, mask_ids = encode(tokenizer, list(texts), spans, padding_side)
+    ids, attn, mask_ids = encode(family_tokenizer, list(texts), spans, padding_side)
     out = models["lmm"](ids, attn, family["pixel_values"], family["image_grid_thw"], mask_ids,
                         grounded_image=family["grounded"])
 
@@ -125,15 +138,20 @@ def test_multi_image_forward_matches_hf_reference(models, tokenizer, family, pad
     assert torch.equal(out.position_ids, ref["positions"])
     assert out.grid_hw == ref["grid_hw"] and out.grounded_image == family["grounded"]
     valid = ref["attn"].bool()
-    torch.testing.assert_close(out.last_hidden_state[valid], ref["last_hidden_state"][valid], atol=1e-5, rtol=1e-5)
+    # Qwen3.5: the vision tower's packed attention and HF's per-image calls round differently, and the difference
+    # passes through its recurrent layers (up to 3e-5); the issue's bar for the family is 1e-4.
+    tolerance = 1e-4 if preset.startswith("qwen3_5") else 1e-5
+    torch.testing.assert_close(out.last_hidden_state[valid], ref["last_hidden_state"][valid], atol=tolerance,
+                               rtol=tolerance)
+    map_tolerance = 1e-4 if preset.startswith("qwen3_5") else 1e-5  # see test_lmm_forward: eager vs sdpa rounding
     for ours, expected in zip(out.attention_maps, ref["maps"], strict=True):
         assert ours.shape == expected.shape
-        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours, expected, atol=map_tolerance, rtol=1e-4)
 
 
-def test_grounded_image_defaults_to_the_first(models, tokenizer, family):
+def test_grounded_image_defaults_to_the_first(models, family_tokenizer, family):
     texts, spans = zip(*family["compact"], strict=True)
-    ids, attn, mask_ids = encode(tokenizer, list(texts), spans, "right")
+    ids, attn, mask_ids = encode(family_tokenizer, list(texts), spans, "right")
     lmm = models["lmm"]
     default = lmm(ids, attn, family["pixel_values"], family["image_grid_thw"], mask_ids)
     first = lmm(ids, attn, family["pixel_values"], family["image_grid_thw"], mask_ids, grounded_image=[0, 0, 0])
@@ -144,26 +162,28 @@ def test_grounded_image_defaults_to_the_first(models, tokenizer, family):
     assert second.attention_maps[1].shape[-2:] != first.attention_maps[1].shape[-2:]  # chelsea vs astronaut grid
 
 
-def hf_generate(models, tokenizer, family, samples):
+def hf_generate(models, family_tokenizer, family, samples):
     """HF generate on the processor-style expanded, left-padded input of the chosen samples."""
     texts = [family["expanded"][b][0].split("<|im_start|>assistant\n")[0] + "<|im_start|>assistant\n"
              for b in samples]
-    tokenizer.padding_side = "left"
+    family_tokenizer.padding_side = "left"
     try:
-        enc = tokenizer(texts, padding=True, return_tensors="pt")
+        enc = family_tokenizer(texts, padding=True, return_tensors="pt")
     finally:
-        tokenizer.padding_side = "right"
+        family_tokenizer.padding_side = "right"
     pixel_values, grids = select_images(family, samples)
     model = models["sdpa"]
+    options = dict(generate_options(family_tokenizer), return_dict_in_generate=True, output_scores=True)
     with torch.no_grad():
-        sequences = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                   pixel_values=pixel_values, image_grid_thw=grids,
-                                   mm_token_type_ids=(enc["input_ids"] == model.config.image_token_id).long(),
-                                   **GENERATE)
+        with_mrope = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                    pixel_values=pixel_values, image_grid_thw=grids,
+                                    mm_token_type_ids=(enc["input_ids"] == model.config.image_token_id).long(),
+                                    **options)
         without_mrope = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                       pixel_values=pixel_values, image_grid_thw=grids, **GENERATE)
+                                       pixel_values=pixel_values, image_grid_thw=grids, **options)
     length = enc["input_ids"].shape[1]
-    return sequences[:, length:], without_mrope[:, length:]
+    return (with_mrope.sequences[:, length:], without_mrope.sequences[:, length:], with_mrope.scores[0],
+            without_mrope.scores[0])
 
 
 def select_images(family, samples):
@@ -182,21 +202,26 @@ def select_images(family, samples):
 
 @pytest.mark.parametrize("samples", [[0], [1], [0, 1, 2]], ids=["one_image", "two_images", "batch_of_1_2_2"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_generate_matches_hf_generate(models, tokenizer, family, samples, padding_side):
-    expected, without_mrope = hf_generate(models, tokenizer, family, samples)
+def test_generate_matches_hf_generate(preset, models, family_tokenizer, family, samples, padding_side):
+    expected, without_mrope, first_scores, first_scores_without_mrope = hf_generate(models, family_tokenizer, family,
+                                                                                    samples)
     texts = [family["compact"][b][0].split("<|im_start|>assistant\n")[0] + "<|im_start|>assistant\n" for b in samples]
-    ids, attn, _ = encode(tokenizer, texts, [[] for _ in samples], padding_side)
+    ids, attn, _ = encode(family_tokenizer, texts, [[] for _ in samples], padding_side)
     pixel_values, grids = select_images(family, samples)
-    found = models["lmm"].generate(ids, attn, pixel_values, grids, **GENERATE)
+    found = models["lmm"].generate(ids, attn, pixel_values, grids, **generate_options(family_tokenizer))
     assert found.shape == (len(samples), GENERATE["max_new_tokens"])
     assert torch.equal(found, expected)
-    # The equality is a real check of the positions: HF's own 1-D fallback (no mm_token_type_ids) decodes otherwise.
-    assert not torch.equal(without_mrope, expected)
+    # The equality is a real check of the positions: HF's own 1-D fallback (no mm_token_type_ids) scores the first new
+    # token otherwise, and decodes otherwise (but in the tiny Qwen3.5 models, whose 8 rotary dims per head in 2 of 8
+    # layers move no argmax of these prompts).
+    assert not torch.allclose(first_scores, first_scores_without_mrope)
+    if not preset.startswith("qwen3_5"):
+        assert not torch.equal(without_mrope, expected)
 
 
-def test_generate_rejects_return_dict(models, tokenizer, family):
+def test_generate_rejects_return_dict(models, family_tokenizer, family):
     texts, spans = zip(*family["compact"][:1], strict=True)
-    ids, attn, _ = encode(tokenizer, list(texts), spans, "right")
+    ids, attn, _ = encode(family_tokenizer, list(texts), spans, "right")
     pixel_values, grids = select_images(family, [0])
     with pytest.raises(ValueError, match="return_dict_in_generate"):
         models["lmm"].generate(ids, attn, pixel_values, grids, return_dict_in_generate=True)

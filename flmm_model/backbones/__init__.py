@@ -1,6 +1,7 @@
 """Backbone adapters: one per Qwen-VL family, chosen from `config.model_type`, and the builders that use them.
 
-    ADAPTERS              model_type -> BackboneAdapter (qwen2_vl, qwen2_5_vl, qwen3_vl)
+    ADAPTERS              model_type -> BackboneAdapter (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5,
+                          qwen3_5_moe)
     adapter_for           the adapter of a model / config / model_type (ValueError listing the supported ones)
     PRESETS               preset name -> (model_type, config builder): tiny / mid / real shapes of every family
     qwen_config           the config of a preset
@@ -21,16 +22,23 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen3_5 import Qwen3_5ForConditionalGeneration
+from transformers.models.qwen3_5_moe import Qwen3_5MoeForConditionalGeneration
 from transformers.models.qwen3_vl import Qwen3VLForConditionalGeneration
+from transformers.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
-from flmm_model.backbones import qwen2_5_vl, qwen2_vl, qwen3_vl
+from flmm_model.backbones import qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_vl, qwen3_vl_moe
 from flmm_model.backbones.adapter import BackboneAdapter, VisionFeatures
 
 # What `FrozenQwenLMM(qwen=...)` accepts: the model classes of the supported families.
-QwenVLModel = Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration | Qwen3VLForConditionalGeneration
+QwenVLModel = (Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration | Qwen3VLForConditionalGeneration
+               | Qwen3VLMoeForConditionalGeneration | Qwen3_5ForConditionalGeneration
+               | Qwen3_5MoeForConditionalGeneration)
 
 ADAPTERS: dict[str, BackboneAdapter] = {
-    adapter.model_type: adapter for adapter in (qwen2_vl.ADAPTER, qwen2_5_vl.ADAPTER, qwen3_vl.ADAPTER)
+    adapter.model_type: adapter
+    for adapter in (qwen2_vl.ADAPTER, qwen2_5_vl.ADAPTER, qwen3_vl.ADAPTER, qwen3_vl_moe.ADAPTER, qwen3_5.ADAPTER,
+                    qwen3_5.MOE_ADAPTER)
 }
 
 PRESETS: dict[str, tuple[str, Callable[[], PretrainedConfig]]] = {

@@ -11,7 +11,9 @@ model (chosen from `config.model_type`) for everything family-specific:
 - the decoder call: how the text model is run on `inputs_embeds` (Qwen3-VL also takes its deepstack inputs);
 - the M-RoPE positions: one shared function today (`mrope.py`), referenced by each adapter;
 - generation: how transformers' `generate` is called on the expanded prompt (Qwen3-VL's deepstack inputs reach the
-  decoder only through the model's own forward, so its adapter hands the image features over differently).
+  decoder only through the model's own forward, so its adapter hands the image features over differently);
+- which text layers give attention maps (every layer, or Qwen3.5's full-attention layers: its linear-attention
+  layers have no softmax map) and the bundled tokenizer of the family's vocabulary.
 
 An adapter is a frozen dataclass instance per family (`qwen2_vl.ADAPTER`, ...); its function fields are plain
 functions of that family's module. Nothing inherits from anything.
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -62,14 +64,19 @@ class BackboneAdapter:
             vision tower (its attention: `vision_attention.packed_attention` once `FrozenQwenLMM` is built on it).
         vision_inputs: (vision_config, CPU image_grid_thw) -> the tower's precomputed keyword inputs (rotary
             positions, segment boundaries, windows, the packed-attention plan), built on the host.
-        run_decoder: (text_model, *, inputs_embeds, attention_mask, position_ids, image_mask, vision,
-            **attention_kwargs) -> (B, L', D) last hidden state after the final norm; `attention_kwargs` reach
-            every attention call of the text decoder.
+        run_decoder: (text_model, *, inputs_embeds, attention_mask, padding_mask, position_ids, image_mask, vision,
+            **attention_kwargs) -> (B, L', D) last hidden state after the final norm; `attention_mask` is the
+            (B, 1, L', L') decoder mask or None (no padding), `padding_mask` the (B, L') 1 / 0 mask of real tokens or
+            None (what linear-attention layers read); `attention_kwargs` reach every attention call of the decoder.
         position_ids: (*, image_mask, attention_mask, grid_thw, merge_size) -> (3, B, L') M-RoPE positions
             (`grid_thw` has one row per image; a sample may hold several images).
         generate: (model, *, input_ids, attention_mask, position_ids, inputs_embeds, image_mask, vision,
             **generate_options) -> (B, T) new token ids; the prompt is expanded and left-aligned (no padding on the
             right), `position_ids` its (3, B, L') M-RoPE positions, `inputs_embeds` with the image features in.
+        default_tokenizer: () -> the bundled real tokenizer of the family's vocabulary (`model.tokenizer: null`).
+        map_layers: (text_config) -> the indices of the text layers whose attention gives word-to-image maps, in
+            order: every layer (`all_layers`), or the full-attention layers of a hybrid decoder. The capture sees
+            exactly these layers' attention calls; the U-Net's input channels are len(map_layers) x heads.
     """
 
     model_type: str
@@ -89,9 +96,23 @@ class BackboneAdapter:
     run_decoder: Callable[..., torch.Tensor]
     position_ids: Callable[..., torch.Tensor]
     generate: Callable[..., torch.Tensor]
+    default_tokenizer: Callable[[], PreTrainedTokenizerBase]
+    map_layers: Callable[[PretrainedConfig], tuple[int, ...]]
 
     @property
     def patch_dim(self) -> int:
         """Values per row of `pixel_values`: 3 channels * temporal_patch_size * patch_size^2 (1176 or 1536)."""
         return 3 * self.temporal_patch_size * self.patch_size**2
 
+
+
+def all_layers(text_config: PretrainedConfig) -> tuple[int, ...]:
+    """Every text layer gives attention maps (the families whose decoder is softmax attention throughout)."""
+    return tuple(range(text_config.num_hidden_layers))
+
+
+def full_attention_layers(text_config: PretrainedConfig) -> tuple[int, ...]:
+    """The layers a hybrid decoder marks "full_attention" in `layer_types` (Qwen3.5: every 4th by default); its
+    "linear_attention" layers (gated delta rule) compute no softmax map."""
+    layer_types = list(text_config.layer_types)[: text_config.num_hidden_layers]
+    return tuple(i for i, kind in enumerate(layer_types) if kind == "full_attention")

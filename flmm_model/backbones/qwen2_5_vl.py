@@ -16,8 +16,9 @@ from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForCondit
 from transformers.vision_utils import get_vision_window_index
 
 from flmm_model.backbones import qwen2_vl
-from flmm_model.backbones.adapter import BackboneAdapter
+from flmm_model.backbones.adapter import BackboneAdapter, all_layers
 from flmm_model.backbones.mrope import mrope_position_ids
+from flmm_model.backbones.tokenizers import qwen2_tokenizer
 from flmm_model.backbones.vision_attention import VisionPlan
 
 
@@ -127,4 +128,6 @@ ADAPTER = BackboneAdapter(
     run_decoder=qwen2_vl.run_decoder,
     position_ids=mrope_position_ids,
     generate=qwen2_vl.generate,
+    default_tokenizer=qwen2_tokenizer,  # the Qwen2 vocabulary (<|image_pad|> = 151655)
+    map_layers=all_layers,
 )

@@ -16,8 +16,9 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
-from flmm_model.backbones.adapter import BackboneAdapter, VisionFeatures
+from flmm_model.backbones.adapter import BackboneAdapter, VisionFeatures, all_layers
 from flmm_model.backbones.mrope import mrope_position_ids
+from flmm_model.backbones.tokenizers import qwen2_tokenizer
 from flmm_model.backbones.vision_attention import VisionPlan
 
 # The chat template of every released Qwen2-VL / Qwen2.5-VL checkpoint: one image block per image, and this system
@@ -55,10 +56,11 @@ def run_decoder(
     text_model: nn.Module,
     *,
     inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor,
     image_mask: torch.Tensor,
     vision: VisionFeatures,
+    padding_mask: torch.Tensor | None = None,
     **attention_kwargs: Any,
 ) -> torch.Tensor:
     """The text decoder on embeddings with the image features already scattered in: (B, L', D) after the norm.
@@ -167,4 +169,6 @@ ADAPTER = BackboneAdapter(
     run_decoder=run_decoder,
     position_ids=mrope_position_ids,
     generate=generate,
+    default_tokenizer=qwen2_tokenizer,  # the Qwen2 vocabulary (<|image_pad|> = 151655)
+    map_layers=all_layers,
 )

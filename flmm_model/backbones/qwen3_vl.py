@@ -23,8 +23,9 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDe
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
 from flmm_model.backbones import qwen2_vl
-from flmm_model.backbones.adapter import BackboneAdapter, VisionFeatures
+from flmm_model.backbones.adapter import BackboneAdapter, VisionFeatures, all_layers
 from flmm_model.backbones.mrope import mrope_position_ids
+from flmm_model.backbones.tokenizers import qwen2_tokenizer
 
 
 def encode_images(
@@ -53,10 +54,11 @@ def run_decoder(
     text_model: nn.Module,
     *,
     inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor,
     image_mask: torch.Tensor,
     vision: VisionFeatures,
+    padding_mask: torch.Tensor | None = None,
     **attention_kwargs: Any,
 ) -> torch.Tensor:
     """The text decoder with DeepStack: (B, L', D) after the final norm.
@@ -97,8 +99,12 @@ def generate(
     return sequences[:, input_ids.shape[1]:]  # (B, T)
 
 
-def _config(*, text: dict[str, Any], vision: dict[str, Any], tie_word_embeddings: bool = False) -> Qwen3VLConfig:
-    """A Qwen3VLConfig from the parts that differ between sizes (the rest as in every released dense checkpoint)."""
+def make_config(
+    *, text: dict[str, Any], vision: dict[str, Any], tie_word_embeddings: bool = False,
+    config_class: type[PretrainedConfig] = Qwen3VLConfig,
+) -> PretrainedConfig:
+    """A Qwen3VLConfig (or `config_class`: Qwen3VLMoeConfig) from the parts that differ between sizes (the rest as in
+    every released checkpoint)."""
     text = dict(text)
     mrope_section = text.pop("mrope_section", [24, 20, 20])
     text_config = dict(
@@ -108,13 +114,13 @@ def _config(*, text: dict[str, Any], vision: dict[str, Any], tie_word_embeddings
     )
     vision_config = dict(vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                          hidden_act="gelu_pytorch_tanh", out_hidden_size=text["hidden_size"])
-    return Qwen3VLConfig(text_config=text_config, vision_config=vision_config, tie_word_embeddings=tie_word_embeddings)
+    return config_class(text_config=text_config, vision_config=vision_config, tie_word_embeddings=tie_word_embeddings)
 
 
 def qwen3_vl_tiny() -> Qwen3VLConfig:
     """Tests: 3 text layers x 4 heads (2 KV heads, head_dim 16), a 2-block ViT whose 2 blocks both feed DeepStack
     (into text layers 0 and 1; layer 2 gets none). Init std 0.2 as Qwen2.5-VL's `tiny` (see there)."""
-    return _config(
+    return make_config(
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, mrope_section=[2, 3, 3], initializer_range=0.2),
         vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=256,
@@ -130,7 +136,7 @@ _VISION_2B_4B = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_hea
 
 def qwen3_vl_2b() -> Qwen3VLConfig:
     """Qwen3-VL-2B-Instruct: 28 layers, hidden 2048, 16 heads / 8 KV heads (head_dim 128), tied embeddings."""
-    return _config(
+    return make_config(
         text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128),
         vision=_VISION_2B_4B, tie_word_embeddings=True,
@@ -139,7 +145,7 @@ def qwen3_vl_2b() -> Qwen3VLConfig:
 
 def qwen3_vl_4b() -> Qwen3VLConfig:
     """Qwen3-VL-4B-Instruct: 36 layers, hidden 2560, 32 heads / 8 KV heads (head_dim 128), tied embeddings."""
-    return _config(
+    return make_config(
         text=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                   num_key_value_heads=8, head_dim=128),
         vision=_VISION_2B_4B, tie_word_embeddings=True,
@@ -148,7 +154,7 @@ def qwen3_vl_4b() -> Qwen3VLConfig:
 
 def qwen3_vl_8b() -> Qwen3VLConfig:
     """Qwen3-VL-8B-Instruct: 36 layers, hidden 4096, 32 heads / 8 KV heads (head_dim 128), a 27-block 1152-wide ViT."""
-    return _config(
+    return make_config(
         text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                   num_key_value_heads=8, head_dim=128),
         vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304,
@@ -175,4 +181,6 @@ ADAPTER = BackboneAdapter(
     run_decoder=run_decoder,
     position_ids=mrope_position_ids,
     generate=generate,
+    default_tokenizer=qwen2_tokenizer,  # the Qwen2 vocabulary (<|image_pad|> = 151655)
+    map_layers=all_layers,
 )

@@ -89,7 +89,7 @@ class CaptureState:
         self.layer_maps.append(maps)
 
     def stacked(self) -> torch.Tensor:
-        """(B, K, layers * heads, N) with channel = layer * heads + head."""
+        """(B, K, layers * heads, N) with channel = layer * heads + head (layer: the rank among the captured layers)."""
         maps = torch.stack(self.layer_maps, dim=2)  # (B, K, layers, heads, N)
         return maps.flatten(2, 3)
 

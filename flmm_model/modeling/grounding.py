@@ -26,6 +26,7 @@ from torch import nn
 from transformers import SamModel
 
 from flmm_model.backbones import QwenVLModel, VisionFeatures
+from flmm_model.backbones.tokenizers import check_tokenizer
 from flmm_model.config import DEFAULT_INSTRUCTION
 from flmm_model.data.prompts import DEFAULT_SYSTEM
 from flmm_model.data.sam_cache import SamEmbeddingCache, sam_cache_key
@@ -82,7 +83,9 @@ class GroundingModel(nn.Module):
     ) -> None:
         super().__init__()
         self.lmm = FrozenQwenLMM(qwen=qwen, attn_capture=attn_capture)
-        # U-Net input channels come from the loaded Qwen config: layers x heads.
+        if tokenizer is not None:  # its image / vision-block ids must be the config's (another vocabulary fails here)
+            check_tokenizer(tokenizer, qwen.config, family=self.lmm.adapter.name)
+        # U-Net input channels come from the loaded Qwen config: map layers x heads.
         self.mask_head = UNetMaskHead(in_channels=self.lmm.num_attention_channels, widths=tuple(mask_head_widths),
                                       upsample_size=mask_head_size)
         self.sam_refiner = SamRefiner(sam=sam, coarse_threshold=coarse_threshold) if sam is not None else None

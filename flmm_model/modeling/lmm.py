@@ -45,7 +45,7 @@ class LMMOutput:
         mask_ids: (B, L') long, object index k on phrase k's tokens, -1 elsewhere (image tokens included).
         position_ids: (3, B, L') long M-RoPE positions (rows t, h, w); 0 on padding.
         last_hidden_state: (B, L', D) after the final norm, as the family's `...VLModel(...).last_hidden_state`.
-        attention_maps: per sample, float32 (K_b, num_layers * num_heads, h_b, w_b): post-softmax weights from
+        attention_maps: per sample, float32 (K_b, map_layers * num_heads, h_b, w_b): post-softmax weights from
             object k's tokens to the image tokens, averaged over k's tokens; channel = layer * num_heads + head;
             image tokens row-major on the merged grid (h_b = H / merge, w_b = W / merge).
         phrase_hidden_states: per sample, per object, (num_layers, T_k, D): the hidden states of k's T_k tokens
@@ -101,6 +101,8 @@ class FrozenQwenLMM(nn.Module):
         self.patch_dim = patch_dim_of(vision)  # 1176 or 1536
         self.num_layers = config.text_config.num_hidden_layers
         self.num_heads = config.text_config.num_attention_heads
+        # The layers whose attention calls the capture sees (all, or a hybrid decoder's full-attention layers).
+        self.map_layers = self.adapter.map_layers(config.text_config)
         self.hidden_size = config.text_config.hidden_size
         # The text decoder dispatches on this name (the vision tower keeps its own implementation).
         config.text_config._attn_implementation = CAPTURE_IMPLEMENTATIONS[attn_capture]
@@ -109,8 +111,9 @@ class FrozenQwenLMM(nn.Module):
 
     @property
     def num_attention_channels(self) -> int:
-        """Channels of an attention map: num_layers * num_heads (576 for the 3B, 784 for the 7B)."""
-        return self.num_layers * self.num_heads
+        """Channels of an attention map: map layers x heads (576 for Qwen2.5-VL-3B's 36 x 16, 784 for the 7B; Qwen3.5
+        maps its full-attention layers only, e.g. 8 x 16 = 128 for the 9B)."""
+        return len(self.map_layers) * self.num_heads
 
     def train(self, mode: bool = True) -> FrozenQwenLMM:
         super().train(mode)
@@ -208,12 +211,13 @@ class FrozenQwenLMM(nn.Module):
             # `register_capture_attention` put `attention.capture_sdpa_attention` / `attention.capture_eager_attention`.
             # The adapter's decoder call passes `flmm_capture=capture` on to the text model, which hands unknown
             # keywords down to every attention call: the capture functions pop it from their `**kwargs`.
-            decoder_mask = None  # no padding: transformers runs plain causal attention (flash on GPU)
+            decoder_mask = padding_mask = None  # no padding: transformers runs plain causal attention (flash on GPU)
             if prepared.has_padding:
                 decoder_mask = _decoder_mask(attention_mask, additive=self.attn_capture == "eager",
                                              dtype=inputs_embeds.dtype)
+                padding_mask = attention_mask  # (B, L'), for linear-attention layers (they zero padded states)
             last_hidden_state = self.adapter.run_decoder(
-                text_model, inputs_embeds=inputs_embeds, attention_mask=decoder_mask,
+                text_model, inputs_embeds=inputs_embeds, attention_mask=decoder_mask, padding_mask=padding_mask,
                 position_ids=prepared.position_ids, image_mask=prepared.image_mask, vision=vision,
                 flmm_capture=capture,
             )  # (B, L', D)

@@ -59,7 +59,7 @@ class UNetMaskHead(nn.Module):
     """Coarse mask logits from per-object attention maps.
 
     Args:
-        in_channels: number of attention channels C = num_layers * num_heads of the LMM (from its config).
+        in_channels: number of attention channels C = map layers x heads of the LMM (from its config).
         widths: channel widths of the U-Net levels, from full resolution to the bottleneck; len(widths) - 1 is
             the number of down / up levels, and the padded grid side must be a multiple of 2 ** (len(widths) - 1).
         upsample_size: length of the longest side of the coarse grid the attention maps are upsampled to.
