@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model.to(device).train()
     if args.compile:
         model.compile_parts()
-    tokenizer = load_tokenizer(model_cfg.tokenizer)
+    tokenizer = load_tokenizer(model_cfg.tokenizer, backbone=model_cfg.qwen)
     image_processor = load_image_processor(min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels,
                                            backbone=model_cfg.qwen)
     dataset = SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=batch_size,

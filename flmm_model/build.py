@@ -15,11 +15,11 @@ import os
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, SamConfig, SamModel
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, SamConfig, SamModel
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import flmm_model.backbones as backbones
-from flmm_model.backbones.tokenizers import qwen2_tokenizer_dir, with_pad_token
+from flmm_model.backbones.tokenizers import check_tokenizer, qwen2_tokenizer_dir, with_pad_token
 from flmm_model.config import ConfigError, ModelConfig
 from flmm_model.data.item import PromptSettings
 
@@ -112,12 +112,27 @@ def load_image_processor(
     return backbones.load_image_processor(model_type, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
+def qwen_config_of(path_or_preset: str) -> PretrainedConfig:
+    """The transformers config of a preset or of a local checkpoint directory (its config.json; no weights read)."""
+    if os.path.isdir(path_or_preset):
+        return backbones.adapter_for(backbones.model_type_of(path_or_preset)).config_class.from_pretrained(
+            path_or_preset)
+    return backbones.qwen_config(path_or_preset)
+
+
 def prompt_settings(model_cfg: ModelConfig) -> PromptSettings:
     """The tokenizer, image processor and prompt a model config implies: what its datasets and its predictor encode
-    with (loads no weights; the backbone family comes from the preset name or the checkpoint's config.json)."""
+    with (loads no weights; the backbone family comes from the preset name or the checkpoint's config.json).
+
+    Raises:
+        ConfigError: `model.tokenizer` is of another vocabulary than the model (its image-token ids differ from the
+            config's), before any weights load.
+    """
     adapter = backbones.adapter_for(backbones.model_type_of(model_cfg.qwen))
+    tokenizer = load_tokenizer(model_cfg.tokenizer, backbone=model_cfg.qwen)
+    check_tokenizer(tokenizer, qwen_config_of(model_cfg.qwen), family=adapter.name)
     return PromptSettings(
-        tokenizer=load_tokenizer(model_cfg.tokenizer, backbone=model_cfg.qwen),
+        tokenizer=tokenizer,
         image_processor=load_image_processor(min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels,
                                              backbone=model_cfg.qwen),
         instruction=model_cfg.instruction,

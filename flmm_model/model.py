@@ -98,12 +98,12 @@ def build_model(model_cfg: ModelConfig | dict[str, Any]) -> FrozenQwenSAM:
     schema = OmegaConf.structured(ModelConfig)
     cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(schema, model_cfg))
     dtype = getattr(torch, cfg.dtype)
+    prompt = prompt_settings(cfg)  # tokenizer and image processor first: a mismatched tokenizer fails before weights
     qwen = build_qwen(cfg.qwen, dtype=dtype, attn_implementation="sdpa", seed=cfg.seed)
     sam = None  # attention-only ablation: the U-Net's masks, no text prompts and no SAM
     if not cfg.attention_only:
         sam = build_sam(cfg.sam, dtype=torch.float32, seed=cfg.seed)
         sam.vision_encoder.to(dtype)
-    prompt = prompt_settings(cfg)
     torch.manual_seed(cfg.seed)  # the heads' initialization
     return FrozenQwenSAM(
         qwen=qwen,

@@ -27,6 +27,9 @@ SMALL = [
 @pytest.mark.parametrize("preset, patch_values, system", [
     ("qwen2_vl_tiny", 3 * 2 * 14 * 14, "You are a helpful assistant."),
     ("qwen3_vl_tiny", 3 * 2 * 16 * 16, None),
+    ("qwen3_vl_moe_tiny", 3 * 2 * 16 * 16, None),
+    ("qwen3_5_tiny", 3 * 2 * 16 * 16, None),
+    ("qwen3_5_moe_tiny", 3 * 2 * 16 * 16, None),
 ])
 def test_train_eval_predict_run_on_each_family(tmp_path, photos, preset, patch_values, system):
     out = tmp_path / "run"
@@ -56,3 +59,27 @@ def test_train_eval_predict_run_on_each_family(tmp_path, photos, preset, patch_v
     expected = reloaded.segment(photos[3], ["the cat"])[0]
     with Image.open(predicted["masks"][0]) as mask_png:
         assert torch.equal(torch.from_numpy(np.asarray(mask_png) > 0), expected)
+
+
+@pytest.mark.parametrize("preset", ["qwen3_vl_moe_tiny", "qwen3_5_tiny", "qwen3_5_moe_tiny"])
+def test_web_demo_session_segments_and_chats_with_the_newer_families(tmp_path, photos, preset):
+    """The web demo's model session (what its /segment and /chat endpoints call) gives the model's own masks and
+    answers with each newer family (the server itself is tested on the default family in test_demo.py)."""
+    from flmm_model.apps.demo.session import DemoModel
+    from flmm_model.model import build_model
+
+    model = build_model(dict(qwen=preset, sam="tiny", mask_head_widths=[8, 16, 32, 64], mask_head_size=32,
+                             max_pixels=12544)).eval()
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    reloaded = FrozenQwenSAM.from_pretrained(str(tmp_path / "ckpt")).eval()
+    assert reloaded.qwen.config.model_type == preset.removesuffix("_tiny")
+    session = DemoModel(reloaded)
+    image = photos[3].convert("RGB")
+    segmented = session.segment(image, ["the cat", "the grass"])
+    expected = model.segment(session.model_image(image), ["the cat", "the grass"]).numpy()
+    assert np.array_equal(segmented.masks, expected) and segmented.masks.shape[0] == 2
+    words = model.chat(session.model_image(image), "What is in the image?", max_new_tokens=6).answer.split()
+    turn = session.chat(image, "What is in the image?", phrases=words[0] if words else "the cat")
+    reference = model.chat(session.model_image(image), "What is in the image?", max_new_tokens=session.max_new_tokens,
+                           ground=[words[0]] if words else None)
+    assert turn.answer == reference.answer

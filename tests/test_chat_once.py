@@ -11,7 +11,7 @@ import torch
 import flmm_model.predictor as predictor_module
 from flmm_model.model import build_model
 
-FAMILIES = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny"]
+FAMILIES = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny", "qwen3_vl_moe_tiny", "qwen3_5_tiny", "qwen3_5_moe_tiny"]
 
 
 def model_of(preset: str):

@@ -18,7 +18,7 @@ from flmm_model.build import build_qwen
 # (t, H, W) patch grids of three images of different sizes; odd merged grids (9 x 11, 5 x 3, 13 x 17), so Qwen2.5-VL's
 # 2 x 2-token windows at the bottom and right edges are partial.
 GRIDS = torch.tensor([[1, 18, 22], [1, 10, 6], [1, 26, 34]])
-FAMILY_PRESETS = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny"]
+FAMILY_PRESETS = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny", "qwen3_vl_moe_tiny", "qwen3_5_tiny", "qwen3_5_moe_tiny"]
 
 
 def tower_inputs(adapter, grids):
