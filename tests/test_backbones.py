@@ -100,7 +100,8 @@ def test_newer_real_shape_presets_have_their_named_size(name):
 def test_qwen3_5_maps_come_from_its_full_attention_layers():
     """Every 4th layer is full attention in the released pattern; the U-Net reads those layers x heads."""
     expected = {"qwen3_5_tiny": ((3, 7), 4), "qwen3_5_moe_tiny": ((3, 7), 4),
-                "qwen3_5_9b": (tuple(range(3, 32, 4)), 16), "qwen3_5_27b": (tuple(range(3, 64, 4)), 24), "qwen3_5_35b_a3b": (tuple(range(3, 40, 4)), 16)}
+                "qwen3_5_9b": (tuple(range(3, 32, 4)), 16), "qwen3_5_27b": (tuple(range(3, 64, 4)), 24),
+                "qwen3_5_35b_a3b": (tuple(range(3, 40, 4)), 16)}
     for name, (layers, heads) in expected.items():
         config = qwen_config(name)
         adapter = adapter_for(config)
