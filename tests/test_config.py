@@ -20,6 +20,8 @@ def test_configs_dir_has_demo_and_recipes():
             "qwen2_5_vl_7b_sam_l_refcoco_png.yaml", "qwen2_5_vl_3b_sam_l_eval.yaml", "qwen2_5_vl_7b_sam_l_eval.yaml",
             "qwen3_vl_4b_sam_l_refcoco_png.yaml", "qwen3_vl_8b_sam_l_refcoco_png.yaml", "qwen3_vl_4b_sam_l_eval.yaml",
             "qwen3_vl_8b_sam_l_eval.yaml"} <= names
+    for recipe in ("qwen3_5_9b", "qwen3_5_27b", "qwen3_5_35b_a3b", "qwen3_vl_30b_a3b"):  # the newer families
+        assert {f"{recipe}_sam_l_refcoco_png.yaml", f"{recipe}_sam_l_eval.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -40,6 +42,17 @@ def test_recipe_configs_follow_flmm_recipe():
         assert cfg.train.betas == [0.9, 0.999] and cfg.train.warmup_ratio == 0.03 and cfg.train.grad_clip == 1.0
         assert cfg.data.batch_size * cfg.train.grad_accum == 8  # global batch 8 on one GPU
         assert cfg.model.dtype == "bfloat16" and cfg.model.max_pixels == 672 * 672
+
+
+def test_newer_family_recipes_are_the_same_recipe():
+    reference = load_config(Path(CONFIGS[0].parent) / "qwen3_vl_8b_sam_l_refcoco_png.yaml")
+    for recipe in ("qwen3_5_9b", "qwen3_5_27b", "qwen3_5_35b_a3b", "qwen3_vl_30b_a3b"):
+        cfg = load_config(Path(CONFIGS[0].parent) / f"{recipe}_sam_l_refcoco_png.yaml")
+        assert cfg.data.train == reference.data.train and cfg.train.epochs == 8 and cfg.train.lr == 1e-4
+        assert cfg.data.batch_size * cfg.train.grad_accum == 8 and cfg.model.dtype == "bfloat16"
+        assert cfg.model.tokenizer is None  # the bundled tokenizer of the checkpoint's family
+        evaluation = load_config(Path(CONFIGS[0].parent) / f"{recipe}_sam_l_eval.yaml")
+        assert evaluation.eval.checkpoint == cfg.train.out_dir
 
 
 def test_demo_configs_use_tiny_presets_and_synthetic_data():
