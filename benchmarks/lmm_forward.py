@@ -20,6 +20,7 @@ measure). Time is the median of `--repeats` calls after a warm-up. Examples:
     python benchmarks/lmm_forward.py --arch tiny --seq-len 256
     python benchmarks/lmm_forward.py --arch mid --seq-len 1024
     python benchmarks/lmm_forward.py --arch qwen3_vl_tiny --seq-len 256
+    python benchmarks/lmm_forward.py --arch qwen3_5_tiny --seq-len 1024   # Qwen3.5: maps from the full-attention layers
     python benchmarks/lmm_forward.py --arch qwen2_5_vl_7b --seq-len 1500 --device cuda --dtype bfloat16
 """
 
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
             maps[mode] = torch.load(maps_file, weights_only=True)
 
     text = qwen_config(args.arch).text_config
-    print(f"arch={args.arch} ({PRESETS[args.arch][0]}) layers={text.num_hidden_layers} "
+    map_layers = adapter_for(qwen_config(args.arch)).map_layers(text)
+    print(f"arch={args.arch} ({PRESETS[args.arch][0]}) layers={text.num_hidden_layers} map_layers={len(map_layers)} "
           f"heads={text.num_attention_heads} kv_heads={text.num_key_value_heads} hidden={text.hidden_size} "
           f"batch={args.batch_size} "
           f"seq_len={seq_len} vision_tokens={n_vision} objects={args.objects} device={args.device} "

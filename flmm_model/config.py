@@ -34,13 +34,16 @@ def _field(default: Any = MISSING, *, help: str, choices: list[Any] | None = Non
 class ModelConfig:
     """What `flmm_model.model.build_model` needs to build a FrozenQwenSAM."""
 
-    qwen: str = _field("tiny", help="local Qwen-VL checkpoint dir (Qwen2-VL, Qwen2.5-VL or Qwen3-VL: its config.json "
-                                    "says which), or a preset with random weights: tiny | mid | qwen2_vl_tiny | "
-                                    "qwen3_vl_tiny | qwen2_vl_2b | qwen2_vl_7b | qwen2_5_vl_3b | qwen2_5_vl_7b | "
-                                    "qwen3_vl_2b | qwen3_vl_4b | qwen3_vl_8b")
+    qwen: str = _field("tiny", help="local Qwen-VL checkpoint dir (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, "
+                                    "Qwen3.5 or Qwen3.5-MoE: its config.json says which), or a preset with random "
+                                    "weights: tiny | mid | qwen2_vl_tiny | qwen3_vl_tiny | qwen3_vl_moe_tiny | "
+                                    "qwen3_5_tiny | qwen3_5_moe_tiny | qwen2_vl_2b | qwen2_vl_7b | qwen2_5_vl_3b | "
+                                    "qwen2_5_vl_7b | qwen3_vl_2b | qwen3_vl_4b | qwen3_vl_8b | qwen3_vl_30b_a3b | "
+                                    "qwen3_5_9b | qwen3_5_27b | qwen3_5_35b_a3b")
     sam: str = _field("tiny", help="local SAM dir in the transformers layout (see `run.py convert-sam`), or preset: "
                                   "tiny | sam_vit_b | sam_vit_l | sam_vit_h (random weights)")
-    tokenizer: str | None = _field(None, help="tokenizer dir; null = the bundled real Qwen tokenizer")
+    tokenizer: str | None = _field(None, help="tokenizer dir; null = the bundled real tokenizer of the "
+                                   "model's vocabulary (Qwen2's, or Qwen3.5's)")
     dtype: str = _field("float32", help="dtype of the frozen Qwen and SAM encoder",
                         choices=["float32", "bfloat16", "float16"])
     attn_capture: str = _field("sdpa", help="text->image attention capture: sdpa (lean) | eager (F-LMM reference)",

@@ -31,8 +31,9 @@ def test_every_benchmark_script_has_a_smoke_test():
     assert scripts <= covered, f"benchmarks without a smoke test: {sorted(scripts - covered)}"
 
 
-def test_lmm_forward_runs_every_mode_and_matches_the_baseline_maps():
-    result = load("lmm_forward").main(["--arch", "tiny", "--seq-len", "64", "--repeats", "1", "--device", "cpu"])
+@pytest.mark.parametrize("arch", ["tiny", "qwen3_5_tiny"])  # Qwen3.5: the baseline's maps are its full layers'
+def test_lmm_forward_runs_every_mode_and_matches_the_baseline_maps(arch):
+    result = load("lmm_forward").main(["--arch", arch, "--seq-len", "64", "--repeats", "1", "--device", "cpu"])
     assert set(result["rows"]) >= {"sdpa", "baseline"} and result["time_ratio"] > 0
 
 

@@ -42,7 +42,7 @@ def qwen2_tokenizer_dir() -> str:
 
 
 def qwen2_tokenizer() -> PreTrainedTokenizerBase:
-    """The real Qwen2 / Qwen2.5 tokenizer (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), a new instance per call."""
+    """The real Qwen2 / Qwen2.5 tokenizer (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE), a new instance per call."""
     return with_pad_token(AutoTokenizer.from_pretrained(qwen2_tokenizer_dir()))
 
 

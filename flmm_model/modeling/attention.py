@@ -1,4 +1,4 @@
-"""Text-to-image attention capture for the frozen Qwen-VL text decoder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+"""Text-to-image attention capture for the frozen Qwen-VL text decoder (every family in `flmm_model.backbones`).
 
 F-LMM reads, for every object k, the post-softmax attention weights from k's phrase tokens to the image tokens,
 in every layer and head. Running the model with eager attention and `output_attentions=True` keeps every layer's
@@ -17,7 +17,9 @@ unknown keywords down to every attention call). Without it they behave exactly l
 The three families call the attention function the same way: `(module, query, key, value, attention_mask,
 dropout=..., scaling=..., **kwargs)` with query (B, heads, L, d) and key / value (B, kv_heads, L, d) after RoPE
 (Qwen3-VL applies its q/k RMS norms before RoPE, so the capture sees exactly the q/k its softmax uses). Qwen2-VL
-also passes `sliding_window` and `position_ids`; they stay in `kwargs`.
+also passes `sliding_window` and `position_ids`; they stay in `kwargs`. Qwen3.5's full-attention layers call it the
+same way (their sigmoid output gate multiplies the attention output afterwards, so the captured weights are the
+layer's softmax); its linear-attention layers never call it, so a forward captures one map per full layer.
 """
 
 from __future__ import annotations

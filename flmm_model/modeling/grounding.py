@@ -48,7 +48,7 @@ class GroundingModel(nn.Module):
     and mask decoder. Frozen (no grad, eval, run under no_grad): Qwen2.5-VL and SAM's image encoder.
 
     Args:
-        qwen: Qwen2-VL, Qwen2.5-VL or Qwen3-VL (weights untouched; its text attention is routed through the capture
+        qwen: a Qwen-VL of any supported family (weights untouched; its text attention is routed through the capture
             functions).
         sam: transformers SamModel, or None for the LMM + U-Net stage alone (coarse masks only).
         tokenizer: Qwen tokenizer, used by `segment` (and kept so the model is self-contained).

@@ -1,9 +1,9 @@
 """The frozen LMM stage on the device: prepared inputs -> one teacher-forced forward -> attention maps and phrase
 hidden states (`LMMOutput`); and generation from the same inputs.
 
-Works for every supported Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): what differs between them (vision
-forward, decoder call, positions, patch size) comes from the model's backbone adapter (`flmm_model.backbones`),
-chosen from `config.model_type`.
+Works for every supported Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE): what
+differs between them (vision forward, decoder call, positions, patch size, which layers give maps) comes from the
+model's backbone adapter (`flmm_model.backbones`), chosen from `config.model_type`.
 
 The host half, `modeling.lmm_inputs.prepare_lmm_inputs`, validates the compact batch, expands each image's single
 `<|image_pad|>` to its N vision tokens and builds the 3-D M-RoPE positions and every index on CPU tensors;
@@ -71,7 +71,7 @@ class LMMOutput:
 
 
 class FrozenQwenLMM(nn.Module):
-    """A frozen Qwen-VL (Qwen2-VL, Qwen2.5-VL or Qwen3-VL) that takes compact ids and returns `LMMOutput`.
+    """A frozen Qwen-VL (any family of `flmm_model.backbones`) that takes compact ids and returns `LMMOutput`.
 
     Frozen three ways: no parameter requires grad, `train()` keeps it in eval, and the forward runs under no_grad.
 
