@@ -19,6 +19,7 @@ import contextlib
 import errno
 import os
 import random
+import re
 import shutil
 import socket
 from collections.abc import Callable
@@ -116,7 +117,29 @@ def prepare_output_dir(path: str | Path, *, what: str) -> Path:
         probe.unlink()
     except OSError as error:
         raise storage_error(error, path=path, doing=f"writing into {what} {path}") from error
+    sweep_leftovers(path)
     return path
+
+
+# Files a killed writer leaves in an output directory: `.tmp-<pid>-<name>` (an image or file being written, see
+# `recipes.inference.save_image`) and `.write-test-<pid>` (the probe above). Never complete; their pid says whose.
+_LEFTOVER_FILE = re.compile(r"^\.(?:tmp-(\d+)-.+|write-test-(\d+))$")
+
+
+def sweep_leftovers(directory: str | Path) -> list[Path]:
+    """Delete the temporary files of killed writers in `directory` (not in subdirectories): those named by a pid
+    that no longer runs on this host. A live writer's files, and anything else, stay. Returns what was deleted."""
+    removed = []
+    for entry in Path(directory).iterdir():
+        match = _LEFTOVER_FILE.match(entry.name)
+        if match is None or not entry.is_file() or entry.is_symlink():
+            continue
+        pid = int(match.group(1) or match.group(2))
+        if pid != os.getpid() and not _alive(pid, socket.gethostname()):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+            removed.append(entry)
+    return removed
 
 
 def _fsync_dir(path: str | Path) -> None:

@@ -117,3 +117,31 @@ def test_a_checkpoint_of_non_float_or_non_finite_weights_is_refused_naming_the_t
                       "--out", str(tmp_path / "out"), "model.qwen=tiny", "model.sam=tiny"])
     assert status == 2 and name in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_leftovers_of_killed_writers_are_swept_and_a_live_writers_stay(tmp_path):
+    """A kill between writing `.tmp-<pid>-<name>` and renaming it leaves the temporary file; the next command that
+    prepares the directory deletes it when its pid is gone, and keeps a live writer's and every other file."""
+    import subprocess
+    import sys
+
+    from flmm_model.run_dir import prepare_output_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "predictions"
+        out.mkdir()
+        names = {f".tmp-{dead.pid}-mask_00_the_cat.png": False, f".write-test-{dead.pid}": False,
+                 f".tmp-{live.pid}-overlay.png": True, "mask_00_the_cat.png": True, ".tmp-notes": True,
+                 f".tmp-{dead.pid}-": True}  # no name after the pid: not one of ours
+        for name in names:
+            (out / name).write_bytes(b"x")
+        (out / f".tmp-{dead.pid}-folder").mkdir()  # a directory: not a file we write
+        prepare_output_dir(out, what="--out")
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            [name for name, kept in names.items() if kept] + [f".tmp-{dead.pid}-folder"])
+    finally:
+        live.kill()
+        live.wait()
