@@ -239,3 +239,12 @@ def test_a_second_run_on_a_busy_out_dir_refuses_and_a_stale_lock_is_replaced(tmp
     run.main(common)
     assert [path.name for path in list_checkpoints(out / "checkpoints")] == ["step_0000001"]
     assert not (out / ".lock").exists()
+
+
+def test_train_num_threads_holds_for_the_run_only(tmp_path):
+    """`run.main(["train", ..., "train.num_threads=1"])` from Python leaves torch's thread count as it found it
+    (it leaked into later code before: the next tests ran on one thread)."""
+    before = torch.get_num_threads()
+    run.main(["train", "--config", DEMO, *TINY, f"train.out_dir={tmp_path / 'run'}", "train.max_steps=1",
+              "train.num_threads=1", "data.val=[]"])
+    assert torch.get_num_threads() == before

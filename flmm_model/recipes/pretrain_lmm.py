@@ -334,10 +334,12 @@ def pretrain_lmm(cfg: ExperimentConfig) -> dict[str, Any]:
     check_model_paths(cfg.model)
     out_dir = prepare_output_dir(cfg.train.out_dir, what="train.out_dir")
     lock = acquire_run_lock(out_dir)  # a second run on this directory refuses to start
+    threads = torch.get_num_threads()  # `train.num_threads` holds for this run only
     try:
         return _pretrain(cfg, out_dir=out_dir)
     finally:
         release_run_lock(lock)
+        torch.set_num_threads(threads)
 
 
 def _pretrain(cfg: ExperimentConfig, *, out_dir: Path) -> dict[str, Any]:

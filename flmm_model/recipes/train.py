@@ -172,6 +172,7 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
     check_device(tc.device, key="train.device")
     info = init_distributed(tc.device)
     lock = None
+    threads = torch.get_num_threads()  # restored at the end: `run.main` called from Python leaves the process as it was
     try:
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
@@ -314,3 +315,4 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
     finally:
         release_run_lock(lock)
         shutdown_distributed(info)
+        torch.set_num_threads(threads)
