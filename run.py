@@ -8,6 +8,7 @@ Commands (a dict maps each name to a plain function returning a dict):
     demo         a web demo (Gradio, the [demo] extra): segment phrases in uploaded images, with an HTTP API
     convert-sam  convert an original segment-anything checkpoint (sam_vit_l_0b3195.pth) to the transformers layout
     cache-sam    fill data.sam_cache with the SAM image embeddings of every training image
+    cache-lmm    fill data.lmm_cache with the frozen LMM's outputs for every training sample
     pretrain-lmm caption-pretrain the tiny Qwen2.5-VL on the synthetic scenes (the demo's frozen LMM)
 
 `main(argv)` is the whole program and returns the command's dict (or raises); `cli(argv)` runs it as the command line
@@ -192,6 +193,16 @@ def build_parser() -> _Parser:
                     "run it with the training config. Several GPUs: torchrun --nproc_per_node N run.py cache-sam")
     _config_args(cache)
 
+    cache_lmm = commands.add_parser(
+        "cache-lmm", help="fill data.lmm_cache with the frozen LMM's outputs for the training samples",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_schema_epilog(("model", "data", "train")),
+        description="Run the frozen LMM once on every data.train sample and store what the heads read from it (the "
+                    "attention maps and the phrase tokens' hidden states) in data.lmm_cache (entries already there "
+                    "are kept), so no training epoch runs the LMM. The cache is keyed by the LMM weights, family, "
+                    "prompt, the sentence draws, the pixel budget, model.dtype and train.precision: run it with the "
+                    "training config. Several GPUs: torchrun --nproc_per_node N run.py cache-lmm")
+    _config_args(cache_lmm)
+
     pretrain = commands.add_parser(
         "pretrain-lmm", help="caption-pretrain the tiny Qwen2.5-VL on the synthetic scenes (the demo's LMM)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_schema_epilog(("model", "data", "train")),
@@ -295,8 +306,16 @@ def cmd_cache_sam(args: argparse.Namespace) -> dict[str, Any]:
     return cache_sam(load_config(args.config, args.overrides))
 
 
+def cmd_cache_lmm(args: argparse.Namespace) -> dict[str, Any]:
+    from flmm_model.config_loader import load_config
+    from flmm_model.recipes.cache_lmm import cache_lmm
+
+    return cache_lmm(load_config(args.config, args.overrides))
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "chat": cmd_chat, "demo": cmd_demo,
-            "convert-sam": cmd_convert_sam, "cache-sam": cmd_cache_sam, "pretrain-lmm": cmd_pretrain_lmm}
+            "convert-sam": cmd_convert_sam, "cache-sam": cmd_cache_sam, "cache-lmm": cmd_cache_lmm,
+            "pretrain-lmm": cmd_pretrain_lmm}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

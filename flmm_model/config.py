@@ -122,6 +122,12 @@ class DataConfig:
                                               "computed and written in the step (`run.py cache-sam` fills it "
                                               "beforehand); refused if built for another SAM checkpoint, input size, "
                                               "precision or pixel budget; null = no cache")
+    lmm_cache: str | None = _field(None, help="directory of the frozen LMM's outputs per training sample (attention "
+                                              "maps, phrase hidden states): written in the first epoch (or by "
+                                              "`run.py cache-lmm`), read in later ones, so a cached step runs the "
+                                              "heads alone; refused if built for other LMM weights, prompt, "
+                                              "sentence draw, pixel budget, dtype or precision, and for "
+                                              "sentence_draw=per_epoch; null = no cache")
 
 
 @dataclass
@@ -247,6 +253,13 @@ def check_values(cfg: ExperimentConfig) -> None:
     if cfg.data.sam_cache and cfg.model.attention_only:
         raise ConfigError(f"data.sam_cache: set to {cfg.data.sam_cache!r}, but model.attention_only=true builds no "
                           f"SAM, so there are no SAM embeddings to cache or read; set data.sam_cache=null")
+    if cfg.data.lmm_cache:
+        for index, ds in enumerate(cfg.data.train):
+            if ds.sentence_draw == "per_epoch" and ds.type.startswith("refcoco"):
+                raise ConfigError(f"data.train.{index}.sentence_draw: per_epoch draws a sample's sentence anew every "
+                                  f"epoch, so its LMM outputs change and data.lmm_cache ({cfg.data.lmm_cache!r}) "
+                                  f"would never be read; use sentence_draw=once (F-LMM's recipe) or set "
+                                  f"data.lmm_cache=null")
     if cfg.model.min_pixels > cfg.model.max_pixels:
         raise ConfigError(f"model.min_pixels: expected at most model.max_pixels ({cfg.model.max_pixels}), "
                           f"found {cfg.model.min_pixels}")

@@ -33,7 +33,8 @@ def test_every_help_answers_without_torch_or_transformers():
     report_line = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
     assert len(report_line) == 1, done.stdout[-2000:]
     report = json.loads(report_line[0].removeprefix("REPORT "))
-    commands = {"train", "eval", "predict", "chat", "demo", "convert-sam", "cache-sam", "pretrain-lmm"}
+    commands = {"train", "eval", "predict", "chat", "demo", "convert-sam", "cache-sam", "cache-lmm",
+                "pretrain-lmm"}
     assert {entry["argv"][0] for entry in report[1:]} == commands
     for entry in report:
         assert entry["status"] == 0, entry

@@ -122,7 +122,7 @@ def test_a_failed_write_keeps_the_old_entry(model, tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("flmm_model.data.sam_cache.save_file", full_disk)
+    monkeypatch.setattr("flmm_model.data.tensor_store.save_file", full_disk)
     with pytest.raises(OSError, match="writing a SAM embedding"):
         cache.write("ab" + "0" * 62, torch.zeros_like(old))
     assert torch.equal(cache.read("ab" + "0" * 62), old)

@@ -195,6 +195,12 @@ class RefCocoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._samples)
 
+    @property
+    def changes_per_epoch(self) -> bool:
+        """Whether a sample's text changes between epochs (training with `sentence_draw="per_epoch"`): the LMM-output
+        cache refuses such a dataset (`data.lmm_cache.check_cacheable`)."""
+        return self.train and self.sentence_draw == "per_epoch"
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch of the training sentence draw (used with `sentence_draw="per_epoch"`)."""
         self.epoch = epoch

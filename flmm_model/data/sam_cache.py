@@ -13,26 +13,21 @@ Layout of DIR:
 
 Writes are atomic (a temporary file in the same directory, flushed, then renamed). A missing entry, or one that does
 not read back whole (a torn or damaged file, another key, another shape, a checksum that does not match), is a miss:
-the embedding is computed again and the entry rewritten, never used.
+the embedding is computed again and the entry rewritten, never used (`data.tensor_store` holds this machinery).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from flmm_model.errors import UserError, storage_error
+from flmm_model.data.tensor_store import KeyedTensorStore
+from flmm_model.errors import UserError
 
-CACHE_FORMAT = "flmm_model/sam_cache/1"
-MANIFEST = "cache.json"
+CACHE_FORMAT = "flmm_model/sam_cache/2"  # 2: per-tensor checksums (`tensor_store`)
 
 
 class SamCacheError(UserError, ValueError):
@@ -84,11 +79,7 @@ def image_digest(image: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _tensor_digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-class SamEmbeddingCache:
+class SamEmbeddingCache(KeyedTensorStore):
     """A cache directory opened for one `CacheKey` (picklable: DataLoader workers read from it).
 
     Args:
@@ -101,59 +92,25 @@ class SamEmbeddingCache:
         StorageError: the directory cannot be created or written.
     """
 
+    format = CACHE_FORMAT
+    option = "data.sam_cache"
+    what = "a SAM embedding cache"
+    setup = "SAM setup"
+    command = "cache-sam"
+    error = SamCacheError
+
     def __init__(self, directory: str | Path, *, key: CacheKey, embedding_shape: tuple[int, int, int]) -> None:
-        self.directory = Path(directory)
         self.key = key
         self.embedding_shape = tuple(embedding_shape)
-        manifest = self.directory / MANIFEST
-        if manifest.is_file():
-            self._check_manifest(manifest)
-        else:
-            try:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                self._write_atomic(manifest, json.dumps({"format": CACHE_FORMAT, "key": asdict(key)}, indent=2)
-                                   .encode())
-            except OSError as error:
-                raise storage_error(error, path=self.directory, doing="creating the SAM embedding cache") from error
-
-    def _check_manifest(self, manifest: Path) -> None:
-        try:
-            stored = json.loads(manifest.read_text())
-            stored_key = stored["key"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise SamCacheError(f"data.sam_cache: {manifest} is not a SAM embedding cache manifest ({error}); point "
-                                f"data.sam_cache at another directory or delete this one") from error
-        if stored.get("format") != CACHE_FORMAT:
-            raise SamCacheError(f"data.sam_cache: {self.directory} has format {stored.get('format')!r}, expected "
-                                f"{CACHE_FORMAT!r}; delete it or use another directory")
-        wanted = asdict(self.key)
-        differ = [f"{name}: {stored_key.get(name)!r} in the cache, {value!r} now" for name, value in wanted.items()
-                  if stored_key.get(name) != value]
-        if differ:
-            raise SamCacheError(f"data.sam_cache: {self.directory} was built for another SAM setup "
-                                f"({'; '.join(differ)}); its embeddings do not belong to this run. Use another "
-                                f"directory, or delete this one to rebuild it (`run.py cache-sam`)")
-
-    def path(self, name: str) -> Path:
-        return self.directory / name[:2] / f"{name}.safetensors"
+        super().__init__(directory, key_record=asdict(key))
 
     def read(self, name: str) -> torch.Tensor | None:
         """The embedding of entry `name`, or None if it is missing or does not read back whole (then it is
         recomputed and rewritten by the caller)."""
-        path = self.path(name)
-        if not path.is_file():
+        entry = self.read_entry(name, ("embedding",))
+        if entry is None or tuple(entry["embedding"].shape) != self.embedding_shape:
             return None
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                embedding = handle.get_tensor("embedding") if "embedding" in handle.keys() else None
-        except (OSError, SafetensorError, ValueError, RuntimeError):
-            return None
-        if (embedding is None or tuple(embedding.shape) != self.embedding_shape
-                or metadata.get("key") != json.dumps(asdict(self.key), sort_keys=True)
-                or metadata.get("sha256") != _tensor_digest(embedding)):
-            return None
-        return embedding
+        return entry["embedding"]
 
     def write(self, name: str, embedding: torch.Tensor) -> None:
         """Store one (C, e, e) embedding atomically.
@@ -161,27 +118,5 @@ class SamEmbeddingCache:
         Raises:
             StorageError: the entry cannot be written (a full disk, no permission).
         """
-        embedding = embedding.detach().cpu().contiguous()
-        metadata = {"key": json.dumps(asdict(self.key), sort_keys=True), "sha256": _tensor_digest(embedding),
-                    "image": name}
-        path = self.path(name)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"embedding": embedding}, str(tmp), metadata=metadata)
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except (OSError, SafetensorError) as error:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise storage_error(error, path=path.parent, doing="writing a SAM embedding") from error
+        self.write_entry(name, {"embedding": embedding}, doing="writing a SAM embedding")
 
-    @staticmethod
-    def _write_atomic(path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)

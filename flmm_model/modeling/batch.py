@@ -18,17 +18,20 @@ What the forward needs, for the B samples and K objects of a batch (objects in s
   (B * P) phrase slots, with a validity mask;
 - `frames.ObjectFrames`: each object's image, SAM-input, mask-input and coarse sizes;
 - SAM's input canvas (`frames.sam_input_canvas`) of the images to encode, or the cached embeddings and the misses;
+- with `data.lmm_cache`: every sample's cached attention maps and phrase hidden states (`CachedLMMOutputs`: then
+  the step does not run the LMM), or the samples the cache misses (the step writes their entries);
 - with ground truth: the masks on one (K, H_max, W_max) canvas and the coarse targets on the U-Net grids (the
   fraction of each cell inside the object, `losses.resize_gt_masks`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from flmm_model.data.lmm_cache import LMMOutputCache, sample_digests
 from flmm_model.data.sam_cache import SamEmbeddingCache, image_digest
 from flmm_model.device import pin_memory
 from flmm_model.modeling.frames import ObjectFrames, coarse_grid_size, gt_canvas, sam_input_canvas, sam_resized_size
@@ -42,6 +45,19 @@ class UNetGroup:
 
     grid: tuple[int, int]
     samples: list[int]
+
+
+@dataclass
+class CachedLMMOutputs:
+    """What the heads read from the frozen LMM, for a batch whose every sample the LMM-output cache holds.
+
+    Attributes:
+        attention_maps: per sample (K_b, C, h_b, w_b) float32, as `LMMOutput.attention_maps`.
+        phrase_rows: (layers, B, P, D) as `LMMOutput.phrase_rows` (slots past a sample's phrase tokens are zeros).
+    """
+
+    attention_maps: list[torch.Tensor]
+    phrase_rows: torch.Tensor
 
 
 @dataclass
@@ -66,6 +82,9 @@ class PreparedBatch:
         sam_missing: (M,) long, the images the cache missed (encoded in the step), or None without a cache.
         sam_missing_names: their cache entry names (the step's new embeddings are written under them).
         gt_canvas: (K, H_max, W_max) bool, coarse_targets: (K, h'_max, w'_max) float32; None without ground truth.
+        lmm_cached: the LMM's outputs from `data.lmm_cache` when it holds every sample (the step skips the LMM; then
+            `lmm.pixel_values` is emptied, it is not read), else None.
+        lmm_missing: with a cache that missed: (sample, entry name, phrase tokens P_b) of each sample to write.
     """
 
     lmm: PreparedLMMInputs
@@ -87,6 +106,8 @@ class PreparedBatch:
     sam_missing_names: list[str]
     gt_canvas: torch.Tensor | None
     coarse_targets: torch.Tensor | None
+    lmm_cached: CachedLMMOutputs | None = None
+    lmm_missing: list[tuple[int, str, int]] = field(default_factory=list)
 
     def pin_memory(self) -> PreparedBatch:
         """Every CPU tensor in page-locked memory (the DataLoader calls this with `pin_memory=True`)."""
@@ -204,6 +225,7 @@ class BatchPreparer:
         sam_mask_side: SAM's mask-input side 4e (with SAM).
         targets: build the ground-truth entries when the batch has ground truth (False: prediction).
         sam_cache: read SAM embeddings from this cache (`data.sam_cache`).
+        lmm_cache: read the LMM's outputs from this cache (`data.lmm_cache`).
     """
 
     qwen_config: Any
@@ -212,6 +234,7 @@ class BatchPreparer:
     sam_mask_side: int | None = None
     targets: bool = True
     sam_cache: SamEmbeddingCache | None = None
+    lmm_cache: LMMOutputCache | None = None
 
     def __call__(self, batch: dict[str, Any]) -> PreparedBatch:
         return prepare_batch(batch, preparer=self)
@@ -264,6 +287,11 @@ def prepare_batch(batch: dict[str, Any], *, preparer: BatchPreparer) -> Prepared
     text_index, text_valid = text_slots(lmm.object_slots, lmm.queries.query_index.shape[1])
     sam = SamInputPreparer(preparer.sam_image_size, preparer.sam_cache).for_images(images) if with_sam else None
     cached = sam is not None and sam.embeddings is not None
+    lmm_cached, lmm_missing = None, []
+    if preparer.lmm_cache is not None:
+        lmm_cached, lmm_missing = read_lmm_cache(batch, lmm, preparer.lmm_cache)
+        if lmm_cached is not None:  # the step does not run the LMM: its pixels need not travel to the device
+            lmm = replace(lmm, pixel_values=lmm.pixel_values[:0])
     return PreparedBatch(
         lmm=lmm, num_objects=lmm.num_objects, image_sizes=image_sizes, coarse_sizes=coarse_sizes,
         unet_groups=groups, coarse_order=order,
@@ -274,5 +302,26 @@ def prepare_batch(batch: dict[str, Any], *, preparer: BatchPreparer) -> Prepared
         sam_embeddings=sam.embeddings if cached else None,
         sam_missing=torch.tensor(sam.encoded, dtype=torch.long) if cached else None,
         sam_missing_names=[sam.names[b] for b in sam.encoded] if cached else [],
-        gt_canvas=gt, coarse_targets=coarse_targets,
+        gt_canvas=gt, coarse_targets=coarse_targets, lmm_cached=lmm_cached, lmm_missing=lmm_missing,
     )
+
+
+def read_lmm_cache(batch: dict[str, Any], lmm: PreparedLMMInputs, cache: LMMOutputCache
+                   ) -> tuple[CachedLMMOutputs | None, list[tuple[int, str, int]]]:
+    """The batch's LMM outputs from `cache` when it holds every sample whole, else (None, the samples to write).
+
+    All or nothing: a batch with one miss runs the LMM for all its samples exactly as without a cache (and writes the
+    misses), so no sample is computed in another batch composition than the uncached run's."""
+    names = sample_digests(batch, images_per_sample=lmm.images_per_sample)
+    tokens = lmm.queries.query_valid.sum(1).tolist()  # (B,) phrase tokens per sample
+    entries = [cache.read(name, num_objects=lmm.num_objects[b], grid_hw=tuple(lmm.grounded_grid_hw[b]),
+                          num_tokens=tokens[b]) for b, name in enumerate(names)]
+    missing = [(b, name, tokens[b]) for b, (name, entry) in enumerate(zip(names, entries, strict=True))
+               if entry is None]
+    if missing:
+        return None, missing
+    layers, _, hidden = entries[0][1].shape
+    rows = torch.zeros((layers, len(names), lmm.queries.query_index.shape[1], hidden), dtype=entries[0][1].dtype)
+    for b, (_, entry_rows) in enumerate(entries):
+        rows[:, b, :entry_rows.shape[1]] = entry_rows
+    return CachedLMMOutputs(attention_maps=[maps for maps, _ in entries], phrase_rows=rows), []

@@ -28,11 +28,12 @@ from transformers import SamModel
 from flmm_model.backbones import QwenVLModel, VisionFeatures
 from flmm_model.backbones.tokenizers import check_tokenizer
 from flmm_model.config import DEFAULT_INSTRUCTION
+from flmm_model.data.lmm_cache import LMMOutputCache
 from flmm_model.data.prompts import DEFAULT_SYSTEM
 from flmm_model.data.sam_cache import SamEmbeddingCache, sam_cache_key
 from flmm_model.device import to_device
 from flmm_model.errors import CheckpointError
-from flmm_model.modeling.batch import BatchPreparer, PreparedBatch
+from flmm_model.modeling.batch import BatchPreparer, CachedLMMOutputs, PreparedBatch
 from flmm_model.modeling.frames import resize_on_canvas, size_mask
 from flmm_model.modeling.lmm import FrozenQwenLMM, LMMOutput
 from flmm_model.modeling.losses import canvas_loss_terms
@@ -194,15 +195,30 @@ class GroundingModel(nn.Module):
         return self.lmm(input_ids, attention_mask, pixel_values, image_grid_thw, mask_ids,
                         grounded_image=grounded_image)
 
-    def batch_preparer(self, *, targets: bool = True, sam_cache: SamEmbeddingCache | None = None) -> BatchPreparer:
+    def batch_preparer(self, *, targets: bool = True, sam_cache: SamEmbeddingCache | None = None,
+                       lmm_cache: LMMOutputCache | None = None) -> BatchPreparer:
         """The host side of this model's batches (`modeling.batch.BatchPreparer`, picklable): give it to the loader
         (`make_loader(..., prepare=...)`) to prepare batches in its workers. `targets=False` for prediction (no
-        ground-truth entries); `sam_cache`: read SAM embeddings from it (`open_sam_cache`)."""
+        ground-truth entries); `sam_cache`: read SAM embeddings from it (`open_sam_cache`); `lmm_cache`: read the
+        LMM's outputs from it (`open_lmm_cache`)."""
         refiner = self.sam_refiner
         return BatchPreparer(qwen_config=self.qwen.config, coarse_size=self.mask_head.upsample_size,
                              sam_image_size=refiner.image_size if refiner is not None else None,
                              sam_mask_side=refiner.mask_input_size if refiner is not None else None,
-                             targets=targets, sam_cache=sam_cache)
+                             targets=targets, sam_cache=sam_cache, lmm_cache=lmm_cache)
+
+    def open_lmm_cache(self, directory: str, *, precision: str, sentence_draws: Sequence[str]) -> LMMOutputCache:
+        """The LMM-output cache in `directory` for this model's frozen LMM, prompt and pixel budget, the training
+        sets' `sentence_draws` (`data.lmm_cache.sentence_draws`) and the LMM's `precision` ("bf16" / "fp32"): see
+        `data.lmm_cache` and `FrozenQwenLMM.open_output_cache`.
+
+        Raises:
+            LMMCacheError: the directory holds a cache built for another setup.
+        """
+        size = self.image_processor.size
+        return self.lmm.open_output_cache(directory, instruction=self.instruction, system=self.system,
+                                          sentence_draws=sentence_draws, min_pixels=size.shortest_edge,
+                                          max_pixels=size.longest_edge, precision=precision)
 
     def open_sam_cache(self, directory: str, *, precision: str) -> SamEmbeddingCache:
         """The SAM embedding cache in `directory` for this model's SAM image encoder, input size and pixel budget, and
@@ -239,10 +255,13 @@ class GroundingModel(nn.Module):
         return to_device(self.prepare_batch(batch), self.device)
 
     def _heads(self, prepared: PreparedBatch, vision: VisionFeatures | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(K, h'_max, w'_max) coarse and (K, H_max, W_max) float32 refined logits canvases of a prepared batch, and
-        the SAM embeddings computed for the images the SAM cache missed (None without a cache)."""
-        lmm_out = self.lmm.forward_prepared(prepared.lmm, vision=vision)
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, LMMOutput | CachedLMMOutputs]:
+        """(K, h'_max, w'_max) coarse and (K, H_max, W_max) float32 refined logits canvases of a prepared batch, the
+        SAM embeddings computed for the images the SAM cache missed (None without a cache), and what the LMM gave
+        (its output, or the LMM-output cache's entries: then the LMM does not run)."""
+        lmm_out = prepared.lmm_cached
+        if lmm_out is None:
+            lmm_out = self.lmm.forward_prepared(prepared.lmm, vision=vision)
         head_dtype = next(self.mask_head.parameters()).dtype
         outputs = []
         for group in prepared.unet_groups:  # one U-Net call per distinct attention grid
@@ -258,7 +277,7 @@ class GroundingModel(nn.Module):
         frames = prepared.frames
         if self.sam_refiner is None:
             refined = resize_on_canvas(coarse[:, None].float(), frames.coarse, frames.original, prepared.canvas)
-            return coarse, refined[:, 0], None
+            return coarse, refined[:, 0], None, lmm_out
         refiner = self.sam_refiner
         image_embeddings, computed = prepared.sam_embeddings, None
         if image_embeddings is None or prepared.sam_missing.numel():  # a shape: no read of the device
@@ -275,7 +294,7 @@ class GroundingModel(nn.Module):
         refined = refiner.refine(image_embeddings=image_embeddings.index_select(0, prepared.object_image),
                                  coarse=coarse, frames=frames, text_tokens=text_tokens,
                                  text_valid=prepared.text_valid, canvas=prepared.canvas)
-        return coarse, refined, computed
+        return coarse, refined, computed, lmm_out
 
     def _split(self, prepared: PreparedBatch, coarse: torch.Tensor, refined: torch.Tensor
                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -299,7 +318,7 @@ class GroundingModel(nn.Module):
                 coarse logits upsampled when the model has no SAM).
         """
         prepared = self._prepared(batch)
-        coarse, refined, _ = self._heads(prepared, vision)
+        coarse, refined, _, _ = self._heads(prepared, vision)
         return self._split(prepared, coarse, refined)
 
     def forward(self, batch: dict[str, Any] | PreparedBatch) -> dict[str, Any]:
@@ -314,12 +333,14 @@ class GroundingModel(nn.Module):
             vs the ground truth resized to its grid), `loss_sam_bce`, `loss_sam_dice` (refined mask vs the
             ground truth at original size; absent without SAM), each the mean over the batch's masks of the
             per-mask loss, `coarse_logits` and `mask_logits` (per sample), and with a SAM cache that missed images
-            `sam_new_embeddings` (M, C, e, e), theirs (to write to the cache, `prepared.sam_missing_names`).
+            `sam_new_embeddings` (M, C, e, e), theirs (to write to the cache, `prepared.sam_missing_names`); with an
+            LMM-output cache that missed samples, `lmm_new_entries`: (name, (K_b, C, h, w) maps, (layers, P_b, D)
+            rows) of each (to write to it).
         """
         prepared = self._prepared(batch)
         if prepared.gt_canvas is None:
             raise ValueError("forward: the batch has no gt_masks (use predict_logits / predict_masks to predict)")
-        coarse, refined, new_embeddings = self._heads(prepared)
+        coarse, refined, new_embeddings, lmm_out = self._heads(prepared)
         frames = prepared.frames
         coarse_terms = canvas_loss_terms(coarse, prepared.coarse_targets,
                                          size_mask(frames.coarse, *prepared.coarse_canvas), frames.coarse.prod(1))
@@ -334,6 +355,9 @@ class GroundingModel(nn.Module):
         out.update(loss=loss, coarse_logits=coarse_logits, mask_logits=mask_logits)
         if new_embeddings is not None:
             out["sam_new_embeddings"] = new_embeddings
+        if prepared.lmm_missing:
+            out["lmm_new_entries"] = [(name, lmm_out.attention_maps[b], lmm_out.phrase_rows[:, b, :tokens])
+                                      for b, name, tokens in prepared.lmm_missing]
         return out
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ from torch import nn
 
 from flmm_model.backbones import QwenVLModel, VisionFeatures, adapter_for
 from flmm_model.backbones.vision_attention import use_packed_vision_attention
+from flmm_model.data.lmm_cache import LMMCacheKey, LMMEntryShape, LMMOutputCache, lmm_fingerprint
 from flmm_model.modeling.attention import (
     CAPTURE_IMPLEMENTATIONS,
     CaptureState,
@@ -114,6 +115,25 @@ class FrozenQwenLMM(nn.Module):
         """Channels of an attention map: map layers x heads (576 for Qwen2.5-VL-3B's 36 x 16, 784 for the 7B; Qwen3.5
         maps its full-attention layers only, e.g. 8 x 16 = 128 for the 9B)."""
         return len(self.map_layers) * self.num_heads
+
+    def open_output_cache(self, directory: str, *, instruction: str, system: str | None,
+                          sentence_draws: Sequence[str], min_pixels: int, max_pixels: int, precision: str
+                          ) -> LMMOutputCache:
+        """The LMM-output cache (`data.lmm_cache`) in `directory` for this LMM's weights (fingerprint), family, dtype
+        and capture, the prompt (`instruction`, `system`), the training sets' `sentence_draws`, the pixel budget and
+        the `precision` it runs under ("bf16" / "fp32").
+
+        Raises:
+            LMMCacheError: the directory holds a cache built for another setup.
+        """
+        key = LMMCacheKey(lmm=lmm_fingerprint(self.qwen), family=self.qwen.config.model_type,
+                          instruction=instruction, system=system, sentence_draws=tuple(sentence_draws),
+                          min_pixels=int(min_pixels), max_pixels=int(max_pixels),
+                          dtype=str(self.qwen.dtype).removeprefix("torch."), precision=precision,
+                          attn_capture=self.attn_capture)
+        shape = LMMEntryShape(channels=self.num_attention_channels, num_layers=self.num_layers,
+                              hidden_size=self.hidden_size)
+        return LMMOutputCache(directory, key=key, shape=shape)
 
     def train(self, mode: bool = True) -> FrozenQwenLMM:
         super().train(mode)

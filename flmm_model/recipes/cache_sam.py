@@ -16,20 +16,11 @@ from tqdm.auto import tqdm
 
 from flmm_model.build import build_sam, check_model_paths, prompt_settings
 from flmm_model.config import ConfigError, ExperimentConfig
-from flmm_model.data.loader import make_loader
-from flmm_model.data.registry import build_datasets
 from flmm_model.data.sam_cache import SamEmbeddingCache, sam_cache_key
-from flmm_model.distributed import (
-    ShardedSampler,
-    all_reduce_sum,
-    autocast_context,
-    check_device,
-    init_distributed,
-    precision_of,
-    shutdown_distributed,
-)
+from flmm_model.distributed import autocast_context, check_device, init_distributed, precision_of, shutdown_distributed
 from flmm_model.modeling.batch import SamInputPreparer
 from flmm_model.modeling.sam_refiner import SamRefiner
+from flmm_model.recipes.caching import report, shard_loader, training_datasets
 
 
 @torch.no_grad()
@@ -46,9 +37,7 @@ def cache_sam(cfg: ExperimentConfig) -> dict[str, Any]:
     info = init_distributed(cfg.train.device)
     try:
         prompt = prompt_settings(cfg.model)
-        datasets = build_datasets(cfg.data.train, data_root=cfg.data.root, prompt=prompt, train=True,
-                                  on_error=cfg.data.on_error)
-        dataset = torch.utils.data.ConcatDataset([entry.dataset for entry in datasets])
+        dataset = torch.utils.data.ConcatDataset([entry.dataset for entry in training_datasets(cfg, prompt)])
         sam = build_sam(cfg.model.sam, dtype=torch.float32, seed=cfg.model.seed)  # as `build_model` builds it
         sam.vision_encoder.to(getattr(torch, cfg.model.dtype))
         refiner = SamRefiner(sam=sam).to(info.device).eval()
@@ -57,11 +46,8 @@ def cache_sam(cfg: ExperimentConfig) -> dict[str, Any]:
                             dtype=refiner.encoder_dtype, precision=precision_of(autocast),
                             min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
         cache = SamEmbeddingCache(cfg.data.sam_cache, key=key, embedding_shape=refiner.embedding_shape)
-        sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False, pad=False)
         sam_inputs = SamInputPreparer(image_size=refiner.image_size, sam_cache=cache)  # run in the workers
-        loader = make_loader(dataset, sampler=sampler, batch_size=cfg.data.batch_size,
-                             num_workers=cfg.data.num_workers, pad_token_id=prompt.tokenizer.pad_token_id,
-                             prepare=sam_inputs, pin_memory=info.device.type == "cuda")
+        loader = shard_loader(cfg, info, dataset, prompt=prompt, prepare=sam_inputs)
         counts = torch.zeros(2, dtype=torch.long)  # written, already cached
         for batch in tqdm(loader, desc="cache-sam", disable=not (info.is_main and cfg.train.progress)):
             if not batch["images"]:
@@ -77,9 +63,6 @@ def cache_sam(cfg: ExperimentConfig) -> dict[str, Any]:
             for b, embedding in zip(missing, embeddings, strict=True):
                 cache.write(inputs.names[b], embedding)
             counts[0] += len(missing)
-        written, present = all_reduce_sum(counts).tolist()
-        if info.is_main:
-            print(f"data.sam_cache {cfg.data.sam_cache}: {written} embeddings written, {present} already cached")
-        return {"directory": cfg.data.sam_cache, "written": written, "cached": present}
+        return report(info, counts, option="data.sam_cache", directory=cfg.data.sam_cache, noun="embeddings")
     finally:
         shutdown_distributed(info)

@@ -28,6 +28,7 @@ from flmm_model.checkpoint import (
     settings_differ,
 )
 from flmm_model.config import ConfigError, ExperimentConfig
+from flmm_model.data.lmm_cache import LMMCacheWriter, check_cacheable, sentence_draws
 from flmm_model.data.loader import make_loader
 from flmm_model.data.registry import NamedDataset, build_datasets
 from flmm_model.device import to_device
@@ -190,8 +191,8 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
             raise ConfigError("data.train: no training dataset configured")
         prompt = prompt_settings(cfg.model)
         data_options = dict(data_root=cfg.data.root, prompt=prompt, on_error=cfg.data.on_error)
-        train_set = torch.utils.data.ConcatDataset(
-            [entry.dataset for entry in build_datasets(cfg.data.train, train=True, **data_options)])
+        build_entries = build_datasets(cfg.data.train, train=True, **data_options)
+        train_set = torch.utils.data.ConcatDataset([entry.dataset for entry in build_entries])
         val_sets = build_datasets(cfg.data.val, train=False, **data_options)  # each scored with its own metric
         pad_token_id = prompt.tokenizer.pad_token_id
         sampler = ShardedSampler(len(train_set), rank=info.rank, world_size=info.world_size, shuffle=True,
@@ -244,14 +245,20 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
                 f"{total_steps} steps ({micro_per_epoch // tc.grad_accum} per epoch), warm-up {warmup_steps}")
         ddp_model = wrap_ddp(model, info, find_unused_parameters=tc.find_unused_parameters)
         model.train()
-        sam_cache = None
+        sam_cache = lmm_cache = None
         if cfg.data.sam_cache:  # refused here, before any step, if built for another SAM setup
             sam_cache = model.open_sam_cache(cfg.data.sam_cache, precision=precision_of(autocast))
+        if cfg.data.lmm_cache:  # the same for the LMM's outputs, and for data that changes between epochs
+            check_cacheable(build_entries)
+            lmm_cache = model.open_lmm_cache(cfg.data.lmm_cache, precision=precision_of(autocast),
+                                             sentence_draws=sentence_draws(cfg.data.train))
+        lmm_writer = LMMCacheWriter(lmm_cache, samples=len(train_set)) if lmm_cache is not None else None
         # The loader's workers also build the heads' image inputs and targets (and read the SAM cache); batches come
         # pinned on CUDA.
         loader = make_loader(train_set, sampler=sampler, batch_size=cfg.data.batch_size,
                              num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
-                             padding_side=cfg.data.padding_side, prepare=model.batch_preparer(sam_cache=sam_cache),
+                             padding_side=cfg.data.padding_side, prepare=model.batch_preparer(sam_cache=sam_cache,
+                                                                                  lmm_cache=lmm_cache),
                              pin_memory=info.device.type == "cuda")
         one = torch.ones(1, dtype=torch.float64, device=info.device)  # the window counts micro-batches
 
@@ -268,6 +275,8 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
                 for name, embedding in zip(prepared.sam_missing_names, output["sam_new_embeddings"].cpu(),
                                            strict=True):
                     sam_cache.write(name, embedding)
+            if "lmm_new_entries" in output:  # samples the LMM-output cache missed (the first epoch)
+                lmm_writer.write(output["lmm_new_entries"])
             return torch.cat([torch.stack([output[k].detach() for k in loss_keys]).double(), one])  # (K + 1,)
 
         pointing: dict[str, dict[str, float]] = {}

@@ -1,0 +1,77 @@
+"""`cache_lmm(cfg)` (`run.py cache-lmm`): fill `data.lmm_cache` with the frozen LMM's outputs for every training
+sample (attention maps, phrase hidden states), so no training epoch runs the LMM (see `flmm_model.data.lmm_cache`).
+
+Only the LMM is built (no SAM, no heads). The key is the one training computes (`FrozenQwenLMM.open_output_cache`
+with the same `model.qwen` checkpoint or seeded preset, `model.dtype`, prompt, pixel budget, `train.precision` on
+`train.device` and the training sets' sentence draws), so a training run with the same config reads every entry;
+entries already present and whole are kept. Under torchrun each process computes its shard.
+
+The entries are the LMM's outputs for each sample in the batches of this command (in dataset order). The LMM's
+rounding depends a little on a batch's padding, so a run trained on them matches an uncached run to float rounding
+(exactly with `data.batch_size=1`); the cache written by the first training epoch matches it exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from flmm_model.backbones import build_qwen
+from flmm_model.build import check_model_paths, prompt_settings
+from flmm_model.config import ConfigError, ExperimentConfig
+from flmm_model.data.lmm_cache import LMMCacheWriter, check_cacheable, sentence_draws
+from flmm_model.device import to_device
+from flmm_model.distributed import autocast_context, check_device, init_distributed, precision_of, shutdown_distributed
+from flmm_model.modeling.batch import BatchPreparer
+from flmm_model.modeling.lmm import FrozenQwenLMM
+from flmm_model.recipes.caching import report, shard_loader, training_datasets
+
+
+@torch.no_grad()
+def cache_lmm(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run the frozen LMM on every `data.train` sample the cache lacks and store its outputs; returns the directory
+    and the counts (`written`, `cached`).
+
+    Raises:
+        ConfigError: no `data.lmm_cache` set. LMMCacheError: the directory belongs to another LMM setup, or a
+            training set changes its samples between epochs. StorageError: the cache does not fit on the disk.
+    """
+    if not cfg.data.lmm_cache:
+        raise ConfigError("data.lmm_cache: set the cache directory (data.lmm_cache=/path/to/cache)")
+    check_model_paths(cfg.model)
+    check_device(cfg.train.device, key="train.device")
+    info = init_distributed(cfg.train.device)
+    try:
+        prompt = prompt_settings(cfg.model)
+        datasets = training_datasets(cfg, prompt)
+        check_cacheable(datasets)
+        dataset = torch.utils.data.ConcatDataset([entry.dataset for entry in datasets])
+        qwen = build_qwen(cfg.model.qwen, dtype=getattr(torch, cfg.model.dtype), attn_implementation="sdpa",
+                          seed=cfg.model.seed)  # as `build_model` builds it
+        lmm = FrozenQwenLMM(qwen=qwen, attn_capture=cfg.model.attn_capture).to(info.device).eval()
+        autocast = autocast_context(info.device, cfg.train.precision)
+        size = prompt.image_processor.size  # the pixel budget, as `GroundingModel.open_lmm_cache` reads it
+        cache = lmm.open_output_cache(cfg.data.lmm_cache, instruction=prompt.instruction, system=prompt.system,
+                                      sentence_draws=sentence_draws(cfg.data.train), min_pixels=size.shortest_edge,
+                                      max_pixels=size.longest_edge, precision=precision_of(autocast))
+        writer = LMMCacheWriter(cache, samples=len(dataset))
+        preparer = BatchPreparer(qwen_config=qwen.config, coarse_size=cfg.model.mask_head_size, targets=False,
+                                 lmm_cache=cache)  # read in the workers: which samples miss
+        loader = shard_loader(cfg, info, dataset, prompt=prompt, prepare=preparer)
+        counts = torch.zeros(2, dtype=torch.long)  # written, already cached
+        for batch in tqdm(loader, desc="cache-lmm", disable=not (info.is_main and cfg.train.progress)):
+            prepared = batch["prepared"]
+            samples = len(prepared.lmm.num_objects)
+            counts[1] += samples - len(prepared.lmm_missing)
+            if prepared.lmm_cached is not None:
+                continue
+            with autocast:
+                out = lmm.forward_prepared(to_device(prepared.lmm, info.device))
+            writer.write([(name, out.attention_maps[b], out.phrase_rows[:, b, :tokens])
+                          for b, name, tokens in prepared.lmm_missing])
+            counts[0] += len(prepared.lmm_missing)
+        return report(info, counts, option="data.lmm_cache", directory=cfg.data.lmm_cache, noun="samples")
+    finally:
+        shutdown_distributed(info)
