@@ -17,6 +17,12 @@ prompts, SAM prompt encoder + mask decoder, losses), `heads bwd`, `optimizer` (c
     python benchmarks/train_step.py --arch demo                                      # CPU, the demo's shapes
     python benchmarks/train_step.py --arch 3b_narrow --count-ops --repeats 1         # 3B + SAM-L structure, CPU
     python benchmarks/train_step.py --arch 3b_sam_l --device cuda --trace /tmp/trace  # H200: 3B + SAM ViT-L shapes
+    python benchmarks/train_step.py --arch 3b_narrow --lmm-cache --sam-cache          # cached vs full step, one run
+
+With `--lmm-cache` and / or `--sam-cache` the caches are filled first (as the first epoch or `run.py cache-lmm` /
+`cache-sam` would), then the full step (no cache) and the cached step are both timed on the same batch in this run:
+with both caches the cached step runs the heads alone (no frozen network). The region table and the last line are
+the cached step's, and a `cached:` line gives both times and their ratio.
 
 The last line is machine-readable: `throughput: samples/s=<x> step_ms=<y> peak_mib=<z>`.
 """
@@ -27,6 +33,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -92,8 +99,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--count-ops", action="store_true", help="profile one more step: ops and syncs per region")
     parser.add_argument("--trace", default=None, help="write a profiler trace (chrome JSON) of one step here")
-    parser.add_argument("--sam-cache", default=None, metavar="DIR",
-                        help="read SAM embeddings from a cache in DIR, filled before the timed steps (warm cache)")
+    parser.add_argument("--sam-cache", nargs="?", const="", default=None, metavar="DIR",
+                        help="read SAM embeddings from a cache (in DIR, default a temporary directory), filled before "
+                             "the timed steps (warm cache)")
+    parser.add_argument("--lmm-cache", nargs="?", const="", default=None, metavar="DIR",
+                        help="read the LMM's outputs from a cache (in DIR, default a temporary directory), filled "
+                             "before the timed steps (warm cache)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the parts (train.compile)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -115,16 +126,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset = SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=batch_size,
                                image_size=(side, side), max_objects=args.objects)
     autocast = autocast_context(device, "auto")
-    sam_cache = model.open_sam_cache(args.sam_cache, precision=precision_of(autocast)) if args.sam_cache else None
-    collator = Collator(pad_token_id=tokenizer.pad_token_id, prepare=model.batch_preparer(sam_cache=sam_cache))
+    scratch = tempfile.TemporaryDirectory(prefix="train_step_caches_")  # where a cache without a DIR goes
+    precision = precision_of(autocast)
+    sam_cache = lmm_cache = None
+    if args.sam_cache is not None:
+        sam_cache = model.open_sam_cache(args.sam_cache or os.path.join(scratch.name, "sam"), precision=precision)
+    if args.lmm_cache is not None:
+        lmm_cache = model.open_lmm_cache(args.lmm_cache or os.path.join(scratch.name, "lmm"), precision=precision,
+                                         sentence_draws=[])
+    cached = sam_cache is not None or lmm_cache is not None
+    collator = Collator(pad_token_id=tokenizer.pad_token_id,
+                        prepare=model.batch_preparer(sam_cache=sam_cache, lmm_cache=lmm_cache))
     items = [dataset[i] for i in range(batch_size)]
-    if sam_cache is not None:  # fill the cache as the first epoch (or `run.py cache-sam`) would
+    if cached:  # fill the caches as the first epoch (or `run.py cache-sam` / `cache-lmm`) would
         prepared = to_device(model.prepare_batch(collator(items)), device)
         with torch.no_grad(), autocast:
             output = model(prepared)
         for name, embedding in zip(prepared.sam_missing_names, output.get("sam_new_embeddings", []), strict=False):
             sam_cache.write(name, embedding.cpu())
-    batch = collator(items)  # what the loader's workers hand the train loop (with a warm cache: no SAM pixels)
+        for name, maps, rows in output.get("lmm_new_entries", []):
+            lmm_cache.write(name, maps, rows)
+    batch = collator(items)  # what the loader's workers hand the train loop (with warm caches: what they read)
+    full_batch = Collator(pad_token_id=tokenizer.pad_token_id, prepare=model.batch_preparer())(items)
     num_vision = int((batch["image_grid_thw"].prod(dim=1) // 4).sum())
     num_objects = sum(len(p) for p in batch["phrases"])
     params = model.trainable_parameters()
@@ -132,10 +155,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, foreach=True)
     window = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64, device=device)
 
-    def train_step(regions: Regions | None = None) -> None:
+    def train_step(regions: Regions | None = None, step_batch: dict[str, Any] = batch) -> None:
         regions = regions or Regions()
         with regions.region(HOST_REGION):
-            prepared = to_device(model.prepare_batch(batch), device)
+            prepared = to_device(model.prepare_batch(step_batch), device)
         with regions.region("glue + heads fwd"), autocast:
             output = model(prepared)
         with regions.region("heads bwd"):
@@ -159,17 +182,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
-        train_step()
-    synchronize()
-    times = []
-    with PeakMemory(device, interval_s=0.002) as memory:
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            train_step()
-            synchronize()
-            times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    def timed_steps(step_batch: dict[str, Any]) -> tuple[float, float]:
+        """The median step time (s) over `--repeats` steps after `--warmup` ones, and the peak memory (MiB)."""
+        for _ in range(args.warmup):
+            train_step(step_batch=step_batch)
+        synchronize()
+        times = []
+        with PeakMemory(device, interval_s=0.002) as memory:
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                train_step(step_batch=step_batch)
+                synchronize()
+                times.append(time.perf_counter() - start)
+        return statistics.median(times), memory.peak_mib
+
+    full_s, full_mib = timed_steps(full_batch) if cached else (None, None)  # the baseline, in this run
+    step_s, peak_mib = timed_steps(batch)
 
     timed = Regions(timed=True, device=device)  # one more step, timed per region
     handles = hooked(timed)
@@ -212,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"batch: {batch_size} images {side}x{side} ({num_vision} vision tokens in all, "
           f"{batch['input_ids'].shape[1]} compact tokens per sample), {num_objects} objects; "
           f"precision {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
-          f"{'; SAM cache warm' if sam_cache is not None else ''}{'; compiled' if args.compile else ''}")
+          f"{'; SAM cache warm' if sam_cache is not None else ''}{'; LMM cache warm' if lmm_cache is not None else ''}"
+          f"{'; compiled' if args.compile else ''}")
     header = f"{'region':26s}{'ms':>10s}{'share':>8s}"
     if ops is not None:
         header += f"{'ops':>8s}{'syncs':>7s}  sync kinds"
@@ -235,10 +264,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak = peak_flops(device)
     mfu = f", {100 * step_flops / step_s / peak:.1f}% MFU" if peak else ""
     print(f"step: {step_flops / 1e12:.2f} TFLOP{mfu}")
+    speedup = full_s / step_s if cached else None
+    if cached:
+        print(f"cached: full step {1e3 * full_s:.1f} ms ({full_mib:.0f} MiB peak), cached step {1e3 * step_s:.1f} ms "
+              f"({peak_mib:.0f} MiB peak): {speedup:.2f}x faster (target >= 5x with both caches, 3b_narrow)")
+    scratch.cleanup()
     samples_per_s = batch_size / step_s
-    print(f"throughput: samples/s={samples_per_s:.2f} step_ms={1e3 * step_s:.1f} peak_mib={memory.peak_mib:.0f}")
-    return {"samples_per_s": samples_per_s, "step_s": step_s, "peak_mib": memory.peak_mib, "regions_s": region_s,
-            "ops": ops, "syncs": syncs}
+    print(f"throughput: samples/s={samples_per_s:.2f} step_ms={1e3 * step_s:.1f} peak_mib={peak_mib:.0f}")
+    return {"samples_per_s": samples_per_s, "step_s": step_s, "peak_mib": peak_mib, "regions_s": region_s,
+            "ops": ops, "syncs": syncs, "full_step_s": full_s, "speedup": speedup}
 
 
 if __name__ == "__main__":

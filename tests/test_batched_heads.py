@@ -176,4 +176,8 @@ def test_batched_heads_equal_per_sample_heads_on_the_same_lmm_outputs(model, pho
         torch.testing.assert_close(out["coarse_logits"][b], coarse, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out["mask_logits"][b], refined, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["loss"], sum(means.values()), rtol=1e-6, atol=1e-7)
-    check_gradients(batched_grads, reference_grads, rtol=1e-4)
+    # The U-Net's first weights sum products over every pixel of every object, with cancellation: the reduction
+    # order oneDNN picks for the batched and the per-sample convolutions (by CPU model: 3.6e-4 on an AMD EPYC, under
+    # 1e-4 on the CPU of an earlier CI run) moves that gradient by a few 1e-4 relative; an indexing mistake moves
+    # it by O(1).
+    check_gradients(batched_grads, reference_grads, rtol=1e-3)

@@ -49,6 +49,13 @@ def test_train_step_runs_with_a_sam_cache(tmp_path):
     assert isinstance(result, dict) and result
 
 
+def test_train_step_times_the_cached_step_next_to_the_full_step():
+    result = load("train_step").main(["--arch", "demo", "--device", "cpu", "--batch-size", "2", "--image-size", "112",
+                                      "--repeats", "1", "--warmup", "0", "--lmm-cache", "--sam-cache"])
+    assert result["full_step_s"] > 0 and result["speedup"] == result["full_step_s"] / result["step_s"]
+    assert result["regions_s"].get("text decoder + capture", 0.0) == 0.0  # the cached step never ran the LMM
+
+
 def test_chat_benchmark_runs_both_ways():
     result = load("chat").main(["--arch", "tiny", "--image-size", "112", "--new-tokens", "2", "--repeats", "1",
                                 "--device", "cpu"])
