@@ -7,6 +7,11 @@ neither broadcasts those tensors at construction (gigabytes for a 7B model; ever
 checkpoint anyway) nor syncs them during the forward, and it all-reduces gradients of the trainable heads only.
 Wrapping the whole model keeps one forward call (`model(batch)`) for both single-process and DDP runs. Buffers are
 ignored too: they are constants built identically on every rank, so DDP never broadcasts them.
+
+With `model.shard_lmm=fsdp` the frozen LMM's vision blocks and decoder layers are sharded first (`shard_frozen`,
+PyTorch FSDP2 `fully_shard`): each process holds 1/world of their weights and every forward all-gathers one block at a
+time. Every process must then run the LMM the same number of times (the collectives pair up in order); the callers
+keep that (`any_rank`, `recipes.scoring.score_dataset`).
 """
 
 from __future__ import annotations
@@ -143,6 +148,85 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     reduced = values.to(collective_device(values), copy=True)
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced.to(values.device)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is True on any process (every process must call it); `flag` itself in a world of one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    return bool(all_reduce_sum(torch.tensor([int(flag)], dtype=torch.int64))[0] > 0)
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest `value` over all processes (every process must call it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    values = torch.tensor([value], dtype=torch.int64)
+    values = values.to(collective_device(values))
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return int(values[0])
+
+
+def lockstep_batches(loader: Any, *, sharded: bool) -> Iterator[tuple[dict[str, Any], bool]]:
+    """(batch, scored) for every batch of `loader` (scored=True); with a sharded LMM (`sharded`), then as many
+    replays of this process's last batch with images (scored=False: run the LMM on it, drop the result) as make
+    every process run the LMM the same number of times: shards differ by a sample, and a batch whose samples were
+    all skipped as bad data runs nothing, but the sharded forwards' collectives must pair up.
+
+    Raises:
+        RuntimeError: a sharded run where this process has no batch with images at all (nothing to replay).
+    """
+    planned = all_reduce_max(len(loader)) if sharded else 0
+    runs, last = 0, None
+    for batch in loader:
+        if len(batch["images"]):
+            runs, last = runs + 1, batch
+        yield batch, True
+    if runs >= planned:
+        return
+    if last is None:
+        raise RuntimeError(f"model.shard_lmm=fsdp: process {dist.get_rank()} has no sample with an image in its "
+                           f"shard, so it cannot take part in the other processes' {planned} sharded forwards; use "
+                           f"fewer processes or more samples")
+    for _ in range(planned - runs):
+        yield last, False
+
+
+def shard_frozen(modules: list[nn.Module], info: DistInfo) -> bool:
+    """Shard each of `modules` (frozen blocks, no gradient) across all processes with FSDP2 `fully_shard` on a 1-D
+    mesh; returns whether it sharded (False in a world of one: nothing to shard across). Each module's weights are
+    all-gathered for its forward and freed after it (`reshard_after_forward`)."""
+    if not info.distributed:
+        return False
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    for module in modules:
+        fully_shard(module, mesh=mesh, reshard_after_forward=True)
+    return True
+
+
+def shard_lmm(lmm: nn.Module, mode: str, info: DistInfo) -> str:
+    """Apply `model.shard_lmm` (`mode`) to a `FrozenQwenLMM` on its device: "fsdp" shards its
+    `shardable_blocks()` across the processes and sets `lmm.sharded`. Returns the line to print: the LMM's memory
+    per process."""
+    if mode == "fsdp":
+        lmm.sharded = shard_frozen(lmm.shardable_blocks(), info)
+    gib = local_bytes(lmm) / 2**30
+    how = (f"sharded over {info.world_size} processes (model.shard_lmm=fsdp)" if lmm.sharded
+           else "whole in every process" + (" (model.shard_lmm=fsdp: one process, nothing to shard across)"
+                                            if mode == "fsdp" else ""))
+    return f"frozen LMM: {gib:.2f} GiB of weights per process, {how}"
+
+
+def local_bytes(module: nn.Module) -> int:
+    """The bytes of `module`'s parameters and buffers this process holds (its shards of sharded ones)."""
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a DTensor: this process's shard
+        total += local.numel() * local.element_size()
+    return total
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -100,19 +100,39 @@ def lmm(preset):
     return FrozenQwenLMM(qwen=build_qwen(preset), attn_capture="sdpa")
 
 
+@pytest.fixture(scope="module")
+def float64_models(preset):
+    """The same weights in float64, ours and the HF sdpa reference: the hidden states are compared there, where kernel
+    rounding drops out (MoE experts as eager loops in both). In float32 the vision towers' attention kernels (our
+    packed call against HF's call per image) differ by ~5e-6, which Qwen3.5's tiny recurrent layers (init std 0.2)
+    grow to ~1e-4 at the last layer."""
+    ours, hf = build_qwen(preset).double(), build_qwen(preset, attn_implementation="sdpa").eval().double()
+    if "moe" in preset:  # the default grouped-GEMM experts take float32 / bf16 / fp16 only
+        ours.set_experts_implementation("eager")
+        hf.set_experts_implementation("eager")
+    return FrozenQwenLMM(qwen=ours, attn_capture="sdpa"), hf
+
+
 def reference(models, tokenizer, batch, padding_side):
+    """HF's outputs for the expanded texts: ids, mask, mask_ids, positions, hidden states (sdpa model) and, when an
+    eager model is given, the pooled maps (None otherwise)."""
     sdpa_model, eager_model = models
     texts, spans = zip(*batch["expanded"], strict=True)
     ids, attn, mask_ids = encode(tokenizer, list(texts), spans, padding_side)
     image_mask = ids == sdpa_model.config.image_token_id
-    kwargs = dict(input_ids=ids, attention_mask=attn, pixel_values=batch["pixel_values"],
+    kwargs = dict(input_ids=ids, attention_mask=attn, pixel_values=batch["pixel_values"].to(sdpa_model.dtype),
                   image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=image_mask.long())
     with torch.no_grad():
         hidden = sdpa_model.model(**kwargs, output_hidden_states=True)
-        attentions = eager_model.model(**kwargs, output_attentions=True).attentions
         positions, _ = sdpa_model.model.get_rope_index(
             ids, mm_token_type_ids=image_mask.long(), image_grid_thw=batch["image_grid_thw"], attention_mask=attn
         )
+    out = dict(ids=ids, attn=attn, mask_ids=mask_ids, positions=positions, maps=None,
+               last_hidden_state=hidden.last_hidden_state, hidden_states=hidden.hidden_states)
+    if eager_model is None:
+        return out
+    with torch.no_grad():
+        attentions = eager_model.model(**kwargs, output_attentions=True).attentions
     # Eager `output_attentions` returns one map per softmax-attention layer: all layers, or Qwen3.5's full ones.
     text_config = sdpa_model.config.text_config
     layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
@@ -129,19 +149,19 @@ def reference(models, tokenizer, batch, padding_side):
                         for layer in attentions for head in range(layer.shape[1])]
             per_object.append(torch.stack(channels))
         maps.append(torch.stack(per_object))
-    return dict(ids=ids, attn=attn, mask_ids=mask_ids, positions=positions, maps=maps,
-                last_hidden_state=hidden.last_hidden_state, hidden_states=hidden.hidden_states)
+    return out | dict(maps=maps)
 
 
 def run_lmm(lmm, tokenizer, batch, padding_side, key="compact"):
     texts, spans = zip(*batch[key], strict=True)
     ids, attn, mask_ids = encode(tokenizer, list(texts), spans, padding_side)
-    return lmm(ids, attn, batch["pixel_values"], batch["image_grid_thw"], mask_ids)
+    return lmm(ids, attn, batch["pixel_values"].to(lmm.qwen.dtype), batch["image_grid_thw"], mask_ids)
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("key", ["compact", "expanded"])
-def test_lmm_forward_matches_hf_reference(preset, lmm, reference_models, tokenizer, batch, padding_side, key):
+def test_lmm_forward_matches_hf_reference(preset, lmm, reference_models, float64_models, tokenizer, batch,
+                                          padding_side, key):
     ref = reference(reference_models, tokenizer, batch, padding_side)
     out = run_lmm(lmm, tokenizer, batch, padding_side, key)
 
@@ -149,18 +169,26 @@ def test_lmm_forward_matches_hf_reference(preset, lmm, reference_models, tokeniz
     assert torch.equal(out.attention_mask, ref["attn"])
     assert torch.equal(out.mask_ids, ref["mask_ids"])
     assert torch.equal(out.position_ids, ref["positions"])
-    valid = ref["attn"].bool()
-    torch.testing.assert_close(out.last_hidden_state[valid], ref["last_hidden_state"][valid], atol=1e-5, rtol=1e-5)
     # The reference maps come from the eager model, whose hidden states differ from the sdpa model's by kernel
     # rounding; in Qwen3.5 that difference passes through its recurrent layers before the map layers (up to 2e-5).
     map_tolerance = 1e-4 if preset.startswith("qwen3_5") else 1e-5
     for b, ref_maps in enumerate(ref["maps"]):
         assert out.attention_maps[b].shape == ref_maps.shape
         torch.testing.assert_close(out.attention_maps[b], ref_maps, atol=map_tolerance, rtol=1e-4)
-        for k, states in enumerate(out.phrase_hidden_states[b]):
-            rows = ref["mask_ids"][b] == k
-            expected = torch.stack([h[b][rows] for h in ref["hidden_states"][1:]])  # (layers, T_k, D)
-            torch.testing.assert_close(states, expected, atol=1e-5, rtol=1e-5)
+
+    # Hidden states in float64 (see `float64_models`): the last layer's, and every layer's at the phrase tokens.
+    lmm64, sdpa64 = float64_models
+    ref64 = reference((sdpa64, None), tokenizer, batch, padding_side)
+    out64 = run_lmm(lmm64, tokenizer, batch, padding_side, key)
+    valid = ref64["attn"].bool()
+    assert out64.last_hidden_state.dtype == torch.float64
+    torch.testing.assert_close(out64.last_hidden_state[valid], ref64["last_hidden_state"][valid], atol=1e-10,
+                               rtol=1e-10)
+    for b in range(len(PHRASES)):
+        for k, states in enumerate(out64.phrase_hidden_states[b]):
+            rows = ref64["mask_ids"][b] == k
+            expected = torch.stack([h[b][rows] for h in ref64["hidden_states"][1:]])  # (layers, T_k, D)
+            torch.testing.assert_close(states, expected, atol=1e-10, rtol=1e-10)
 
 
 def test_sdpa_and_eager_capture_agree(preset, tokenizer, batch):

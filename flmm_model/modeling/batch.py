@@ -226,6 +226,8 @@ class BatchPreparer:
         targets: build the ground-truth entries when the batch has ground truth (False: prediction).
         sam_cache: read SAM embeddings from this cache (`data.sam_cache`).
         lmm_cache: read the LMM's outputs from this cache (`data.lmm_cache`).
+        keep_lmm_inputs: keep the LMM's pixels when the cache holds the whole batch (a sharded LMM: when another
+            process's batch misses, this one runs the LMM too, so that their collectives pair up).
     """
 
     qwen_config: Any
@@ -235,6 +237,7 @@ class BatchPreparer:
     targets: bool = True
     sam_cache: SamEmbeddingCache | None = None
     lmm_cache: LMMOutputCache | None = None
+    keep_lmm_inputs: bool = False
 
     def __call__(self, batch: dict[str, Any]) -> PreparedBatch:
         return prepare_batch(batch, preparer=self)
@@ -290,7 +293,7 @@ def prepare_batch(batch: dict[str, Any], *, preparer: BatchPreparer) -> Prepared
     lmm_cached, lmm_missing = None, []
     if preparer.lmm_cache is not None:
         lmm_cached, lmm_missing = read_lmm_cache(batch, lmm, preparer.lmm_cache)
-        if lmm_cached is not None:  # the step does not run the LMM: its pixels need not travel to the device
+        if lmm_cached is not None and not preparer.keep_lmm_inputs:  # no LMM run: its pixels need not travel
             lmm = replace(lmm, pixel_values=lmm.pixel_values[:0])
     return PreparedBatch(
         lmm=lmm, num_objects=lmm.num_objects, image_sizes=image_sizes, coarse_sizes=coarse_sizes,

@@ -205,7 +205,8 @@ class GroundingModel(nn.Module):
         return BatchPreparer(qwen_config=self.qwen.config, coarse_size=self.mask_head.upsample_size,
                              sam_image_size=refiner.image_size if refiner is not None else None,
                              sam_mask_side=refiner.mask_input_size if refiner is not None else None,
-                             targets=targets, sam_cache=sam_cache, lmm_cache=lmm_cache)
+                             targets=targets, sam_cache=sam_cache, lmm_cache=lmm_cache,
+                             keep_lmm_inputs=self.lmm.sharded)
 
     def open_lmm_cache(self, directory: str, *, precision: str, sentence_draws: Sequence[str]) -> LMMOutputCache:
         """The LMM-output cache in `directory` for this model's frozen LMM, prompt and pixel budget, the training

@@ -93,6 +93,7 @@ class FrozenQwenLMM(nn.Module):
         register_capture_attention()
         self.qwen = qwen.requires_grad_(False).eval()
         self.attn_capture = attn_capture
+        self.sharded = False  # `distributed.shard_lmm`: its blocks sharded across the processes (FSDP2)
         config = qwen.config
         self.image_token_id = config.image_token_id
         self.vision_start_token_id = config.vision_start_token_id
@@ -115,6 +116,12 @@ class FrozenQwenLMM(nn.Module):
         """Channels of an attention map: map layers x heads (576 for Qwen2.5-VL-3B's 36 x 16, 784 for the 7B; Qwen3.5
         maps its full-attention layers only, e.g. 8 x 16 = 128 for the 9B)."""
         return len(self.map_layers) * self.num_heads
+
+    def shardable_blocks(self) -> list[nn.Module]:
+        """The vision blocks and decoder layers: nearly all the weights, the units `model.shard_lmm=fsdp` shards
+        (`distributed.shard_lmm`; the embeddings, norms, merger and LM head stay whole in every process)."""
+        model = self.qwen.model
+        return [*model.visual.blocks, *model.language_model.layers]
 
     def open_output_cache(self, directory: str, *, instruction: str, system: str | None,
                           sentence_draws: Sequence[str], min_pixels: int, max_pixels: int, precision: str

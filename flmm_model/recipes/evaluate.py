@@ -25,6 +25,7 @@ from flmm_model.distributed import (
     autocast_context,
     check_device,
     init_distributed,
+    shard_lmm,
     shutdown_distributed,
 )
 from flmm_model.recipes.inference import open_checkpoint
@@ -52,6 +53,7 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
     eval_json = eval_results_path(checkpoint, ec.out_dir)
     # The run's own model settings (pixel budget, instruction) drive the data too; only the paths and the length
     # limit are this config's.
+    shard = cfg.model.shard_lmm  # how to run the LMM is this run's choice, not the checkpoint's
     cfg = dataclasses.replace(cfg, model=opened.config)
     info = init_distributed(ec.device)
     try:
@@ -62,6 +64,9 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
         datasets = build_datasets(cfg.data.test, data_root=cfg.data.root, prompt=prompt, train=False,
                                   on_error=cfg.data.on_error)
         model = opened.build(info.device)
+        memory = shard_lmm(model.lmm, shard, info)
+        if info.is_main:
+            print(memory)
         autocast = autocast_context(info.device, ec.precision)
         results: dict[str, dict[str, float]] = {}
         for entry in datasets:

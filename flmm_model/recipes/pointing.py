@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from flmm_model.distributed import lockstep_batches
 from flmm_model.metrics import PointingMetric
 from flmm_model.modeling.lmm import FrozenQwenLMM
 
@@ -29,11 +30,13 @@ def score_pointing(lmm: FrozenQwenLMM, loader: torch.utils.data.DataLoader) -> d
         {"pointing", "pointing_chance"} in percent and "count" (objects).
     """
     metric = PointingMetric()
-    for batch in loader:
+    for batch, scored in lockstep_batches(loader, sharded=lmm.sharded):  # a sharded LMM: as many forwards per rank
         if len(batch["images"]) == 0:
             continue
         out = lmm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
                   batch["mask_ids"], grounded_image=batch.get("grounded_image"))
+        if not scored:
+            continue
         for maps, gt_masks in zip(out.attention_maps, batch["gt_masks"], strict=True):
             metric.update(maps.mean(dim=1), gt_masks)  # (K, C, h, w) -> (K, h, w): all layers and heads
     return metric.compute()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from flmm_model.distributed import all_reduce_sum
+from flmm_model.distributed import all_reduce_sum, lockstep_batches
 from flmm_model.predictor import GroundingPredictor
 
 
@@ -35,7 +35,13 @@ def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, metric: ty
         metrics.update({"baseline_full/": metric(), "baseline_empty/": metric()})
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     skipped = 0  # samples of this process's shard the dataset dropped (data.on_error=skip)
-    for batch in tqdm(loader, desc=desc, disable=not (progress and rank0), dynamic_ncols=True, leave=False):
+    batches = lockstep_batches(loader, sharded=model.lmm.sharded)  # a sharded LMM: as many forwards on every rank
+    for batch, scored in tqdm(batches, desc=desc, disable=not (progress and rank0), dynamic_ncols=True, leave=False,
+                              total=len(loader)):
+        if not scored:
+            with autocast:
+                model.predict_masks(batch)  # a replay: its collectives pair with another process's forward
+            continue
         skipped += batch["num_skipped"]
         if len(batch["images"]) == 0:
             continue

@@ -34,10 +34,12 @@ from flmm_model.data.registry import NamedDataset, build_datasets
 from flmm_model.device import to_device
 from flmm_model.distributed import (
     ShardedSampler,
+    any_rank,
     autocast_context,
     check_device,
     init_distributed,
     precision_of,
+    shard_lmm,
     shutdown_distributed,
     wrap_ddp,
 )
@@ -225,6 +227,16 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, WarmupCosine(warmup_steps=warmup_steps, total_steps=total_steps))
         autocast = autocast_context(info.device, tc.precision)
+        sam_cache = lmm_cache = None
+        if cfg.data.sam_cache:  # refused here, before any step, if built for another SAM setup
+            sam_cache = model.open_sam_cache(cfg.data.sam_cache, precision=precision_of(autocast))
+        if cfg.data.lmm_cache:  # the same for the LMM's outputs, and for data that changes between epochs
+            check_cacheable(build_entries)
+            lmm_cache = model.open_lmm_cache(cfg.data.lmm_cache, precision=precision_of(autocast),
+                                             sentence_draws=sentence_draws(cfg.data.train))
+        lmm_writer = LMMCacheWriter(lmm_cache, samples=len(train_set)) if lmm_cache is not None else None
+        # After the caches' fingerprint of the whole weights: each process keeps its shard of the LMM's blocks.
+        log(shard_lmm(model.lmm, cfg.model.shard_lmm, info))
 
         # ---- Resume: weights, optimizer, scheduler, RNG states and the position in the data.
         start = Position()
@@ -245,14 +257,6 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
                 f"{total_steps} steps ({micro_per_epoch // tc.grad_accum} per epoch), warm-up {warmup_steps}")
         ddp_model = wrap_ddp(model, info, find_unused_parameters=tc.find_unused_parameters)
         model.train()
-        sam_cache = lmm_cache = None
-        if cfg.data.sam_cache:  # refused here, before any step, if built for another SAM setup
-            sam_cache = model.open_sam_cache(cfg.data.sam_cache, precision=precision_of(autocast))
-        if cfg.data.lmm_cache:  # the same for the LMM's outputs, and for data that changes between epochs
-            check_cacheable(build_entries)
-            lmm_cache = model.open_lmm_cache(cfg.data.lmm_cache, precision=precision_of(autocast),
-                                             sentence_draws=sentence_draws(cfg.data.train))
-        lmm_writer = LMMCacheWriter(lmm_cache, samples=len(train_set)) if lmm_cache is not None else None
         # The loader's workers also build the heads' image inputs and targets (and read the SAM cache); batches come
         # pinned on CUDA.
         loader = make_loader(train_set, sampler=sampler, batch_size=cfg.data.batch_size,
@@ -265,6 +269,8 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
         def micro_step(batch: dict[str, Any], last_micro: bool) -> torch.Tensor:
             # Validated and indexed on the host, then one asynchronous copy: the step reads nothing back.
             prepared = to_device(batch["prepared"], info.device)
+            if model.lmm.sharded and lmm_cache is not None and any_rank(prepared.lmm_cached is None):
+                prepared = dataclasses.replace(prepared, lmm_cached=None)  # another rank runs the LMM: so does this
             # DDP: all-reduce gradients only on the last micro-batch of the step.
             sync = contextlib.nullcontext() if last_micro or ddp_model is model else ddp_model.no_sync()
             with sync:

@@ -1,0 +1,104 @@
+"""`model.shard_lmm=fsdp`: the frozen LMM's blocks sharded across 2 CPU processes (gloo, FSDP2) give the unsharded
+maps and hidden states for every family; training (with the LMM-output cache) and evaluation under it give the
+unsharded losses and scores, with uneven shards (the replayed forwards keep the collectives paired)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_ddp import DEMO, TINY, _free_port
+
+FAMILIES = ["tiny", "qwen2_vl_tiny", "qwen3_vl_tiny", "qwen3_vl_moe_tiny", "qwen3_5_tiny", "qwen3_5_moe_tiny"]
+
+
+def _init(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def _forward_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    _init(rank, world_size, port)
+    from conftest import _photo
+    from test_model import make_batch
+
+    from flmm_model.distributed import init_distributed, local_bytes, shard_lmm
+    from flmm_model.model import build_model
+
+    try:
+        info = init_distributed("cpu")
+        photos = [_photo("coffee"), _photo("astronaut").crop((120, 0, 360, 512)), _photo("chelsea")]
+        report = {}
+        for family in FAMILIES:
+            model = build_model(dict(qwen=family, sam="tiny", max_pixels=112 * 112, seed=0)).eval()
+            prepared = model.prepare_batch(make_batch(model, photos, padding_side="left"))
+            with torch.no_grad():
+                whole = model.lmm.forward_prepared(prepared.lmm)
+            before = sum(local_bytes(block) for block in model.lmm.shardable_blocks())
+            shard_lmm(model.lmm, "fsdp", info)
+            with torch.no_grad():
+                sharded = model.lmm.forward_prepared(prepared.lmm)
+            report[family] = dict(
+                maps=max(float((a - b).abs().max()) for a, b in zip(whole.attention_maps, sharded.attention_maps,
+                                                                     strict=True)),
+                rows=float((whole.phrase_rows - sharded.phrase_rows).abs().max()),
+                scale=float(whole.phrase_rows.abs().max()), sharded=model.lmm.sharded,
+                bytes_ratio=sum(local_bytes(block) for block in model.lmm.shardable_blocks()) / before)
+        (open(f"{out}/forward_rank{rank}.json", "w")).write(json.dumps(report))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_sharded_lmm_gives_the_unsharded_maps_and_hidden_states_for_every_family(tmp_path):
+    mp.spawn(_forward_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        report = json.loads((tmp_path / f"forward_rank{rank}.json").read_text())
+        for family in FAMILIES:
+            entry = report[family]
+            assert entry["sharded"], family
+            assert entry["maps"] <= 1e-6, (rank, family, entry)
+            assert entry["rows"] <= 1e-5 * max(entry["scale"], 1.0), (rank, family, entry)
+            assert 0.45 < entry["bytes_ratio"] < 0.55, (rank, family, entry)  # the blocks' weights: half per process
+
+
+def _run_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    _init(rank, world_size, port)
+    import run
+
+    try:
+        for shard in ("none", "fsdp"):
+            extra = [f"data.lmm_cache={out}/lmm"] if shard == "fsdp" else []
+            run.main(["train", "--config", DEMO, *TINY, f"train.out_dir={out}/{shard}", "train.max_steps=3",
+                      "train.device=cpu", f"model.shard_lmm={shard}", *extra])
+            scores = run.main(["eval", "--config", DEMO, *TINY, f"--checkpoint={out}/none",
+                               f"eval.out_dir={out}/eval_{shard}", "eval.device=cpu", f"model.shard_lmm={shard}"])
+            (open(f"{out}/eval_{shard}_rank{rank}.json", "w")).write(json.dumps(scores["results"]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _losses(path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_training_and_eval_under_a_sharded_lmm_equal_the_unsharded_runs(tmp_path):
+    # 7 training samples on 2 ranks, 2 per micro-batch: 2 micro-batches per rank and epoch, so step 3 is in the
+    # second epoch, read from the LMM-output cache the first one wrote. 5 test samples: ranks hold 3 and 2 (2 and 1
+    # batches), so rank 1 replays one forward for rank 0's second batch.
+    mp.spawn(_run_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert len(list((tmp_path / "lmm").glob("*/*.safetensors"))) == 7
+    whole, sharded = _losses(tmp_path / "none" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
+    assert len(whole) == len(sharded) == 3
+    # The cached step reads the outputs of another batch composition: equal to float rounding.
+    assert sharded == pytest.approx(whole, rel=1e-5)
+    for rank in range(2):
+        expected = json.loads((tmp_path / f"eval_none_rank{rank}.json").read_text())
+        found = json.loads((tmp_path / f"eval_fsdp_rank{rank}.json").read_text())
+        for label, metrics in expected.items():
+            for key, value in metrics.items():
+                assert found[label][key] == pytest.approx(value, abs=1e-6), (rank, label, key)
