@@ -48,9 +48,10 @@ class ModelConfig:
                         choices=["float32", "bfloat16", "float16"])
     attn_capture: str = _field("sdpa", help="text->image attention capture: sdpa (lean) | eager (F-LMM reference)",
                                choices=["sdpa", "eager"])
-    shard_lmm: str = _field("none", help="under torchrun: none (every process holds the whole frozen LMM) | fsdp "
-                                         "(FSDP2 shards its vision blocks and decoder layers across the processes; "
-                                         "for an LMM too large for one GPU); the heads stay under DDP",
+    shard_lmm: str = _field("none", help="under torchrun (train, eval, predict, chat): none (every process holds "
+                                         "the whole frozen LMM) | fsdp (FSDP2 shards its vision blocks and decoder "
+                                         "layers across the processes; for an LMM too large for one GPU); the heads "
+                                         "stay under DDP",
                             choices=["none", "fsdp"])
     min_pixels: int = _field(3136, help="Qwen image processor: minimum pixels of the resized image")
     max_pixels: int = _field(451584, help="Qwen image processor: maximum pixels (672*672 = 576 vision tokens)")
@@ -271,9 +272,10 @@ def check_values(cfg: ExperimentConfig) -> None:
         for where, entries in (("data.val", cfg.data.val), ("data.test", cfg.data.test)):
             for index, ds in enumerate(entries):
                 if ds.type == "reason_seg" and ds.protocol == "flmm":
-                    raise ConfigError(f"{where}.{index}.protocol: flmm makes the LMM answer first (generation), "
-                                      f"which model.shard_lmm=fsdp does not run yet; use protocol=direct, or "
-                                      f"model.shard_lmm=none")
+                    raise ConfigError(f"{where}.{index}.protocol: flmm makes the LMM answer each sample first, "
+                                      f"and a sharded LMM (model.shard_lmm=fsdp) generates in lockstep, one prompt "
+                                      f"on every process (chat, predict), while eval's processes hold different "
+                                      f"samples; use protocol=direct, or model.shard_lmm=none")
     if cfg.model.min_pixels > cfg.model.max_pixels:
         raise ConfigError(f"model.min_pixels: expected at most model.max_pixels ({cfg.model.max_pixels}), "
                           f"found {cfg.model.min_pixels}")

@@ -220,6 +220,55 @@ def shard_lmm(lmm: nn.Module, mode: str, info: DistInfo) -> str:
     return f"frozen LMM: {gib:.2f} GiB of weights per process, {how}"
 
 
+class MainProcessScores:
+    """A `generate` logits processor for a sharded LMM: every process takes the main process's next-token scores, so
+    all decode the same tokens, stop at the same step and run the same number of forwards (each forward's
+    all-gathers stay paired across the processes). Added last, after the sampling warpers."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.contiguous()
+        dist.broadcast(scores, src=0)
+        return scores
+
+
+def lockstep_generation(options: dict[str, Any]) -> dict[str, Any]:
+    """`generate` options for a sharded LMM under a process group: `MainProcessScores` appended to the logits
+    processors, and with `do_sample` every process's RNG seeded alike (from the main process) so the sampled tokens
+    agree too."""
+    from transformers import LogitsProcessorList
+
+    options = dict(options)
+    options["logits_processor"] = LogitsProcessorList([*(options.get("logits_processor") or []),
+                                                       MainProcessScores()])
+    if options.get("do_sample"):
+        seed = [int(torch.randint(0, 2**62, ()))]
+        dist.broadcast_object_list(seed, src=0)
+        torch.manual_seed(seed[0])
+    return options
+
+
+def place_model(model: nn.Module, lmm: nn.Module, mode: str, info: DistInfo) -> str:
+    """Put `model` (on the CPU) on this process's device, its frozen LMM `lmm` sharded as `model.shard_lmm` (`mode`)
+    says; returns `shard_lmm`'s memory line.
+
+    The blocks are sharded while still on the CPU: `fully_shard` moves each block to the device as it shards it, so
+    no device ever holds the whole LMM (a 72B would not fit on one GPU); everything else (embeddings, LM head, SAM,
+    the heads) then moves whole, the sharded parameters untouched.
+    """
+    line = shard_lmm(lmm, mode, info)
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module._parameters.values():
+                if param is not None and not isinstance(param, DTensor) and param.device != info.device:
+                    param.data = param.data.to(info.device)  # the same Parameter: optimizers built later see it
+            for name, buffer in module._buffers.items():
+                if buffer is not None and not isinstance(buffer, DTensor) and buffer.device != info.device:
+                    module._buffers[name] = buffer.to(info.device)
+    return line
+
+
 def local_bytes(module: nn.Module) -> int:
     """The bytes of `module`'s parameters and buffers this process holds (its shards of sharded ones)."""
     total = 0

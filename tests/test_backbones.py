@@ -131,6 +131,18 @@ def test_real_shape_presets_have_the_released_parameter_count(name):
     assert sum(p.numel() for p in model.parameters()) == RELEASED_PARAMETERS[name]
 
 
+# The largest sizes, from the parameter counts the Hugging Face Hub shows rounded to 0.1 B (73.4 B, 33.4 B).
+ROUNDED_RELEASED_PARAMETERS = {"qwen2_5_vl_72b": 73.4e9, "qwen3_vl_32b": 33.4e9}
+
+
+@pytest.mark.parametrize("name", sorted(ROUNDED_RELEASED_PARAMETERS))
+def test_largest_presets_have_the_released_parameter_count(name):
+    config = qwen_config(name)
+    with torch.device("meta"):
+        model = adapter_for(config).model_class(config)
+    assert abs(sum(p.numel() for p in model.parameters()) - ROUNDED_RELEASED_PARAMETERS[name]) < 0.05e9
+
+
 def test_qwen3_vl_presets_feed_deepstack_into_the_first_text_layers():
     for name in ("qwen3_vl_tiny", "qwen3_vl_2b", "qwen3_vl_4b", "qwen3_vl_8b"):
         config = qwen_config(name)

@@ -55,6 +55,24 @@ def test_newer_family_recipes_are_the_same_recipe():
         assert evaluation.eval.checkpoint == cfg.train.out_dir
 
 
+def test_sharded_recipes_are_the_same_recipe_on_the_gpus_they_name():
+    """Qwen2.5-VL-72B and Qwen3-VL-32B: F-LMM's recipe with the LMM sharded; the global batch of 8 comes from the
+    process count of the file's own torchrun line x data.batch_size x train.grad_accum."""
+    reference = load_config(Path(CONFIGS[0].parent) / "qwen2_5_vl_7b_sam_l_refcoco_png.yaml")
+    for recipe in ("qwen2_5_vl_72b", "qwen3_vl_32b"):
+        path = Path(CONFIGS[0].parent) / f"{recipe}_sam_l_refcoco_png.yaml"
+        cfg = load_config(path)
+        assert cfg.model.shard_lmm == "fsdp" and cfg.model.dtype == "bfloat16"
+        assert cfg.data.train == reference.data.train and cfg.train.epochs == 8 and cfg.train.lr == 1e-4
+        assert cfg.train.warmup_ratio == 0.03 and cfg.train.grad_clip == 1.0 and not cfg.train.compile
+        torchrun = next(line for line in path.read_text().splitlines() if line.startswith("#   torchrun"))
+        processes = int(torchrun.split("--nproc_per_node")[1].split()[0])
+        assert processes * cfg.data.batch_size * cfg.train.grad_accum == 8, torchrun
+        evaluation = load_config(Path(CONFIGS[0].parent) / f"{recipe}_sam_l_eval.yaml")
+        assert evaluation.eval.checkpoint == cfg.train.out_dir and evaluation.model.shard_lmm == "fsdp"
+        assert evaluation.model.max_pixels == cfg.model.max_pixels
+
+
 def test_demo_configs_use_tiny_presets_and_synthetic_data():
     random_lmm = load_config(Path(CONFIGS[0].parent) / "demo_random_lmm.yaml")
     assert (random_lmm.model.qwen, random_lmm.model.sam, random_lmm.model.tokenizer) == ("tiny", "tiny", None)
@@ -193,3 +211,16 @@ def test_a_directory_that_is_no_qwen_vl_checkpoint_fails_with_the_reason(tmp_pat
         check_model_paths(cfg.model)
     (tmp_path / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
     check_model_paths(cfg.model)
+
+
+def test_a_sharded_lmm_refuses_what_it_cannot_run(tmp_path):
+    demo = Path(CONFIGS[0].parent) / "demo.yaml"
+    assert load_config(demo, ["model.shard_lmm=fsdp"]).model.shard_lmm == "fsdp"
+    with pytest.raises(ConfigError, match=r"model\.shard_lmm: .*expected one of"):
+        load_config(demo, ["model.shard_lmm=tp"])
+    with pytest.raises(ConfigError, match=r"train\.compile: compiling a sharded LMM"):
+        load_config(demo, ["model.shard_lmm=fsdp", "train.compile=true"])
+    reason_seg = "data.test=[{type: reason_seg, split: val, protocol: flmm, root: /data/reason_seg}]"
+    with pytest.raises(ConfigError, match=r"data\.test\.0\.protocol: flmm makes the LMM answer each sample first"):
+        load_config(demo, ["model.shard_lmm=fsdp", reason_seg])
+    assert load_config(demo, [reason_seg]).data.test[0].protocol == "flmm"  # unsharded: generation per sample runs

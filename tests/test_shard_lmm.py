@@ -1,6 +1,7 @@
 """`model.shard_lmm=fsdp`: the frozen LMM's blocks sharded across 2 CPU processes (gloo, FSDP2) give the unsharded
 maps and hidden states for every family; training (with the LMM-output cache) and evaluation under it give the
-unsharded losses and scores, with uneven shards (the replayed forwards keep the collectives paired)."""
+unsharded losses and scores, with uneven shards (the replayed forwards keep the collectives paired); predict and chat
+(visual chain-of-thought: two generations and two groundings) give the unsharded masks and answers."""
 
 from __future__ import annotations
 
@@ -68,8 +69,12 @@ def test_a_sharded_lmm_gives_the_unsharded_maps_and_hidden_states_for_every_fami
 
 def _run_worker(rank: int, world_size: int, port: int, out: str) -> None:
     _init(rank, world_size, port)
+    from conftest import _photo
+
     import run
 
+    image = f"{out}/photo_rank{rank}.png"
+    _photo("astronaut").resize((112, 112)).save(image)
     try:
         for shard in ("none", "fsdp"):
             extra = [f"data.lmm_cache={out}/lmm"] if shard == "fsdp" else []
@@ -78,6 +83,16 @@ def _run_worker(rank: int, world_size: int, port: int, out: str) -> None:
             scores = run.main(["eval", "--config", DEMO, *TINY, f"--checkpoint={out}/none",
                                f"eval.out_dir={out}/eval_{shard}", "eval.device=cpu", f"model.shard_lmm={shard}"])
             (open(f"{out}/eval_{shard}_rank{rank}.json", "w")).write(json.dumps(scores["results"]))
+            # predict and chat: every process runs the same inputs; generation decodes the main process's tokens
+            common = ["--config", DEMO, *TINY, "--checkpoint", f"{out}/none", "--image", image, "--device", "cpu",
+                      f"model.shard_lmm={shard}"]
+            predicted = run.main(["predict", *common, "--text", "the red circle", "--text", "the green triangles",
+                                  "--out", f"{out}/predict_{shard}"])
+            answered = run.main(["chat", *common, "--question", "What is the shape on the left?", "--visual-cot",
+                                 "--max-new-tokens", "6", "--out", f"{out}/chat_{shard}"])
+            (open(f"{out}/use_{shard}_rank{rank}.json", "w")).write(json.dumps(dict(
+                areas=predicted["areas"], masks=predicted["masks"], answer=answered["answer"],
+                thought=answered["thought"], box=answered["box"], chat_areas=answered["areas"])))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -102,3 +117,36 @@ def test_training_and_eval_under_a_sharded_lmm_equal_the_unsharded_runs(tmp_path
         for label, metrics in expected.items():
             for key, value in metrics.items():
                 assert found[label][key] == pytest.approx(value, abs=1e-6), (rank, label, key)
+        # predict and chat give the unsharded masks and answers on every process; the main process alone writes.
+        whole_use = json.loads((tmp_path / f"use_none_rank{rank}.json").read_text())
+        sharded_use = json.loads((tmp_path / f"use_fsdp_rank{rank}.json").read_text())
+        for key in ("areas", "answer", "thought", "box", "chat_areas"):
+            assert sharded_use[key] == whole_use[key], (rank, key)
+        assert (len(sharded_use["masks"]) == 2) == (rank == 0), rank
+    assert sorted(p.name for p in (tmp_path / "predict_fsdp").iterdir()) == sorted(
+        p.name for p in (tmp_path / "predict_none").iterdir())
+    assert (tmp_path / "chat_fsdp" / "answer.json").is_file() and (tmp_path / "chat_fsdp" / "crop.png").is_file()
+
+
+def _scores_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    _init(rank, world_size, port)
+    from flmm_model.distributed import MainProcessScores, lockstep_generation
+
+    try:
+        scores = MainProcessScores()(torch.zeros(1, 3, dtype=torch.long), torch.full((1, 5), float(rank + 1)))
+        options = lockstep_generation(dict(do_sample=True, max_new_tokens=4))
+        draw = torch.rand(3).tolist()  # after the seeding: the same on every process
+        (open(f"{out}/scores_rank{rank}.json", "w")).write(json.dumps(dict(
+            scores=scores.tolist(), draw=draw, processors=[type(p).__name__ for p in options["logits_processor"]])))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sharded_generation_decodes_the_main_process_tokens_everywhere(tmp_path):
+    """Each process's own scores differ; all of them continue with the main process's, and sampling draws alike."""
+    mp.spawn(_scores_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    reports = [json.loads((tmp_path / f"scores_rank{rank}.json").read_text()) for rank in range(2)]
+    for report in reports:
+        assert report["scores"] == [[1.0] * 5]  # rank 0's scores (rank 1 had 2.0)
+        assert report["processors"] == ["MainProcessScores"]
+    assert reports[0]["draw"] == reports[1]["draw"]

@@ -5,11 +5,17 @@ answer are grounded, and the same files (plus `answer.json`) are written.
 Every cheap check runs before the frozen weights load: the phrases, the device, the image (read, size limits), the
 checkpoint's config and trainable weights (read into memory), the phrases encoded with the checkpoint's prompt
 (control tokens, `model.max_length`), and the output directory (created, checked writable).
+
+Under torchrun with `model.shard_lmm=fsdp` (a frozen LMM too large for one GPU) every process runs the same image
+and text through its shard of the LMM (generation takes the main process's scores, so every process decodes the
+same tokens and runs the same forwards), and the main process prints and writes.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +26,11 @@ from flmm_model.checkpoint import atomic_write_text
 from flmm_model.config import ModelConfig
 from flmm_model.data.images import load_rgb
 from flmm_model.data.prompts import encode_grounded, expression_parts, reject_control_tokens
-from flmm_model.distributed import check_device, resolve_device
+from flmm_model.distributed import DistInfo, check_device, init_distributed, resolve_device, shutdown_distributed
 from flmm_model.errors import InputError, MissingDependencyError, MissingFileError
 from flmm_model.overlay import draw_overlay
 from flmm_model.phrases import DEFAULT_SPACY_MODEL, NOUN_PHRASES, spacy_missing_message
-from flmm_model.recipes.inference import open_checkpoint, save_image, write_masks
+from flmm_model.recipes.inference import OpenedCheckpoint, open_checkpoint, save_image, write_masks
 from flmm_model.run_dir import prepare_output_dir
 
 
@@ -70,19 +76,44 @@ def predict(model_cfg: ModelConfig, *, checkpoint: str, image: str, phrases: lis
                         max_length=prompt.max_length)
     except InputError as error:
         raise InputError(f"--text {list(phrases)}: {error}") from error
-    out = prepare_output_dir(out_dir, what="--out")
-    if model is None:
-        model = opened.build(resolve_device(device))
-    with torch.no_grad():
-        masks = model.segment(picture, list(phrases)).cpu().numpy().astype(bool)  # (K, H, W)
-    mask_paths = write_masks(out, masks, phrases)
-    overlay_path = save_image(draw_overlay(picture, masks, [f"{k}: {phrase}" for k, phrase in enumerate(phrases)]),
-                              out / "overlay.png")
-    areas = [int(mask.sum()) for mask in masks]
-    for phrase, path, area in zip(phrases, mask_paths, areas, strict=True):
-        print(f"{phrase!r}: {area} px -> {path}")
-    print(f"overlay -> {overlay_path}")
-    return {"masks": mask_paths, "overlay": str(overlay_path), "areas": areas}
+    with _processes(device, loaded=model is not None) as info:
+        out = prepare_output_dir(out_dir, what="--out") if info.is_main else None
+        if model is None:
+            model = _build(opened, model_cfg, info)
+        with torch.no_grad():
+            masks = model.segment(picture, list(phrases)).cpu().numpy().astype(bool)  # (K, H, W)
+        areas = [int(mask.sum()) for mask in masks]
+        if out is None:  # another process of a sharded LMM: the main process writes
+            return {"masks": [], "overlay": None, "areas": areas}
+        mask_paths = write_masks(out, masks, phrases)
+        overlay_path = save_image(draw_overlay(picture, masks, [f"{k}: {phrase}" for k, phrase in
+                                                                enumerate(phrases)]), out / "overlay.png")
+        for phrase, path, area in zip(phrases, mask_paths, areas, strict=True):
+            print(f"{phrase!r}: {area} px -> {path}")
+        print(f"overlay -> {overlay_path}")
+        return {"masks": mask_paths, "overlay": str(overlay_path), "areas": areas}
+
+
+@contextmanager
+def _processes(device: str, *, loaded: bool) -> Iterator[DistInfo]:
+    """This process's place: under torchrun the process group (every process runs the same inputs through its shard
+    of the LMM, the main one prints and writes), else a world of one; `loaded` (a model passed in) joins no group."""
+    if loaded:
+        yield DistInfo(rank=0, world_size=1, local_rank=0, device=resolve_device(device))
+        return
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        shutdown_distributed(info)
+
+
+def _build(opened: OpenedCheckpoint, model_cfg: ModelConfig, info: DistInfo) -> Any:
+    """The checkpoint's model on this process's device, its LMM sharded when `model.shard_lmm=fsdp` under torchrun."""
+    model, memory = opened.build_on(info, shard_lmm=model_cfg.shard_lmm)
+    if info.is_main and (info.distributed or model_cfg.shard_lmm != "none"):
+        print(memory)
+    return model
 
 
 def chat(model_cfg: ModelConfig, *, checkpoint: str, images: list[str], question: str, ground: list[str] | None = None,
@@ -140,14 +171,26 @@ def chat(model_cfg: ModelConfig, *, checkpoint: str, images: list[str], question
     tokenizer = opened.prompt.tokenizer if opened is not None else model.tokenizer
     for text, name in [(question, "--question")] + [(phrase, f"--ground {phrase!r}") for phrase in ground or []]:
         reject_control_tokens(tokenizer, text, what=name)  # what chat() would refuse after loading: refuse it now
-    out = prepare_output_dir(out_dir, what="--out") if out_dir is not None else None
-    if model is None:
-        model = opened.build(resolve_device(device))
+    with _processes(device, loaded=model is not None) as info:
+        out = prepare_output_dir(out_dir, what="--out") if out_dir is not None and info.is_main else None
+        if model is None:
+            model = _build(opened, model_cfg, info)
+        return _chat_turn(model, pictures, question, images=images, ground=ground, noun_phrases=noun_phrases,
+                          out=out, max_new_tokens=max_new_tokens, spacy_model=spacy_model, visual_cot=visual_cot,
+                          box_scale=box_scale, main=info.is_main)
+
+
+def _chat_turn(model: Any, pictures: list[Image.Image], question: str, *, images: list[str], ground: list[str] | None,
+               noun_phrases: bool, out: Path | None, max_new_tokens: int | None, spacy_model: str, visual_cot: bool,
+               box_scale: float, main: bool) -> dict[str, Any]:
+    """`chat` once the checks passed and the model is loaded; `main` False (another process of a sharded LMM) prints
+    nothing."""
     cot = None
     if visual_cot:
         cot = model.visual_cot(pictures[0], question, box_scale=box_scale, max_new_tokens=max_new_tokens or 32)
         result = cot.thought_output
-        print(f"thought: {mark_phrases(result.answer, result.spans)}\nbox: {list(cot.box)}")
+        if main:
+            print(f"thought: {mark_phrases(result.answer, result.spans)}\nbox: {list(cot.box)}")
     else:
         result = model.chat(pictures, question, max_new_tokens=max_new_tokens or 512, spacy_model=spacy_model,
                             ground=NOUN_PHRASES if noun_phrases else (list(ground) if ground else None))
@@ -158,7 +201,8 @@ def chat(model_cfg: ModelConfig, *, checkpoint: str, images: list[str], question
                                    spans=[list(span) for span in result.spans], areas=areas)
     if cot is not None:
         summary.update(thought=cot.thought, box=list(cot.box), answer=cot.answer, marked=cot.answer)
-    print(f"answer: {summary['marked']}")
+    if main:
+        print(f"answer: {summary['marked']}")
     if out is not None:
         mask_paths = write_masks(out, masks, result.phrases)
         for k, (phrase, path) in enumerate(zip(result.phrases, mask_paths, strict=True)):

@@ -82,6 +82,17 @@ def qwen2_5_vl_7b() -> Qwen2_5_VLConfig:
     )
 
 
+def qwen2_5_vl_72b() -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-72B-Instruct: 80 layers, hidden 8192, 64 heads / 8 KV heads, vocabulary 152064 (the Qwen2.5-72B text
+    model's config.json values; the vision tower of the 3B / 7B with its merger into 8192). About 147 GB in bf16: the
+    sharded LMM (`model.shard_lmm: fsdp`)."""
+    return _config(
+        text=dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8, mrope_section=[16, 24, 24]),
+        vision=dict(_VISION_3B_7B, out_hidden_size=8192), vocab_size=152064,
+    )
+
+
 def qwen2_5_vl_3b_narrow() -> Qwen2_5_VLConfig:
     """CPU op counts: Qwen2.5-VL-3B's layer structure (32 vision blocks with 112-pixel windows and full attention in
     blocks 7 / 15 / 23 / 31; 36 text layers of 16 heads and 2 KV heads) at tiny widths (vision 128, text 128)."""
@@ -115,7 +126,7 @@ ADAPTER = BackboneAdapter(
     config_class=Qwen2_5_VLConfig,
     model_class=Qwen2_5_VLForConditionalGeneration,
     presets={"tiny": tiny, "mid": mid, "qwen2_5_vl_3b": qwen2_5_vl_3b, "qwen2_5_vl_7b": qwen2_5_vl_7b,
-             "qwen2_5_vl_3b_narrow": qwen2_5_vl_3b_narrow},
+             "qwen2_5_vl_72b": qwen2_5_vl_72b, "qwen2_5_vl_3b_narrow": qwen2_5_vl_3b_narrow},
     patch_size=14,
     merge_size=2,
     temporal_patch_size=2,

@@ -162,13 +162,25 @@ def qwen3_vl_8b() -> Qwen3VLConfig:
     )
 
 
+def qwen3_vl_32b() -> Qwen3VLConfig:
+    """Qwen3-VL-32B-Instruct: 64 layers, hidden 5120, 64 heads / 8 KV heads (head_dim 128; the Qwen3-32B text model's
+    config.json values), the 8B's ViT with its merger into 5120. About 67 GB in bf16: the sharded LMM on 80 GB
+    GPUs (`model.shard_lmm: fsdp`)."""
+    return make_config(
+        text=dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                  num_key_value_heads=8, head_dim=128),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24]),
+    )
+
+
 ADAPTER = BackboneAdapter(
     model_type="qwen3_vl",
     name="Qwen3-VL",
     config_class=Qwen3VLConfig,
     model_class=Qwen3VLForConditionalGeneration,
     presets={"qwen3_vl_tiny": qwen3_vl_tiny, "qwen3_vl_2b": qwen3_vl_2b, "qwen3_vl_4b": qwen3_vl_4b,
-             "qwen3_vl_8b": qwen3_vl_8b},
+             "qwen3_vl_8b": qwen3_vl_8b, "qwen3_vl_32b": qwen3_vl_32b},
     patch_size=16,
     merge_size=2,
     temporal_patch_size=2,

@@ -27,6 +27,7 @@ from torch import nn
 from flmm_model.backbones import QwenVLModel, VisionFeatures, adapter_for
 from flmm_model.backbones.vision_attention import use_packed_vision_attention
 from flmm_model.data.lmm_cache import LMMCacheKey, LMMEntryShape, LMMOutputCache, lmm_fingerprint
+from flmm_model.distributed import lockstep_generation
 from flmm_model.modeling.attention import (
     CAPTURE_IMPLEMENTATIONS,
     CaptureState,
@@ -323,6 +324,8 @@ class FrozenQwenLMM(nn.Module):
 
             ids, mask, positions = roll(ids, 1), roll(mask, 1), roll(positions, 2)
             inputs_embeds, image_mask = roll(inputs_embeds, 1), roll(image_mask, 1)
+        if self.sharded and torch.distributed.is_initialized():  # every process decodes the same tokens
+            generate_options = lockstep_generation(generate_options)
         new_ids = self.adapter.generate(
             self.qwen, input_ids=ids, attention_mask=mask, position_ids=positions, inputs_embeds=inputs_embeds,
             image_mask=image_mask, vision=vision, **generate_options,

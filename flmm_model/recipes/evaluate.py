@@ -25,7 +25,6 @@ from flmm_model.distributed import (
     autocast_context,
     check_device,
     init_distributed,
-    shard_lmm,
     shutdown_distributed,
 )
 from flmm_model.recipes.inference import open_checkpoint
@@ -63,8 +62,7 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
         prompt = opened.prompt
         datasets = build_datasets(cfg.data.test, data_root=cfg.data.root, prompt=prompt, train=False,
                                   on_error=cfg.data.on_error)
-        model = opened.build(info.device)
-        memory = shard_lmm(model.lmm, shard, info)
+        model, memory = opened.build_on(info, shard_lmm=shard)
         if info.is_main:
             print(memory)
         autocast = autocast_context(info.device, ec.precision)

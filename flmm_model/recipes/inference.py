@@ -4,9 +4,10 @@
 trainable weights read into memory, the prompt settings it implies, no frozen weights), run their own cheap checks
 with `OpenedCheckpoint.prompt` (its tokenizer, instruction, system prompt and length limit; e.g.
 `data.prompts.reject_control_tokens` on user text), and only then call `OpenedCheckpoint.build(device)`, which
-loads the frozen parts. The user's config decides where the frozen parts come from (`model.qwen`, `model.sam`,
-`model.tokenizer`) and the longest text (`model.max_length`); everything the heads were trained with (family,
-pixel budget, instruction, system prompt, capture) comes from the checkpoint.
+loads the frozen parts (or `build_on(info, shard_lmm=...)` under torchrun: on the process's device, the frozen
+LMM sharded when `model.shard_lmm=fsdp`). The user's config decides where the frozen parts come from (`model.qwen`,
+`model.sam`, `model.tokenizer`) and the longest text (`model.max_length`); everything the heads were trained with
+(family, pixel budget, instruction, system prompt, capture) comes from the checkpoint.
 
 Masks are written as `mask_{k:02d}_{slug}.png` (0 / 255) by `write_masks`, each under a temporary name and renamed
 into place, so a full disk or a kill leaves no half-written PNG under a final name.
@@ -27,6 +28,7 @@ from PIL import Image
 from flmm_model.build import PromptSettings, check_model_paths, prompt_settings
 from flmm_model.checkpoint import LoadedCheckpoint, load_checkpoint, settings_differ
 from flmm_model.config import ModelConfig
+from flmm_model.distributed import DistInfo, place_model
 from flmm_model.errors import CheckpointError, storage_error
 from flmm_model.model import FrozenQwenSAM
 
@@ -56,6 +58,16 @@ class OpenedCheckpoint:
         return FrozenQwenSAM.from_pretrained(self.loaded, qwen_path=cfg.qwen, sam_path=cfg.sam,
                                              tokenizer_path=cfg.tokenizer, max_length=cfg.max_length,
                                              device=str(device)).eval()
+
+    def build_on(self, info: DistInfo, *, shard_lmm: str = "none") -> tuple[FrozenQwenSAM, str]:
+        """`build` on this process's device, the frozen LMM then sharded across the processes as `shard_lmm` (the
+        user's `model.shard_lmm`: how to run the LMM is the command's choice, not the checkpoint's) says.
+
+        Returns:
+            (model, the line stating the LMM's memory per process).
+        """
+        model = self.build("cpu")  # sharding moves each LMM block to the device as it shards it
+        return model, place_model(model, model.lmm, shard_lmm, info)
 
 
 def open_checkpoint(checkpoint: str | Path, model_cfg: ModelConfig) -> OpenedCheckpoint:

@@ -38,8 +38,8 @@ from flmm_model.distributed import (
     autocast_context,
     check_device,
     init_distributed,
+    place_model,
     precision_of,
-    shard_lmm,
     shutdown_distributed,
     wrap_ddp,
 )
@@ -216,16 +216,8 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
                                batch_size=cfg.data.batch_size, grad_accum=tc.grad_accum, total_steps=total_steps)
 
         # ---- Model, optimizer (trainable parameters only), schedule.
-        model = build_model(cfg.model).to(info.device)
-        if tc.compile:
-            model.compile_parts()
+        model = build_model(cfg.model)  # on the CPU until placed below (a sharded LMM never sits whole on a GPU)
         loss_keys = LOSS_KEYS if model.sam_refiner is not None else LOSS_KEYS[:3]  # attention-only: no SAM terms
-        params = model.trainable_parameters()
-        # Fused AdamW on CUDA: one kernel for all parameters (on the CPU: the default loop).
-        optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
-                                      fused=info.device.type == "cuda" or None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, WarmupCosine(warmup_steps=warmup_steps, total_steps=total_steps))
         autocast = autocast_context(info.device, tc.precision)
         sam_cache = lmm_cache = None
         if cfg.data.sam_cache:  # refused here, before any step, if built for another SAM setup
@@ -235,8 +227,17 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
             lmm_cache = model.open_lmm_cache(cfg.data.lmm_cache, precision=precision_of(autocast),
                                              sentence_draws=sentence_draws(cfg.data.train))
         lmm_writer = LMMCacheWriter(lmm_cache, samples=len(train_set)) if lmm_cache is not None else None
-        # After the caches' fingerprint of the whole weights: each process keeps its shard of the LMM's blocks.
-        log(shard_lmm(model.lmm, cfg.model.shard_lmm, info))
+        # After the caches' fingerprint of the whole weights: onto the device, each process keeping its shard of the
+        # LMM's blocks with model.shard_lmm=fsdp.
+        log(place_model(model, model.lmm, cfg.model.shard_lmm, info))
+        if tc.compile:
+            model.compile_parts()
+        params = model.trainable_parameters()
+        # Fused AdamW on CUDA: one kernel for all parameters (on the CPU: the default loop).
+        optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                                      fused=info.device.type == "cuda" or None)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupCosine(warmup_steps=warmup_steps, total_steps=total_steps))
 
         # ---- Resume: weights, optimizer, scheduler, RNG states and the position in the data.
         start = Position()
