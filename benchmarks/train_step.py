@@ -18,11 +18,16 @@ prompts, SAM prompt encoder + mask decoder, losses), `heads bwd`, `optimizer` (c
     python benchmarks/train_step.py --arch 3b_narrow --count-ops --repeats 1         # 3B + SAM-L structure, CPU
     python benchmarks/train_step.py --arch 3b_sam_l --device cuda --trace /tmp/trace  # H200: 3B + SAM ViT-L shapes
     python benchmarks/train_step.py --arch 3b_narrow --lmm-cache --sam-cache          # cached vs full step, one run
+    torchrun --nproc_per_node 2 benchmarks/train_step.py --arch 7b_sam_l --shard-lmm fsdp   # 2 GPUs, sharded LMM
 
 With `--lmm-cache` and / or `--sam-cache` the caches are filled first (as the first epoch or `run.py cache-lmm` /
 `cache-sam` would), then the full step (no cache) and the cached step are both timed on the same batch in this run:
 with both caches the cached step runs the heads alone (no frozen network). The region table and the last line are
 the cached step's, and a `cached:` line gives both times and their ratio.
+
+Under torchrun every process trains on its own copy of the batch (samples/s counts all of them); `--shard-lmm fsdp`
+shards the frozen LMM as `model.shard_lmm=fsdp` does and prints its memory per process, `--shard-lmm none` keeps it
+whole in every process (the DDP baseline).
 
 The last line is machine-readable: `throughput: samples/s=<x> step_ms=<y> peak_mib=<z>`.
 """
@@ -49,7 +54,14 @@ from flmm_model.build import QWEN_ARCHS, load_image_processor, load_tokenizer  #
 from flmm_model.config import ModelConfig  # noqa: E402
 from flmm_model.data import Collator, SyntheticDataset  # noqa: E402
 from flmm_model.device import to_device  # noqa: E402
-from flmm_model.distributed import autocast_context, precision_of  # noqa: E402
+from flmm_model.distributed import (  # noqa: E402
+    autocast_context,
+    init_distributed,
+    place_model,
+    precision_of,
+    shutdown_distributed,
+    wrap_ddp,
+)
 from flmm_model.model import build_model  # noqa: E402
 
 # Named architectures: the model config, the default image side (px) and images per step.
@@ -106,20 +118,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="read the LMM's outputs from a cache (in DIR, default a temporary directory), filled "
                              "before the timed steps (warm cache)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the parts (train.compile)")
+    parser.add_argument("--shard-lmm", choices=["none", "fsdp"], default=None,
+                        help="under torchrun: the frozen LMM whole in every process (none) or sharded (fsdp, "
+                             "model.shard_lmm), the heads under DDP; every process times its own copy of the batch and "
+                             "the main one prints")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     arch = ARCHS[args.arch]
-    device = torch.device(args.device)
+    info = init_distributed(args.device)  # a world of one without torchrun
+    device = info.device
+    if not info.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (the main process prints the tables)
     side = args.image_size or arch["image_size"]
     batch_size = args.batch_size or arch["batch_size"]
     model_cfg = ModelConfig(**{**arch["model"], **({"qwen": args.qwen} if args.qwen else {})})
-    with device:  # random weights initialised where they will run (fast on GPU, no CPU copy of a 7B model)
+    if args.shard_lmm:  # built on the CPU: placing shards each LMM block on its way to the device
         model = build_model(model_cfg)
-    model.to(device).train()
-    if args.compile:
-        model.compile_parts()
+    else:
+        with device:  # random weights initialised where they will run (fast on GPU, no CPU copy of a 7B model)
+            model = build_model(model_cfg)
     tokenizer = load_tokenizer(model_cfg.tokenizer, backbone=model_cfg.qwen)
     image_processor = load_image_processor(min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels,
                                            backbone=model_cfg.qwen)
@@ -135,13 +154,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lmm_cache = model.open_lmm_cache(args.lmm_cache or os.path.join(scratch.name, "lmm"), precision=precision,
                                          sentence_draws=[])
     cached = sam_cache is not None or lmm_cache is not None
+    # After the caches' fingerprints of the whole weights: onto the device (the LMM sharded with --shard-lmm fsdp).
+    placement = place_model(model, model.lmm, args.shard_lmm or "none", info)
+    model.train()
+    if args.compile:
+        model.compile_parts()
+    step_model = wrap_ddp(model, info)  # the heads' gradients all-reduced, as in training
     collator = Collator(pad_token_id=tokenizer.pad_token_id,
                         prepare=model.batch_preparer(sam_cache=sam_cache, lmm_cache=lmm_cache))
     items = [dataset[i] for i in range(batch_size)]
     if cached:  # fill the caches as the first epoch (or `run.py cache-sam` / `cache-lmm`) would
         prepared = to_device(model.prepare_batch(collator(items)), device)
         with torch.no_grad(), autocast:
-            output = model(prepared)
+            output = step_model(prepared)
         for name, embedding in zip(prepared.sam_missing_names, output.get("sam_new_embeddings", []), strict=False):
             sam_cache.write(name, embedding.cpu())
         for name, maps, rows in output.get("lmm_new_entries", []):
@@ -160,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with regions.region(HOST_REGION):
             prepared = to_device(model.prepare_batch(step_batch), device)
         with regions.region("glue + heads fwd"), autocast:
-            output = model(prepared)
+            output = step_model(prepared)
         with regions.region("heads bwd"):
             output["loss"].backward()
         with regions.region("loss bookkeeping"):
@@ -242,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"precision {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
           f"{'; SAM cache warm' if sam_cache is not None else ''}{'; LMM cache warm' if lmm_cache is not None else ''}"
           f"{'; compiled' if args.compile else ''}")
+    if args.shard_lmm:
+        print(f"{placement}; {info.world_size} processes, heads under DDP" if info.distributed else placement)
     header = f"{'region':26s}{'ms':>10s}{'share':>8s}"
     if ops is not None:
         header += f"{'ops':>8s}{'syncs':>7s}  sync kinds"
@@ -269,10 +296,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"cached: full step {1e3 * full_s:.1f} ms ({full_mib:.0f} MiB peak), cached step {1e3 * step_s:.1f} ms "
               f"({peak_mib:.0f} MiB peak): {speedup:.2f}x faster (target >= 5x with both caches, 3b_narrow)")
     scratch.cleanup()
-    samples_per_s = batch_size / step_s
+    samples_per_s = batch_size * info.world_size / step_s  # every process trains on its own batch
+    shutdown_distributed(info)
     print(f"throughput: samples/s={samples_per_s:.2f} step_ms={1e3 * step_s:.1f} peak_mib={peak_mib:.0f}")
     return {"samples_per_s": samples_per_s, "step_s": step_s, "peak_mib": peak_mib, "regions_s": region_s,
-            "ops": ops, "syncs": syncs, "full_step_s": full_s, "speedup": speedup}
+            "ops": ops, "syncs": syncs, "full_step_s": full_s, "speedup": speedup, "placement": placement}
 
 
 if __name__ == "__main__":

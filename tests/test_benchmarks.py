@@ -26,7 +26,7 @@ def load(name: str):
 
 
 def test_every_benchmark_script_has_a_smoke_test():
-    covered = {"lmm_forward", "train_step", "chat", "cuda_checks", "op_count", "peak_memory"}
+    covered = {"lmm_forward", "train_step", "chat", "cuda_checks", "op_count", "peak_memory", "sharded_forward"}
     scripts = {path.stem for path in BENCHMARKS.glob("*.py")}
     assert scripts <= covered, f"benchmarks without a smoke test: {sorted(scripts - covered)}"
 
@@ -86,3 +86,38 @@ def test_op_count_and_peak_memory_helpers_measure_a_block():
         with regions.region("matmul"):
             torch.ones(64, 64) @ torch.ones(64, 64)
     assert memory.peak_mib > 0
+
+
+def _sharded_worker(rank: int, world_size: int, port: int, out: str, script: str) -> None:
+    import json
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    if script == "sharded_forward":
+        result = load(script).main(["--arch", "tiny", "--device", "cpu", "--repeats", "1", "--batch-size", "2",
+                                    "--image-size", "112"])
+    else:
+        result = load(script).main(["--arch", "demo", "--device", "cpu", "--shard-lmm", "fsdp", "--repeats", "1",
+                                    "--warmup", "0", "--batch-size", "2", "--image-size", "112"])
+        result = dict(placement=result["placement"], samples_per_s=result["samples_per_s"])
+    Path(out, f"{script}_rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.parametrize("script", ["sharded_forward", "train_step"])
+def test_sharded_benchmarks_run_under_two_processes(tmp_path, script):
+    """`sharded_forward.py` and `train_step.py --shard-lmm fsdp` as torchrun runs them (2 CPU processes, gloo)."""
+    import json
+
+    import torch.multiprocessing as mp
+    from test_ddp import _free_port
+
+    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path), script), nprocs=2, join=True)
+    for rank in range(2):
+        report = json.loads((tmp_path / f"{script}_rank{rank}.json").read_text())
+        if script == "sharded_forward":
+            assert report["maps_diff"] <= 1e-6 and report["rows_rel_diff"] <= 1e-5
+            assert report["sharded_gib"] < report["whole_gib"]
+        else:
+            assert "sharded over 2 processes" in report["placement"] and report["samples_per_s"] > 0

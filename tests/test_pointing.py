@@ -64,6 +64,8 @@ def test_score_pointing_averages_every_layer_and_head():
     channels = torch.stack([decoy, 2 * maps, 2 * maps], dim=1)  # (K, C=3, h, w)
 
     class FakeLMM:
+        sharded = False  # FrozenQwenLMM's: whether model.shard_lmm=fsdp sharded it
+
         def __call__(self, input_ids, attention_mask, pixel_values, image_grid_thw, mask_ids, grounded_image=None):
             return SimpleNamespace(attention_maps=[channels])
 

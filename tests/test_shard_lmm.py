@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,39 @@ def test_sharded_generation_decodes_the_main_process_tokens_everywhere(tmp_path)
         assert report["scores"] == [[1.0] * 5]  # rank 0's scores (rank 1 had 2.0)
         assert report["processors"] == ["MainProcessScores"]
     assert reports[0]["draw"] == reports[1]["draw"]
+
+
+def _cache_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    _init(rank, world_size, port)
+    import run
+
+    try:
+        common = ["cache-lmm", "--config", DEMO, *TINY, "train.device=cpu"]
+        whole = run.main([*common, f"data.lmm_cache={out}/whole", "model.shard_lmm=none"])
+        first = run.main([*common, f"data.lmm_cache={out}/sharded", "model.shard_lmm=fsdp"])
+        torch.distributed.barrier()
+        if rank == 0:  # one entry lost: one process has one batch to compute, the other joins its forward
+            victim = sorted(Path(out, "sharded").glob("*/*.safetensors"))[0]
+            victim.unlink()
+        torch.distributed.barrier()
+        again = run.main([*common, f"data.lmm_cache={out}/sharded", "model.shard_lmm=fsdp"])
+        (open(f"{out}/counts_rank{rank}.json", "w")).write(json.dumps(dict(whole=whole, first=first, again=again)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_cache_lmm_under_a_sharded_lmm_writes_the_unsharded_entries(tmp_path):
+    from safetensors.torch import load_file
+
+    mp.spawn(_cache_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    counts = json.loads((tmp_path / "counts_rank0.json").read_text())
+    assert (counts["whole"]["written"], counts["first"]["written"]) == (7, 7)  # 7 samples over shards of 4 and 3
+    assert (counts["again"]["written"], counts["again"]["cached"]) == (1, 6)
+    whole = {p.relative_to(tmp_path / "whole"): p for p in (tmp_path / "whole").glob("*/*.safetensors")}
+    sharded = {p.relative_to(tmp_path / "sharded"): p for p in (tmp_path / "sharded").glob("*/*.safetensors")}
+    assert whole.keys() == sharded.keys() and len(whole) == 7
+    for name, path in whole.items():
+        expected, found = load_file(path), load_file(sharded[name])
+        assert expected.keys() == found.keys()
+        for key, tensor in expected.items():
+            torch.testing.assert_close(found[key], tensor, atol=1e-6, rtol=1e-5)

@@ -4,7 +4,8 @@ sample (attention maps, phrase hidden states), so no training epoch runs the LMM
 Only the LMM is built (no SAM, no heads). The key is the one training computes (`FrozenQwenLMM.open_output_cache`
 with the same `model.qwen` checkpoint or seeded preset, `model.dtype`, prompt, pixel budget, `train.precision` on
 `train.device` and the training sets' sentence draws), so a training run with the same config reads every entry;
-entries already present and whole are kept. Under torchrun each process computes its shard.
+entries already present and whole are kept. Under torchrun each process computes its shard; with
+`model.shard_lmm=fsdp` the LMM is sharded as in training, and every process runs as many forwards as the others.
 
 The entries are the LMM's outputs for each sample in the batches of this command (in dataset order). The LMM's
 rounding depends a little on a batch's padding, so a run trained on them matches an uncached run to float rounding
@@ -23,7 +24,16 @@ from flmm_model.build import check_model_paths, prompt_settings
 from flmm_model.config import ConfigError, ExperimentConfig
 from flmm_model.data.lmm_cache import LMMCacheWriter, check_cacheable, sentence_draws
 from flmm_model.device import to_device
-from flmm_model.distributed import autocast_context, check_device, init_distributed, precision_of, shutdown_distributed
+from flmm_model.distributed import (
+    all_reduce_max,
+    any_rank,
+    autocast_context,
+    check_device,
+    init_distributed,
+    place_model,
+    precision_of,
+    shutdown_distributed,
+)
 from flmm_model.modeling.batch import BatchPreparer
 from flmm_model.modeling.lmm import FrozenQwenLMM
 from flmm_model.recipes.caching import report, shard_loader, training_datasets
@@ -49,29 +59,54 @@ def cache_lmm(cfg: ExperimentConfig) -> dict[str, Any]:
         check_cacheable(datasets)
         dataset = torch.utils.data.ConcatDataset([entry.dataset for entry in datasets])
         qwen = build_qwen(cfg.model.qwen, dtype=getattr(torch, cfg.model.dtype), attn_implementation="sdpa",
-                          seed=cfg.model.seed)  # as `build_model` builds it
-        lmm = FrozenQwenLMM(qwen=qwen, attn_capture=cfg.model.attn_capture).to(info.device).eval()
+                          seed=cfg.model.seed)  # as `build_model` builds it, on the CPU until placed
+        lmm = FrozenQwenLMM(qwen=qwen, attn_capture=cfg.model.attn_capture).eval()
         autocast = autocast_context(info.device, cfg.train.precision)
         size = prompt.image_processor.size  # the pixel budget, as `GroundingModel.open_lmm_cache` reads it
         cache = lmm.open_output_cache(cfg.data.lmm_cache, instruction=prompt.instruction, system=prompt.system,
                                       sentence_draws=sentence_draws(cfg.data.train), min_pixels=size.shortest_edge,
                                       max_pixels=size.longest_edge, precision=precision_of(autocast))
+        memory = place_model(lmm, lmm, cfg.model.shard_lmm, info)  # after the fingerprint of the whole weights
+        if info.is_main and (info.distributed or cfg.model.shard_lmm != "none"):
+            print(memory)
         writer = LMMCacheWriter(cache, samples=len(dataset))
+        # Read in the workers: which samples miss. A sharded LMM keeps a cached batch's inputs: another process may
+        # need this one's forward to pair with its own.
         preparer = BatchPreparer(qwen_config=qwen.config, coarse_size=cfg.model.mask_head_size, targets=False,
-                                 lmm_cache=cache)  # read in the workers: which samples miss
+                                 lmm_cache=cache, keep_lmm_inputs=lmm.sharded)
         loader = shard_loader(cfg, info, dataset, prompt=prompt, prepare=preparer)
         counts = torch.zeros(2, dtype=torch.long)  # written, already cached
-        for batch in tqdm(loader, desc="cache-lmm", disable=not (info.is_main and cfg.train.progress)):
-            prepared = batch["prepared"]
-            samples = len(prepared.lmm.num_objects)
-            counts[1] += samples - len(prepared.lmm_missing)
-            if prepared.lmm_cached is not None:
+        # A sharded LMM: every process takes as many steps as the longest shard, and a step where any process needs
+        # a forward runs one on every process (the shards' all-gathers pair up), on this process's latest batch
+        # with images when its own has nothing to compute (the result dropped).
+        steps = all_reduce_max(len(loader)) if lmm.sharded else len(loader)
+        batches = iter(loader)
+        runnable = None
+        for _ in tqdm(range(steps), desc="cache-lmm", disable=not (info.is_main and cfg.train.progress)):
+            batch = next(batches, None)  # None: this shard is done, the others are not
+            prepared = batch["prepared"] if batch is not None else None
+            has_images = batch is not None and len(batch["images"]) > 0
+            if has_images:
+                runnable = prepared
+                counts[1] += len(prepared.lmm.num_objects) - len(prepared.lmm_missing)
+            needed = has_images and prepared.lmm_cached is None
+            if not (any_rank(needed) if lmm.sharded else needed):
                 continue
+            inputs = prepared.lmm if needed else _replayable(runnable).lmm
             with autocast:
-                out = lmm.forward_prepared(to_device(prepared.lmm, info.device))
-            writer.write([(name, out.attention_maps[b], out.phrase_rows[:, b, :tokens])
-                          for b, name, tokens in prepared.lmm_missing])
-            counts[0] += len(prepared.lmm_missing)
+                out = lmm.forward_prepared(to_device(inputs, info.device))
+            if needed:
+                writer.write([(name, out.attention_maps[b], out.phrase_rows[:, b, :tokens])
+                              for b, name, tokens in prepared.lmm_missing])
+                counts[0] += len(prepared.lmm_missing)
         return report(info, counts, option="data.lmm_cache", directory=cfg.data.lmm_cache, noun="samples")
     finally:
         shutdown_distributed(info)
+
+
+def _replayable(prepared: Any) -> Any:
+    """The batch a sharded LMM runs (result dropped) when this process has nothing to compute but another does."""
+    if prepared is None:
+        raise RuntimeError("model.shard_lmm=fsdp: this process has no sample with an image yet, so it cannot take "
+                           "part in another process's sharded forward; use fewer processes or more samples")
+    return prepared
