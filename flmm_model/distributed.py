@@ -232,12 +232,13 @@ class MainProcessScores:
 
 
 def lockstep_generation(options: dict[str, Any]) -> dict[str, Any]:
-    """`generate` options for a sharded LMM under a process group: `MainProcessScores` appended to the logits
-    processors, and with `do_sample` every process's RNG seeded alike (from the main process) so the sampled tokens
-    agree too."""
+    """`generate` options for a sharded LMM under a process group, every process given the same prompt:
+    `MainProcessScores` appended to the logits processors, with `do_sample` every process's RNG seeded alike (from
+    the main process) so the sampled tokens agree too, and transformers' `synced_gpus` (a process that is done keeps
+    running forwards until all are), a guard should the processes ever disagree on where to stop."""
     from transformers import LogitsProcessorList
 
-    options = dict(options)
+    options = dict(options, synced_gpus=True)
     options["logits_processor"] = LogitsProcessorList([*(options.get("logits_processor") or []),
                                                        MainProcessScores()])
     if options.get("do_sample"):

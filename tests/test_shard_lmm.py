@@ -110,6 +110,14 @@ def test_training_and_eval_under_a_sharded_lmm_equal_the_unsharded_runs(tmp_path
     assert len(list((tmp_path / "lmm").glob("*/*.safetensors"))) == 7
     whole, sharded = _losses(tmp_path / "none" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
     assert len(whole) == len(sharded) == 3
+    # A sharded run's checkpoint holds the trainable weights only, as an unsharded run's: the same tensors, no LMM.
+    from safetensors.torch import load_file
+
+    newest = {run: sorted((tmp_path / run / "checkpoints").glob("step_*"))[-1] / "model.safetensors"
+              for run in ("none", "fsdp")}
+    whole_weights, sharded_weights = load_file(newest["none"]), load_file(newest["fsdp"])
+    assert sharded_weights.keys() == whole_weights.keys() and not any("qwen" in key for key in sharded_weights)
+    assert all(sharded_weights[k].shape == whole_weights[k].shape for k in whole_weights)
     # The cached step reads the outputs of another batch composition: equal to float rounding.
     assert sharded == pytest.approx(whole, rel=1e-5)
     for rank in range(2):
@@ -138,7 +146,8 @@ def _scores_worker(rank: int, world_size: int, port: int, out: str) -> None:
         options = lockstep_generation(dict(do_sample=True, max_new_tokens=4))
         draw = torch.rand(3).tolist()  # after the seeding: the same on every process
         (open(f"{out}/scores_rank{rank}.json", "w")).write(json.dumps(dict(
-            scores=scores.tolist(), draw=draw, processors=[type(p).__name__ for p in options["logits_processor"]])))
+            scores=scores.tolist(), draw=draw, processors=[type(p).__name__ for p in options["logits_processor"]],
+            synced_gpus=options["synced_gpus"])))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -149,7 +158,7 @@ def test_sharded_generation_decodes_the_main_process_tokens_everywhere(tmp_path)
     reports = [json.loads((tmp_path / f"scores_rank{rank}.json").read_text()) for rank in range(2)]
     for report in reports:
         assert report["scores"] == [[1.0] * 5]  # rank 0's scores (rank 1 had 2.0)
-        assert report["processors"] == ["MainProcessScores"]
+        assert report["processors"] == ["MainProcessScores"] and report["synced_gpus"]
     assert reports[0]["draw"] == reports[1]["draw"]
 
 
