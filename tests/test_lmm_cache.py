@@ -15,7 +15,7 @@ from test_train import DEMO, TINY
 import flmm_model.modeling.lmm as lmm_module
 import run
 from flmm_model.config import ConfigError
-from flmm_model.data.lmm_cache import LMMCacheError, check_cacheable, sample_digests
+from flmm_model.data.lmm_cache import LMMCacheError, check_cacheable, lmm_fingerprint, sample_digests
 from flmm_model.data.registry import NamedDataset
 from flmm_model.device import to_device
 from flmm_model.errors import StorageError
@@ -227,3 +227,15 @@ def test_a_full_disk_is_refused_before_the_first_entry(tmp_path, monkeypatch):
                                            r"in .*cache, which has 0\.00 GiB free"):
         run.main(["cache-lmm", "--config", DEMO, *TINY, "data.val=[]", f"data.lmm_cache={cache}"])
     assert not list(cache.glob("*/*.safetensors"))
+
+
+def test_fingerprint_reads_the_first_and_last_values_of_a_large_weight():
+    """A tensor beyond 2**24 values (a real embedding: 151936 x 2048 = 311 M): the sampled positions stay inside it
+    (a float32 linspace rounds past its end) and include its last value; an edit there changes the fingerprint."""
+    module = torch.nn.Module()
+    module.register_buffer("weight", torch.zeros(2**25 + 3, dtype=torch.uint8))
+    before = lmm_fingerprint(module)
+    module.weight[-1] = 1
+    after_last = lmm_fingerprint(module)
+    module.weight[-1], module.weight[0] = 0, 1
+    assert len({before, after_last, lmm_fingerprint(module)}) == 3

@@ -85,7 +85,10 @@ def lmm_fingerprint(model: torch.nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         flat = tensor.detach().reshape(-1)
         if flat.numel() > FINGERPRINT_SAMPLES:
-            index = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, device=flat.device).long()
+            # Integer positions 0 .. numel - 1, first and last included (a float32 linspace rounds past the end
+            # beyond 2**24 values).
+            steps = torch.arange(FINGERPRINT_SAMPLES, device=flat.device, dtype=torch.int64)
+            index = steps * (flat.numel() - 1) // (FINGERPRINT_SAMPLES - 1)
             flat = flat.index_select(0, index)
         digest.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
