@@ -20,9 +20,9 @@ import contextlib
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,8 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from flmm_model.errors import InputError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -192,32 +194,57 @@ def lockstep_batches(loader: Any, *, sharded: bool) -> Iterator[tuple[dict[str, 
         yield last, False
 
 
-def shard_frozen(modules: list[nn.Module], info: DistInfo) -> bool:
-    """Shard each of `modules` (frozen blocks, no gradient) across all processes with FSDP2 `fully_shard` on a 1-D
-    mesh; returns whether it sharded (False in a world of one: nothing to shard across). Each module's weights are
-    all-gathered for its forward and freed after it (`reshard_after_forward`)."""
+def frozen_mesh(mode: str, info: DistInfo) -> Any:
+    """The 1-D device mesh over all processes that `model.shard_lmm` (`mode`) = "fsdp" shards the LMM on, or None
+    (not sharding, or a world of one). Every process must call it (building a mesh may create process groups)."""
+    if mode != "fsdp" or not info.distributed:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(info.device.type, (info.world_size,))
+
+
+def shard_frozen(modules: list[nn.Module], info: DistInfo, *, mesh: Any = None) -> bool:
+    """Shard each of `modules` (frozen blocks, no gradient) across all processes with FSDP2 `fully_shard` on `mesh`
+    (default: `frozen_mesh`); returns whether it sharded (False in a world of one: nothing to shard across). Each
+    module's weights are all-gathered for its forward and freed after it (`reshard_after_forward`). No collective
+    runs here when `mesh` is given, so processes may shard one at a time (`in_turn`)."""
     if not info.distributed:
         return False
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mesh = mesh if mesh is not None else frozen_mesh("fsdp", info)
     for module in modules:
         fully_shard(module, mesh=mesh, reshard_after_forward=True)
     return True
 
 
-def shard_lmm(lmm: nn.Module, mode: str, info: DistInfo) -> str:
+def shard_lmm(lmm: nn.Module, mode: str, info: DistInfo, *, mesh: Any = None) -> str:
     """Apply `model.shard_lmm` (`mode`) to a `FrozenQwenLMM` on its device: "fsdp" shards its
-    `shardable_blocks()` across the processes and sets `lmm.sharded`. Returns the line to print: the LMM's memory
-    per process."""
+    `shardable_blocks()` across the processes (on `mesh`, see `shard_frozen`) and sets `lmm.sharded`. Returns the
+    line to print: the LMM's memory per process."""
     if mode == "fsdp":
-        lmm.sharded = shard_frozen(lmm.shardable_blocks(), info)
+        lmm.sharded = shard_frozen(lmm.shardable_blocks(), info, mesh=mesh)
     gib = local_bytes(lmm) / 2**30
     how = (f"sharded over {info.world_size} processes (model.shard_lmm=fsdp)" if lmm.sharded
            else "whole in every process" + (" (model.shard_lmm=fsdp: one process, nothing to shard across)"
                                             if mode == "fsdp" else ""))
     return f"frozen LMM: {gib:.2f} GiB of weights per process, {how}"
+
+
+def in_turn(info: DistInfo, build: Callable[[], T], *, enabled: bool) -> T:
+    """`build()` on one process at a time, in rank order, the others waiting at a barrier (with `enabled` under
+    torchrun; else simply `build()`). For a sharded LMM: each process reads the whole checkpoint into host memory
+    before sharding sends its blocks to the device, so taking turns keeps the node's peak at about one checkpoint
+    instead of one per process (8 x 147 GB for the 72B). `build` must run no collective (see `frozen_mesh`)."""
+    if not (enabled and info.distributed):
+        return build()
+    result = None
+    for turn in range(info.world_size):
+        if turn == info.rank:
+            result = build()
+        dist.barrier()
+    return result
 
 
 class MainProcessScores:
@@ -248,15 +275,15 @@ def lockstep_generation(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def place_model(model: nn.Module, lmm: nn.Module, mode: str, info: DistInfo) -> str:
+def place_model(model: nn.Module, lmm: nn.Module, mode: str, info: DistInfo, *, mesh: Any = None) -> str:
     """Put `model` (on the CPU) on this process's device, its frozen LMM `lmm` sharded as `model.shard_lmm` (`mode`)
     says; returns `shard_lmm`'s memory line.
 
     The blocks are sharded while still on the CPU: `fully_shard` moves each block to the device as it shards it, so
     no device ever holds the whole LMM (a 72B would not fit on one GPU); everything else (embeddings, LM head, SAM,
-    the heads) then moves whole, the sharded parameters untouched.
+    the heads) then moves whole, the sharded parameters untouched. `mesh`: see `shard_frozen`.
     """
-    line = shard_lmm(lmm, mode, info)
+    line = shard_lmm(lmm, mode, info, mesh=mesh)
     from torch.distributed.tensor import DTensor
 
     with torch.no_grad():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -139,20 +140,30 @@ def test_training_and_eval_under_a_sharded_lmm_equal_the_unsharded_runs(tmp_path
 
 def _scores_worker(rank: int, world_size: int, port: int, out: str) -> None:
     _init(rank, world_size, port)
-    from flmm_model.distributed import MainProcessScores, lockstep_generation
+    from flmm_model.distributed import DistInfo, MainProcessScores, in_turn, lockstep_generation
 
     try:
+        turns = Path(out, "turns.txt")
+
+        def build() -> int:  # a process's turn starts when the one before it has finished
+            seen = turns.read_text() if turns.exists() else ""
+            time.sleep(0.3)
+            turns.write_text(seen + str(rank))
+            return len(seen)
+
+        info = DistInfo(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
+        order = in_turn(info, build, enabled=True)
         scores = MainProcessScores()(torch.zeros(1, 3, dtype=torch.long), torch.full((1, 5), float(rank + 1)))
         options = lockstep_generation(dict(do_sample=True, max_new_tokens=4))
         draw = torch.rand(3).tolist()  # after the seeding: the same on every process
         (open(f"{out}/scores_rank{rank}.json", "w")).write(json.dumps(dict(
-            scores=scores.tolist(), draw=draw, processors=[type(p).__name__ for p in options["logits_processor"]],
-            synced_gpus=options["synced_gpus"])))
+            order=order, scores=scores.tolist(), draw=draw, synced_gpus=options["synced_gpus"],
+            processors=[type(p).__name__ for p in options["logits_processor"]])))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_sharded_generation_decodes_the_main_process_tokens_everywhere(tmp_path):
+def test_sharded_generation_decodes_the_main_process_tokens_and_processes_load_in_turn(tmp_path):
     """Each process's own scores differ; all of them continue with the main process's, and sampling draws alike."""
     mp.spawn(_scores_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     reports = [json.loads((tmp_path / f"scores_rank{rank}.json").read_text()) for rank in range(2)]
@@ -160,6 +171,8 @@ def test_sharded_generation_decodes_the_main_process_tokens_everywhere(tmp_path)
         assert report["scores"] == [[1.0] * 5]  # rank 0's scores (rank 1 had 2.0)
         assert report["processors"] == ["MainProcessScores"] and report["synced_gpus"]
     assert reports[0]["draw"] == reports[1]["draw"]
+    # `in_turn`: the processes built one after the other, in rank order.
+    assert [report["order"] for report in reports] == [0, 1] and (tmp_path / "turns.txt").read_text() == "01"
 
 
 def _cache_worker(rank: int, world_size: int, port: int, out: str) -> None:

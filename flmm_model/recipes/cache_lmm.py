@@ -29,6 +29,8 @@ from flmm_model.distributed import (
     any_rank,
     autocast_context,
     check_device,
+    frozen_mesh,
+    in_turn,
     init_distributed,
     place_model,
     precision_of,
@@ -58,21 +60,29 @@ def cache_lmm(cfg: ExperimentConfig) -> dict[str, Any]:
         datasets = training_datasets(cfg, prompt)
         check_cacheable(datasets)
         dataset = torch.utils.data.ConcatDataset([entry.dataset for entry in datasets])
-        qwen = build_qwen(cfg.model.qwen, dtype=getattr(torch, cfg.model.dtype), attn_implementation="sdpa",
-                          seed=cfg.model.seed)  # as `build_model` builds it, on the CPU until placed
-        lmm = FrozenQwenLMM(qwen=qwen, attn_capture=cfg.model.attn_capture).eval()
         autocast = autocast_context(info.device, cfg.train.precision)
         size = prompt.image_processor.size  # the pixel budget, as `GroundingModel.open_lmm_cache` reads it
-        cache = lmm.open_output_cache(cfg.data.lmm_cache, instruction=prompt.instruction, system=prompt.system,
-                                      sentence_draws=sentence_draws(cfg.data.train), min_pixels=size.shortest_edge,
-                                      max_pixels=size.longest_edge, precision=precision_of(autocast))
-        memory = place_model(lmm, lmm, cfg.model.shard_lmm, info)  # after the fingerprint of the whole weights
+        mesh = frozen_mesh(cfg.model.shard_lmm, info)  # every process together, before they take turns
+
+        def build_and_place() -> tuple[FrozenQwenLMM, Any, str]:
+            """The LMM on the CPU as `build_model` builds it, the cache opened against its whole weights, then onto
+            the device (sharded with model.shard_lmm=fsdp)."""
+            qwen = build_qwen(cfg.model.qwen, dtype=getattr(torch, cfg.model.dtype), attn_implementation="sdpa",
+                              seed=cfg.model.seed)
+            built = FrozenQwenLMM(qwen=qwen, attn_capture=cfg.model.attn_capture).eval()
+            opened = built.open_output_cache(cfg.data.lmm_cache, instruction=prompt.instruction,
+                                             system=prompt.system, sentence_draws=sentence_draws(cfg.data.train),
+                                             min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
+                                             precision=precision_of(autocast))
+            return built, opened, place_model(built, built, cfg.model.shard_lmm, info, mesh=mesh)
+
+        lmm, cache, memory = in_turn(info, build_and_place, enabled=mesh is not None)
         if info.is_main and (info.distributed or cfg.model.shard_lmm != "none"):
             print(memory)
         writer = LMMCacheWriter(cache, samples=len(dataset))
         # Read in the workers: which samples miss. A sharded LMM keeps a cached batch's inputs: another process may
         # need this one's forward to pair with its own.
-        preparer = BatchPreparer(qwen_config=qwen.config, coarse_size=cfg.model.mask_head_size, targets=False,
+        preparer = BatchPreparer(qwen_config=lmm.qwen.config, coarse_size=cfg.model.mask_head_size, targets=False,
                                  lmm_cache=cache, keep_lmm_inputs=lmm.sharded)
         loader = shard_loader(cfg, info, dataset, prompt=prompt, prepare=preparer)
         counts = torch.zeros(2, dtype=torch.long)  # written, already cached

@@ -28,7 +28,7 @@ from PIL import Image
 from flmm_model.build import PromptSettings, check_model_paths, prompt_settings
 from flmm_model.checkpoint import LoadedCheckpoint, load_checkpoint, settings_differ
 from flmm_model.config import ModelConfig
-from flmm_model.distributed import DistInfo, place_model
+from flmm_model.distributed import DistInfo, frozen_mesh, in_turn, place_model
 from flmm_model.errors import CheckpointError, storage_error
 from flmm_model.model import FrozenQwenSAM
 
@@ -66,8 +66,14 @@ class OpenedCheckpoint:
         Returns:
             (model, the line stating the LMM's memory per process).
         """
-        model = self.build("cpu")  # sharding moves each LMM block to the device as it shards it
-        return model, place_model(model, model.lmm, shard_lmm, info)
+        mesh = frozen_mesh(shard_lmm, info)  # every process together, before they take turns
+
+        def build_and_place() -> tuple[FrozenQwenSAM, str]:
+            model = self.build("cpu")  # sharding moves each LMM block to the device as it shards it
+            return model, place_model(model, model.lmm, shard_lmm, info, mesh=mesh)
+
+        # A sharded LMM: one process at a time holds the whole checkpoint in host memory.
+        return in_turn(info, build_and_place, enabled=mesh is not None)
 
 
 def open_checkpoint(checkpoint: str | Path, model_cfg: ModelConfig) -> OpenedCheckpoint:

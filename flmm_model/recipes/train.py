@@ -37,6 +37,8 @@ from flmm_model.distributed import (
     any_rank,
     autocast_context,
     check_device,
+    frozen_mesh,
+    in_turn,
     init_distributed,
     place_model,
     precision_of,
@@ -216,20 +218,28 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
                                batch_size=cfg.data.batch_size, grad_accum=tc.grad_accum, total_steps=total_steps)
 
         # ---- Model, optimizer (trainable parameters only), schedule.
-        model = build_model(cfg.model)  # on the CPU until placed below (a sharded LMM never sits whole on a GPU)
-        loss_keys = LOSS_KEYS if model.sam_refiner is not None else LOSS_KEYS[:3]  # attention-only: no SAM terms
         autocast = autocast_context(info.device, tc.precision)
-        sam_cache = lmm_cache = None
-        if cfg.data.sam_cache:  # refused here, before any step, if built for another SAM setup
-            sam_cache = model.open_sam_cache(cfg.data.sam_cache, precision=precision_of(autocast))
-        if cfg.data.lmm_cache:  # the same for the LMM's outputs, and for data that changes between epochs
-            check_cacheable(build_entries)
-            lmm_cache = model.open_lmm_cache(cfg.data.lmm_cache, precision=precision_of(autocast),
-                                             sentence_draws=sentence_draws(cfg.data.train))
+        mesh = frozen_mesh(cfg.model.shard_lmm, info)  # a sharded LMM's mesh, built by every process together
+
+        def build_and_place() -> tuple[Any, Any, Any, str]:
+            """The model on the CPU, the caches opened against its whole weights (their fingerprints), then onto
+            the device, each process keeping its shard of the LMM's blocks with model.shard_lmm=fsdp."""
+            built = build_model(cfg.model)
+            sam, lmm = None, None
+            if cfg.data.sam_cache:  # refused here, before any step, if built for another SAM setup
+                sam = built.open_sam_cache(cfg.data.sam_cache, precision=precision_of(autocast))
+            if cfg.data.lmm_cache:  # the same for the LMM's outputs, and for data that changes between epochs
+                check_cacheable(build_entries)
+                lmm = built.open_lmm_cache(cfg.data.lmm_cache, precision=precision_of(autocast),
+                                           sentence_draws=sentence_draws(cfg.data.train))
+            return built, sam, lmm, place_model(built, built.lmm, cfg.model.shard_lmm, info, mesh=mesh)
+
+        # A sharded LMM: the processes load one at a time (each holds the whole checkpoint in host memory until
+        # sharding sends its blocks to the device).
+        model, sam_cache, lmm_cache, placement = in_turn(info, build_and_place, enabled=mesh is not None)
+        log(placement)
+        loss_keys = LOSS_KEYS if model.sam_refiner is not None else LOSS_KEYS[:3]  # attention-only: no SAM terms
         lmm_writer = LMMCacheWriter(lmm_cache, samples=len(train_set)) if lmm_cache is not None else None
-        # After the caches' fingerprint of the whole weights: onto the device, each process keeping its shard of the
-        # LMM's blocks with model.shard_lmm=fsdp.
-        log(place_model(model, model.lmm, cfg.model.shard_lmm, info))
         if tc.compile:
             model.compile_parts()
         params = model.trainable_parameters()
