@@ -269,13 +269,6 @@ def check_values(cfg: ExperimentConfig) -> None:
         if cfg.train.compile:
             raise ConfigError("train.compile: compiling a sharded LMM (model.shard_lmm=fsdp) is not supported yet; "
                               "set train.compile=false or model.shard_lmm=none")
-        for where, entries in (("data.val", cfg.data.val), ("data.test", cfg.data.test)):
-            for index, ds in enumerate(entries):
-                if ds.type == "reason_seg" and ds.protocol == "flmm":
-                    raise ConfigError(f"{where}.{index}.protocol: flmm makes the LMM answer each sample first, "
-                                      f"and a sharded LMM (model.shard_lmm=fsdp) generates in lockstep, one prompt "
-                                      f"on every process (chat, predict), while eval's processes hold different "
-                                      f"samples; use protocol=direct, or model.shard_lmm=none")
     if cfg.model.min_pixels > cfg.model.max_pixels:
         raise ConfigError(f"model.min_pixels: expected at most model.max_pixels ({cfg.model.max_pixels}), "
                           f"found {cfg.model.min_pixels}")

@@ -220,7 +220,6 @@ def test_a_sharded_lmm_refuses_what_it_cannot_run(tmp_path):
         load_config(demo, ["model.shard_lmm=tp"])
     with pytest.raises(ConfigError, match=r"train\.compile: compiling a sharded LMM"):
         load_config(demo, ["model.shard_lmm=fsdp", "train.compile=true"])
+    # ReasonSeg's flmm protocol runs sharded (every process the whole set in lockstep: tests/test_shard_lmm.py).
     reason_seg = "data.test=[{type: reason_seg, split: val, protocol: flmm, root: /data/reason_seg}]"
-    with pytest.raises(ConfigError, match=r"data\.test\.0\.protocol: flmm makes the LMM answer each sample first"):
-        load_config(demo, ["model.shard_lmm=fsdp", reason_seg])
-    assert load_config(demo, [reason_seg]).data.test[0].protocol == "flmm"  # unsharded: generation per sample runs
+    assert load_config(demo, ["model.shard_lmm=fsdp", reason_seg]).data.test[0].protocol == "flmm"

@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 from test_ddp import DEMO, TINY, _free_port
 
+SYNTHETIC_TEST = "{type: synthetic, split: test, length: 5, seed: 3, image_size: [64, 112]}"  # as TINY's
 FAMILIES = ["tiny", "qwen2_vl_tiny", "qwen3_vl_tiny", "qwen3_vl_moe_tiny", "qwen3_5_tiny", "qwen3_5_moe_tiny"]
 
 
@@ -72,18 +73,25 @@ def test_a_sharded_lmm_gives_the_unsharded_maps_and_hidden_states_for_every_fami
 def _run_worker(rank: int, world_size: int, port: int, out: str) -> None:
     _init(rank, world_size, port)
     from conftest import _photo
+    from test_reason_seg import write_reason_seg
 
     import run
 
     image = f"{out}/photo_rank{rank}.png"
     _photo("astronaut").resize((112, 112)).save(image)
+    root = Path(out, f"data_rank{rank}")  # the same files for each process, written apart
+    write_reason_seg(root, [_photo(name).resize((96, 64)) for name in ("coffee", "astronaut", "astronaut",
+                                                                      "chelsea")])
     try:
         for shard in ("none", "fsdp"):
             extra = [f"data.lmm_cache={out}/lmm"] if shard == "fsdp" else []
             run.main(["train", "--config", DEMO, *TINY, f"train.out_dir={out}/{shard}", "train.max_steps=3",
                       "train.device=cpu", f"model.shard_lmm={shard}", *extra])
+            # ReasonSeg's flmm protocol too (answer, then ground): under the sharded LMM every process runs all of
+            # it in lockstep and the main one scores.
             scores = run.main(["eval", "--config", DEMO, *TINY, f"--checkpoint={out}/none",
-                               f"eval.out_dir={out}/eval_{shard}", "eval.device=cpu", f"model.shard_lmm={shard}"])
+                               f"eval.out_dir={out}/eval_{shard}", "eval.device=cpu", f"model.shard_lmm={shard}",
+                               f"data.root={root}", f"data.test=[{SYNTHETIC_TEST}, {{type: reason_seg, split: val}}]"])
             (open(f"{out}/eval_{shard}_rank{rank}.json", "w")).write(json.dumps(scores["results"]))
             # predict and chat: every process runs the same inputs; generation decodes the main process's tokens
             common = ["--config", DEMO, *TINY, "--checkpoint", f"{out}/none", "--image", image, "--device", "cpu",
@@ -124,6 +132,7 @@ def test_training_and_eval_under_a_sharded_lmm_equal_the_unsharded_runs(tmp_path
     for rank in range(2):
         expected = json.loads((tmp_path / f"eval_none_rank{rank}.json").read_text())
         found = json.loads((tmp_path / f"eval_fsdp_rank{rank}.json").read_text())
+        assert set(expected) == {"synthetic_test", "reason_seg_val"} and expected["reason_seg_val"]["count"] == 3
         for label, metrics in expected.items():
             for key, value in metrics.items():
                 assert found[label][key] == pytest.approx(value, abs=1e-6), (rank, label, key)

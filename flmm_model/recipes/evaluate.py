@@ -28,7 +28,7 @@ from flmm_model.distributed import (
     shutdown_distributed,
 )
 from flmm_model.recipes.inference import open_checkpoint
-from flmm_model.recipes.scoring import predict_batch, print_table, score_dataset
+from flmm_model.recipes.scoring import answers_first, predict_batch, print_table, score_dataset
 from flmm_model.run_dir import eval_results_path, prepare_output_dir
 
 __all__ = ["evaluate", "predict_batch", "print_table", "score_dataset"]  # the scoring's names, as before
@@ -67,15 +67,18 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
             print(memory)
         autocast = autocast_context(info.device, ec.precision)
         results: dict[str, dict[str, float]] = {}
-        for entry in datasets:
-            sampler = ShardedSampler(len(entry.dataset), rank=info.rank, world_size=info.world_size, shuffle=False,
-                                     pad=False)
+        for entry, ds in zip(datasets, cfg.data.test, strict=True):
+            # A sharded LMM answering each sample first (ReasonSeg's flmm protocol) generates in lockstep, one prompt
+            # on every process: each process runs the whole dataset, the main one scores.
+            replicated = model.lmm.sharded and answers_first(ds)
+            rank, world = (0, 1) if replicated else (info.rank, info.world_size)
+            sampler = ShardedSampler(len(entry.dataset), rank=rank, world_size=world, shuffle=False, pad=False)
             loader = make_loader(entry.dataset, sampler=sampler, batch_size=ec.batch_size,
                                  num_workers=cfg.data.num_workers, pad_token_id=prompt.tokenizer.pad_token_id,
                                  padding_side=cfg.data.padding_side, prepare=model.batch_preparer(targets=False),
                                  pin_memory=info.device.type == "cuda")
             results[entry.label] = score_dataset(model, loader, metric=entry.metric, autocast=autocast,
-                                                 progress=ec.progress, desc=entry.label)
+                                                 progress=ec.progress, desc=entry.label, replicated=replicated)
         if info.is_main:
             protocols = {entry.label: ds.protocol for entry, ds in zip(datasets, cfg.data.test, strict=True)}
             print_table(results, title=f"evaluation of {checkpoint}")

@@ -159,9 +159,11 @@ def plot_metrics(records: list[dict[str, Any]], out_png: str | Path) -> None:
 
 
 def val_loader(entry: NamedDataset, *, cfg: ExperimentConfig, info: DistInfo, pad_token_id: int,
-               prepare: Any = None) -> torch.utils.data.DataLoader:
-    """This process's shard of a validation dataset, in order, in batches of `eval.batch_size`."""
-    sampler = ShardedSampler(len(entry.dataset), rank=info.rank, world_size=info.world_size, shuffle=False, pad=False)
+               prepare: Any = None, replicated: bool = False) -> torch.utils.data.DataLoader:
+    """This process's shard of a validation dataset (with `replicated`: all of it, on every process), in order, in
+    batches of `eval.batch_size`."""
+    rank, world = (0, 1) if replicated else (info.rank, info.world_size)
+    sampler = ShardedSampler(len(entry.dataset), rank=rank, world_size=world, shuffle=False, pad=False)
     return make_loader(entry.dataset, sampler=sampler, batch_size=cfg.eval.batch_size,
                        num_workers=cfg.data.num_workers, pad_token_id=pad_token_id,
                        padding_side=cfg.data.padding_side, prepare=prepare,

@@ -14,7 +14,8 @@ from flmm_model.predictor import GroundingPredictor
 
 @torch.no_grad()
 def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, metric: type, autocast: Any,
-                  baselines: bool = False, progress: bool = True, desc: str = "eval") -> dict[str, float]:
+                  baselines: bool = False, progress: bool = True, desc: str = "eval",
+                  replicated: bool = False) -> dict[str, float]:
     """Predict every sample of this process's shard and return the metrics reduced over all processes.
 
     Args:
@@ -26,6 +27,9 @@ def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, metric: ty
         baselines: also score the all-foreground and the empty mask (keys `baseline_full/...`, `baseline_empty/...`).
         progress: show a progress bar (rank 0).
         desc: progress bar label.
+        replicated: every process runs the same `loader` (the whole dataset, in the same order) and only the main
+            one scores: a sharded LMM that answers each sample first (generation in lockstep needs the same prompt
+            on every process).
     Returns:
         Metric name -> value (percent), plus the counts: `count...` (objects scored, from the metric) and
         `count_skipped` (samples the dataset dropped as bad data under `data.on_error=skip`, over all processes).
@@ -42,11 +46,14 @@ def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, metric: ty
             with autocast:
                 model.predict_masks(batch)  # a replay: its collectives pair with another process's forward
             continue
-        skipped += batch["num_skipped"]
+        scoring = rank0 or not replicated  # replicated: the other processes only keep the forwards paired
+        skipped += batch["num_skipped"] if scoring else 0
         if len(batch["images"]) == 0:
             continue
         with autocast:
             predictions = predict_batch(model, batch)
+        if not scoring:
+            continue
         for index, (pred, gt) in enumerate(zip(predictions, batch["gt_masks"], strict=True)):
             candidates = {"": pred.cpu()}
             if baselines:
@@ -59,6 +66,12 @@ def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, metric: ty
         results.update({f"{prefix}{name}": float(value) for name, value in metric.compute().items()})
     results["count_skipped"] = int(all_reduce_sum(torch.tensor([skipped], dtype=torch.int64))[0])
     return results
+
+
+def answers_first(ds: Any) -> bool:
+    """Whether a dataset config's samples make the LMM answer before grounding (ReasonSeg's flmm protocol): under a
+    sharded LMM they are scored `replicated` (see `score_dataset`)."""
+    return ds.type == "reason_seg" and ds.protocol == "flmm"
 
 
 def predict_batch(model: Any, batch: dict[str, Any]) -> list[torch.Tensor]:

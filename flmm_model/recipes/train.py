@@ -67,7 +67,7 @@ from flmm_model.recipes.loop import (
     warmup_cosine,
 )
 from flmm_model.recipes.pointing import pointing_rows, score_pointing
-from flmm_model.recipes.scoring import print_table, score_dataset
+from flmm_model.recipes.scoring import answers_first, print_table, score_dataset
 from flmm_model.run_dir import acquire_run_lock, prepare_output_dir, release_run_lock
 
 # The loop's helpers, importable from here as before the loop had its own module.
@@ -151,11 +151,12 @@ def validate(model: torch.nn.Module, val_sets: list[NamedDataset], *, cfg: Exper
     """Score every validation dataset with its own metric (sharded over ranks, metric sums reduced), with the
     trivial baselines."""
     scores: dict[str, dict[str, float]] = {}
-    for entry in val_sets:
+    for entry, ds in zip(val_sets, cfg.data.val, strict=True):
+        replicated = model.lmm.sharded and answers_first(ds)  # see `score_dataset`
         loader = val_loader(entry, cfg=cfg, info=info, pad_token_id=pad_token_id,
-                            prepare=model.batch_preparer(targets=False))
+                            prepare=model.batch_preparer(targets=False), replicated=replicated)
         scores[entry.label] = score_dataset(model, loader, metric=entry.metric, autocast=autocast, baselines=True,
-                                            progress=False, desc=f"val {entry.label}")
+                                            progress=False, desc=f"val {entry.label}", replicated=replicated)
     return scores
 
 
