@@ -86,7 +86,11 @@ def _run_worker(rank: int, world_size: int, port: int, out: str) -> None:
         for shard in ("none", "fsdp"):
             extra = [f"data.lmm_cache={out}/lmm"] if shard == "fsdp" else []
             run.main(["train", "--config", DEMO, *TINY, f"train.out_dir={out}/{shard}", "train.max_steps=3",
-                      "train.device=cpu", f"model.shard_lmm={shard}", *extra])
+                      "train.device=cpu", f"model.shard_lmm={shard}", "train.save_every=2", *extra])
+            if shard == "fsdp":  # resumed under the sharded LMM from its step-2 checkpoint: step 3 again
+                run.main(["train", "--config", DEMO, *TINY, f"train.out_dir={out}/fsdp_resumed", "train.max_steps=3",
+                          "train.device=cpu", "model.shard_lmm=fsdp", "train.save_every=2", *extra, "--resume",
+                          f"{out}/fsdp/checkpoints/step_0000002"])
             # ReasonSeg's flmm protocol too (answer, then ground): under the sharded LMM every process runs all of
             # it in lockstep and the main one scores.
             scores = run.main(["eval", "--config", DEMO, *TINY, f"--checkpoint={out}/none",
@@ -119,6 +123,8 @@ def test_training_and_eval_under_a_sharded_lmm_equal_the_unsharded_runs(tmp_path
     assert len(list((tmp_path / "lmm").glob("*/*.safetensors"))) == 7
     whole, sharded = _losses(tmp_path / "none" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
     assert len(whole) == len(sharded) == 3
+    resumed = _losses(tmp_path / "fsdp_resumed" / "metrics.jsonl")
+    assert resumed == pytest.approx(sharded[2:], rel=1e-6)  # step 3 only, with the uninterrupted run's loss
     # A sharded run's checkpoint holds the trainable weights only, as an unsharded run's: the same tensors, no LMM.
     from safetensors.torch import load_file
 

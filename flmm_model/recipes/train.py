@@ -253,8 +253,7 @@ def train(cfg: ExperimentConfig, *, compare: dict[str, dict[str, dict[str, float
         # ---- Resume: weights, optimizer, scheduler, RNG states and the position in the data.
         start = Position()
         if resume is not None:  # checked against this run's setup before the model was built
-            model.load_trainable_state_dict(resume.weights, strict=True)
-            model.to(info.device)
+            model.load_trainable_state_dict(resume.weights, strict=True)  # copied into the placed parameters
             start = restore_trainer_state(resume.trainer_state, optimizer=optimizer, scheduler=scheduler,
                                           rank=info.rank)
             log(f"resumed from {resume.directory} at step {start.step} (epoch {start.epoch}, micro-batch "
