@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_cfg = ModelConfig(qwen=args.arch, sam="tiny", dtype=dtype, max_pixels=args.max_pixels,
                             mask_head_widths=[8, 16, 32, 64], seed=0)
     model = build_model(model_cfg).eval()
-    cfg = model_cfg
-    tokenizer = load_tokenizer(cfg.tokenizer, backbone=cfg.qwen)
-    image_processor = load_image_processor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, backbone=cfg.qwen)
+    tokenizer = load_tokenizer(model_cfg.tokenizer, backbone=model_cfg.qwen)
+    image_processor = load_image_processor(min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels,
+                                           backbone=model_cfg.qwen)
     dataset = SyntheticDataset(tokenizer=tokenizer, image_processor=image_processor, length=args.batch_size,
                                image_size=(args.image_size, args.image_size), max_objects=3)
     batch = Collator(pad_token_id=tokenizer.pad_token_id)([dataset[i] for i in range(args.batch_size)])

@@ -224,3 +224,52 @@ def test_cache_lmm_under_a_sharded_lmm_writes_the_unsharded_entries(tmp_path):
         assert expected.keys() == found.keys()
         for key, tensor in expected.items():
             torch.testing.assert_close(found[key], tensor, atol=1e-6, rtol=1e-5)
+
+
+def _session_answers(session, image) -> dict:
+    segmented = session.segment(image, ["the man", "the flag"])
+    turn = session.chat(image, "What is in the picture?", phrases="the man\nthe flag")
+    return dict(areas=segmented.areas, answer=turn.answer, chat_areas=turn.grounding.areas, missing=turn.missing)
+
+
+def _demo_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    _init(rank, world_size, port)
+    from conftest import _photo
+
+    from flmm_model.apps.demo.lockstep import LockstepModel, call_group, follow_calls
+    from flmm_model.apps.demo.session import DemoModel
+    from flmm_model.distributed import init_distributed, place_model
+    from flmm_model.errors import InputError
+    from flmm_model.model import build_model
+
+    try:
+        info = init_distributed("cpu")
+        model = build_model(dict(qwen="tiny", sam="tiny", max_pixels=112 * 112, mask_head_widths=[8, 16, 32, 64],
+                                 mask_head_size=32, seed=0)).eval()
+        image = _photo("astronaut").resize((96, 96))
+        report = {}
+        if rank == 0:  # the unsharded session first, on this process alone
+            report["whole"] = _session_answers(DemoModel(model, max_new_tokens=6), image)
+        place_model(model, model.lmm, "fsdp", info)
+        group = call_group()
+        if rank == 0:
+            lockstep = LockstepModel(model, group=group)
+            report["sharded"] = _session_answers(DemoModel(lockstep, max_new_tokens=6), image)
+            with pytest.raises(InputError):  # bad input fails on every process; the follower goes on
+                lockstep.segment(image, [""])
+            report["after_error"] = DemoModel(lockstep, max_new_tokens=6).segment(image, ["the man"]).areas
+            lockstep.stop()
+        else:
+            report["calls"] = follow_calls(model, group=group)
+        (open(f"{out}/demo_rank{rank}.json", "w")).write(json.dumps(report))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_web_demo_session_over_a_sharded_lmm_gives_the_unsharded_answers(tmp_path):
+    mp.spawn(_demo_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    main = json.loads((tmp_path / "demo_rank0.json").read_text())
+    follower = json.loads((tmp_path / "demo_rank1.json").read_text())
+    assert main["sharded"] == main["whole"] and main["whole"]["answer"]
+    assert len(main["after_error"]) == 1
+    assert follower["calls"] == 4  # segment, chat, the failed segment, segment

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from flmm_model.apps.demo.lockstep import LockstepModel, call_group, follow_calls
 from flmm_model.apps.demo.session import (
     MAX_NEW_TOKENS,
     MAX_SIDE,
@@ -44,7 +45,7 @@ from flmm_model.apps.demo.session import (
     example_scenes,
 )
 from flmm_model.config import ModelConfig
-from flmm_model.distributed import resolve_device
+from flmm_model.distributed import init_distributed, shutdown_distributed
 from flmm_model.errors import InputError, MissingDependencyError
 from flmm_model.overlay import hex_colour
 from flmm_model.phrases import DEFAULT_SPACY_MODEL, Span, spacy_missing_message
@@ -378,10 +379,21 @@ def serve_demo(model_cfg: ModelConfig, *, checkpoint: str, host: str = "127.0.0.
         dict with `url` once the server has stopped.
     """
     import_gradio()  # fail before any weights load
+    info = None
     if model is None:
         started = time.perf_counter()
         opened = open_checkpoint(checkpoint, model_cfg)
-        model = opened.build(resolve_device(device))
+        info = init_distributed(device)  # torchrun: the LMM sharded with model.shard_lmm=fsdp
+        model, memory = opened.build_on(info, shard_lmm=model_cfg.shard_lmm)
+        if info.distributed:  # the main process serves; the others make the same model calls (lockstep.py)
+            group = call_group()
+            if not info.is_main:
+                try:
+                    return {"url": None, "calls": follow_calls(model, group=group)}
+                finally:
+                    shutdown_distributed(info)
+            model = LockstepModel(model, group=group)
+            print(memory, flush=True)
         print(f"model loaded from {opened.directory} on {model.device} in {time.perf_counter() - started:.1f} s",
               flush=True)
     work_dir = tempfile.mkdtemp(prefix="flmm_demo_")
@@ -402,4 +414,8 @@ def serve_demo(model_cfg: ModelConfig, *, checkpoint: str, host: str = "127.0.0.
         signal.signal(signal.SIGTERM, previous)
         app.close()  # the queue and heartbeats first, then the HTTP server (faster than Gradio's own Ctrl-C path)
         shutil.rmtree(work_dir, ignore_errors=True)
+        if isinstance(model, LockstepModel):
+            model.stop()  # the other processes return
+        if info is not None:
+            shutdown_distributed(info)
     return {"url": f"http://{host}:{port}/"}

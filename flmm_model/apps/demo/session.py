@@ -8,6 +8,7 @@ folders of the mask PNGs offered for download. The Gradio app over it is `apps/d
 
 from __future__ import annotations
 
+import functools
 import shutil
 import threading
 import time
@@ -249,7 +250,8 @@ class DemoModel:
         if problem:
             raise InputError(f"No phrase typed, and the answer's noun phrases cannot be found: {problem}. Or type "
                              f"the phrases of the answer to ground, one per line.")
-        ground = NOUN_PHRASES if typed is None else lambda answer: find_phrases(answer, typed)[0]
+        # A picklable rule (a sharded demo sends the call to its other processes: `apps/demo/lockstep.py`).
+        ground = NOUN_PHRASES if typed is None else functools.partial(typed_spans, phrases=typed)
         seen = self.model_image(image)
         with self.lock, torch.no_grad():
             start = time.perf_counter()
@@ -278,6 +280,11 @@ def find_phrases(answer: str, phrases: Sequence[str]) -> tuple[list[Span], list[
     strict and ignoring case (a person types a phrase without knowing how the answer capitalises it). Whenever chat
     would find every phrase with the case it was typed in, the two agree."""
     return search_phrases(answer, phrases, ignore_case=True, strict=False)
+
+
+def typed_spans(answer: str, phrases: Sequence[str]) -> list[Span]:
+    """The spans of the typed `phrases` found in `answer` (`find_phrases`), the Chat tab's grounding rule."""
+    return find_phrases(answer, phrases)[0]
 
 
 def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
