@@ -11,11 +11,21 @@ measurements without downloads. The Qwen-VL part (all families, their presets an
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, SamConfig, SamModel
+from transformers import (
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    Sam2Model,
+    Sam2VideoConfig,
+    Sam2VideoModel,
+    SamConfig,
+    SamModel,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import flmm_model.backbones as backbones
@@ -59,6 +69,82 @@ SAM_ARCHS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+
+def _hiera(hidden_size: int, heads: int, blocks: list[int], windows: list[int], global_blocks: list[int], *,
+           image_size: int = 1024, background: int = 7) -> dict[str, Any]:
+    """A SAM2 vision config (Hiera trunk + FPN neck) from the trunk's numbers (SAM2's own yaml configs name them
+    embed_dim, num_heads, stages, window_spec, global_att_blocks, window_pos_embed_bkg_spatial_size)."""
+    widths = [hidden_size * 2**stage for stage in range(4)]
+    side = image_size // 4  # the stride-4 patch embedding; the levels are 4e, 2e, e cells a side
+    return dict(backbone_config=dict(model_type="sam2_hiera_det_model", hidden_size=hidden_size,
+                                     image_size=[image_size, image_size], blocks_per_stage=blocks,
+                                     embed_dim_per_stage=widths,
+                                     num_attention_heads_per_stage=[heads * 2**stage for stage in range(4)],
+                                     window_size_per_stage=windows, global_attention_blocks=global_blocks,
+                                     window_positional_embedding_background_size=[background, background]),
+                backbone_channel_list=widths[::-1],
+                backbone_feature_sizes=[[side, side], [side // 2, side // 2], [side // 4, side // 4]])
+
+
+# SAM2 / SAM2.1 presets (built as `Sam2VideoModel`: the image parts refine, the memory parts propagate in video):
+# keyword arguments for the vision / prompt encoder / mask decoder parts. The released sizes are SAM2's yaml configs
+# (sam2.1_hiera_{t,s,b+,l}.yaml); the FPN, prompt encoder and decoder are the library defaults (256-d, 1024 px).
+SAM2_ARCHS: dict[str, dict[str, dict[str, Any]]] = {
+    # Tests and demo: 256 px input (16 x 16 embedding, 64 x 64 mask input), 5 trunk blocks, 32-d prompts.
+    "sam2_tiny": dict(
+        vision={**_hiera(16, 1, [1, 1, 2, 1], [4, 4, 4, 4], [3], image_size=256, background=4), "fpn_hidden_size": 32},
+        prompt=dict(hidden_size=32, image_size=256, patch_size=16),
+        decoder=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+        video=dict(memory_attention_hidden_size=32, memory_attention_feed_forward_hidden_size=64,
+                   memory_attention_num_layers=1, memory_encoder_hidden_size=32, memory_encoder_output_channels=16,
+                   memory_fuser_embed_dim=32, memory_fuser_intermediate_dim=64, mask_downsampler_embed_dim=32),
+    ),
+    "sam2.1_hiera_tiny": dict(vision=_hiera(96, 1, [1, 2, 7, 2], [8, 4, 14, 7], [5, 7, 9]), prompt={}, decoder={},
+                              video={}),
+    "sam2.1_hiera_small": dict(vision=_hiera(96, 1, [1, 2, 11, 2], [8, 4, 14, 7], [7, 10, 13]), prompt={},
+                               decoder={}, video={}),
+    "sam2.1_hiera_base_plus": dict(vision=_hiera(112, 2, [2, 3, 16, 3], [8, 4, 14, 7], [12, 16, 20], background=14),
+                                   prompt={}, decoder={}, video={}),
+    "sam2.1_hiera_large": dict(vision=_hiera(144, 2, [2, 6, 36, 4], [8, 4, 16, 8], [23, 33, 43]), prompt={},
+                               decoder={}, video={}),
+}
+
+
+def sam_family(path_or_arch: str) -> str:
+    """"sam" or "sam2" for a checkpoint directory (its config.json's model_type) or a preset name; checked before
+    any weight is read.
+
+    Raises:
+        ConfigError: an unknown preset, or a directory whose config is not a SAM / SAM2 one.
+    """
+    if os.path.isdir(path_or_arch):
+        config_file = os.path.join(path_or_arch, "config.json")
+        try:
+            with open(config_file) as handle:
+                model_type = json.load(handle).get("model_type")
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"model.sam: cannot read {config_file} ({error}); expected a SAM or SAM2 checkpoint "
+                              f"directory in the transformers layout") from error
+        families = {"sam": "sam", "sam2": "sam2", "sam2_video": "sam2"}
+        if model_type not in families:
+            raise ConfigError(f"model.sam: {config_file} has model_type {model_type!r}; expected one of "
+                              f"{sorted(families)} (SAM, SAM2 / SAM2.1)")
+        return families[model_type]
+    if path_or_arch in SAM_ARCHS:
+        return "sam"
+    if path_or_arch in SAM2_ARCHS:
+        return "sam2"
+    raise ConfigError(f"model.sam: expected a local checkpoint directory or one of "
+                      f"{sorted(SAM_ARCHS) + sorted(SAM2_ARCHS)}, found {path_or_arch!r}")
+
+
+def sam2_config(arch: str) -> Sam2VideoConfig:
+    """The Sam2VideoConfig of a named SAM2 preset (see `SAM2_ARCHS`)."""
+    preset = SAM2_ARCHS[arch]
+    return Sam2VideoConfig(vision_config=preset["vision"], prompt_encoder_config=preset["prompt"],
+                           mask_decoder_config=preset["decoder"], **preset["video"])
+
+
 def sam_config(arch: str) -> SamConfig:
     """The SamConfig of a named preset (see `SAM_ARCHS`)."""
     if arch not in SAM_ARCHS:
@@ -69,13 +155,23 @@ def sam_config(arch: str) -> SamConfig:
                      mask_decoder_config=preset["decoder"])
 
 
-def build_sam(path_or_arch: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> SamModel:
-    """transformers SamModel from a local directory (HF layout), or a named preset with random weights (seeded)."""
+def build_sam(path_or_arch: str, *, dtype: torch.dtype = torch.float32, seed: int = 0
+              ) -> SamModel | Sam2Model | Sam2VideoModel:
+    """The refiner's SAM from a local directory (transformers layout) or a named preset with random weights (seeded):
+    a SamModel for SAM, for SAM2 / SAM2.1 the class the directory's config names (`Sam2VideoModel` for "sam2_video",
+    as the Hub's facebook/sam2.1-hiera-* are, `Sam2Model` for "sam2") and a Sam2VideoModel for the presets."""
+    family = sam_family(path_or_arch)
     if os.path.isdir(path_or_arch):
-        return SamModel.from_pretrained(path_or_arch, dtype=dtype)
-    config = sam_config(path_or_arch)
+        if family == "sam":
+            return SamModel.from_pretrained(path_or_arch, dtype=dtype)
+        with open(os.path.join(path_or_arch, "config.json")) as handle:
+            video = json.load(handle)["model_type"] == "sam2_video"
+        return (Sam2VideoModel if video else Sam2Model).from_pretrained(path_or_arch, dtype=dtype)
     torch.manual_seed(seed)
-    return SamModel(config).to(dtype)
+    if family == "sam2":
+        return Sam2VideoModel(sam2_config(path_or_arch)).to(dtype)
+    return SamModel(sam_config(path_or_arch)).to(dtype)
+
 
 
 def default_tokenizer_dir() -> str:
@@ -148,13 +244,16 @@ def check_model_paths(model_cfg: ModelConfig) -> None:
     Raises:
         ConfigError: naming the key, the presets and the value found.
     """
-    for key, value, presets in (("model.qwen", model_cfg.qwen, QWEN_ARCHS), ("model.sam", model_cfg.sam, SAM_ARCHS),
+    sam_presets = {**SAM_ARCHS, **SAM2_ARCHS}
+    for key, value, presets in (("model.qwen", model_cfg.qwen, QWEN_ARCHS), ("model.sam", model_cfg.sam, sam_presets),
                                 ("model.tokenizer", model_cfg.tokenizer, {})):
         if value is None or value in presets or os.path.isdir(value):
             continue
         names = f"a preset ({', '.join(presets)}) or " if presets else ""
         raise ConfigError(f"{key}: expected {names}an existing directory, found {value!r} (set it in the config or "
                           f"as {key}=/your/path)")
+    if model_cfg.sam is not None and not model_cfg.attention_only:
+        sam_family(model_cfg.sam)  # a directory's config.json must be a SAM or SAM2 one
     if model_cfg.qwen not in QWEN_ARCHS:  # a directory: its config.json must name a supported Qwen-VL family
         try:
             model_type = backbones.model_type_of(model_cfg.qwen)
@@ -164,3 +263,13 @@ def check_model_paths(model_cfg: ModelConfig) -> None:
         if model_type not in backbones.ADAPTERS:
             raise ConfigError(f"model.qwen: {model_cfg.qwen} holds a {model_type or 'model without model_type'!r} "
                               f"checkpoint; expected a Qwen-VL one, model_type one of {sorted(backbones.ADAPTERS)}")
+
+
+def cast_sam_encoder(sam: SamModel | Sam2Model | Sam2VideoModel, dtype: torch.dtype) -> None:
+    """Cast the frozen part that makes the image embeddings (`model.dtype`; the trained prompt encoder and decoder
+    stay float32): SAM's image encoder; SAM2's trunk and neck with the decoder's `conv_s0` / `conv_s1`, which
+    project the high-resolution features once per image."""
+    sam.vision_encoder.to(dtype)
+    if isinstance(sam, (Sam2Model, Sam2VideoModel)):
+        sam.mask_decoder.conv_s0.to(dtype)
+        sam.mask_decoder.conv_s1.to(dtype)

@@ -41,7 +41,9 @@ class ModelConfig:
                                     "qwen2_5_vl_7b | qwen3_vl_2b | qwen3_vl_4b | qwen3_vl_8b | qwen3_vl_30b_a3b | "
                                     "qwen3_5_9b | qwen3_5_27b | qwen3_5_35b_a3b")
     sam: str = _field("tiny", help="local SAM dir in the transformers layout (see `run.py convert-sam`), or preset: "
-                                  "tiny | sam_vit_b | sam_vit_l | sam_vit_h (random weights)")
+                                  "tiny | sam_vit_b | sam_vit_l | sam_vit_h; or a SAM2 / SAM2.1 dir (transformers "
+                                  "layout, e.g. facebook/sam2.1-hiera-large) or preset: sam2_tiny | sam2.1_hiera_tiny "
+                                  "| sam2.1_hiera_small | sam2.1_hiera_base_plus | sam2.1_hiera_large (random weights)")
     tokenizer: str | None = _field(None, help="tokenizer dir; null = the bundled real tokenizer of the "
                                    "model's vocabulary (Qwen2's, or Qwen3.5's)")
     dtype: str = _field("float32", help="dtype of the frozen Qwen and SAM encoder",

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from flmm_model.build import build_qwen, build_sam, prompt_settings
+from flmm_model.build import build_qwen, build_sam, cast_sam_encoder, prompt_settings
 from flmm_model.checkpoint import LoadedCheckpoint, load_checkpoint
 from flmm_model.checkpoint import save_pretrained as save_model_files
 from flmm_model.config import ModelConfig
@@ -103,7 +103,7 @@ def build_model(model_cfg: ModelConfig | dict[str, Any]) -> FrozenQwenSAM:
     sam = None  # attention-only ablation: the U-Net's masks, no text prompts and no SAM
     if not cfg.attention_only:
         sam = build_sam(cfg.sam, dtype=torch.float32, seed=cfg.seed)
-        sam.vision_encoder.to(dtype)
+        cast_sam_encoder(sam, dtype)
     torch.manual_seed(cfg.seed)  # the heads' initialization
     return FrozenQwenSAM(
         qwen=qwen,

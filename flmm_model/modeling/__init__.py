@@ -8,6 +8,7 @@ losses.
     attention.py    the capture: phrase-row softmax recomputed inside SDPA (or eager, F-LMM's way)
     mask_head.py    attention maps -> coarse mask logits (U-Net)
     sam_refiner.py  phrase hidden states -> SAM prompt tokens; coarse logits + tokens -> refined logits
+    sam2_refiner.py the same refiner for SAM2 / SAM2.1 (its frame, high-resolution features); `refiner_for` picks
     frames.py       the sizes an image takes on each canvas, and the batched resize between them
     losses.py       BCE + Dice
 """

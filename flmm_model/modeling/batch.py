@@ -188,10 +188,12 @@ class SamInputPreparer:
     Attributes:
         image_size: SAM's input side S.
         sam_cache: read the images' embeddings from this cache (`data.sam_cache`), or None.
+        stretch: resize every image to S x S (SAM2's input) instead of longest side S (SAM's).
     """
 
     image_size: int
     sam_cache: SamEmbeddingCache | None = None
+    stretch: bool = False
 
     def __call__(self, batch: dict[str, Any]) -> SamInputs:
         """For a collated batch (its `images`): what `collate(prepare=...)` calls."""
@@ -207,8 +209,8 @@ class SamInputPreparer:
             dtype = getattr(torch, self.sam_cache.key.dtype)
             empty = torch.zeros(self.sam_cache.embedding_shape, dtype=dtype)
             embeddings = torch.stack([empty if e is None else e.to(dtype) for e in cached])  # (B, C, e, e)
-        resized = [sam_resized_size(*images[b].shape[1:], self.image_size) for b in encoded]
-        return SamInputs(pixels=sam_input_canvas([images[b] for b in encoded], self.image_size),
+        resized = [sam_resized_size(*images[b].shape[1:], self.image_size, stretch=self.stretch) for b in encoded]
+        return SamInputs(pixels=sam_input_canvas([images[b] for b in encoded], self.image_size, stretch=self.stretch),
                          resized=torch.tensor(resized, dtype=torch.float32).reshape(-1, 2), encoded=encoded,
                          embeddings=embeddings, names=names)
 
@@ -223,6 +225,7 @@ class BatchPreparer:
         coarse_size: longest side of the coarse (U-Net) grid (`model.mask_head_size`).
         sam_image_size: SAM's input side S, or None for a model without SAM (attention-only).
         sam_mask_side: SAM's mask-input side 4e (with SAM).
+        sam_stretch: SAM's input frame is S x S whatever the image's aspect ratio (SAM2), not longest side S.
         targets: build the ground-truth entries when the batch has ground truth (False: prediction).
         sam_cache: read SAM embeddings from this cache (`data.sam_cache`).
         lmm_cache: read the LMM's outputs from this cache (`data.lmm_cache`).
@@ -234,6 +237,7 @@ class BatchPreparer:
     coarse_size: int
     sam_image_size: int | None = None
     sam_mask_side: int | None = None
+    sam_stretch: bool = False
     targets: bool = True
     sam_cache: SamEmbeddingCache | None = None
     lmm_cache: LMMOutputCache | None = None
@@ -282,13 +286,15 @@ def prepare_batch(batch: dict[str, Any], *, preparer: BatchPreparer) -> Prepared
     object_image = torch.repeat_interleave(torch.arange(len(image_sizes)), torch.tensor(lmm.num_objects))
     per_object = object_image.tolist()
     with_sam = preparer.sam_image_size is not None
-    sam_sizes = dict(image_size=preparer.sam_image_size, mask_side=preparer.sam_mask_side) if with_sam else dict(
+    sam_sizes = dict(image_size=preparer.sam_image_size, mask_side=preparer.sam_mask_side,
+                     stretch=preparer.sam_stretch) if with_sam else dict(
         image_size=1, mask_side=1)  # without SAM only the image and coarse sizes are used
     frames = ObjectFrames.build([image_sizes[b] for b in per_object], [coarse_sizes[b] for b in per_object],
                                 **sam_sizes)
     groups, order = unet_groups(lmm.grounded_grid_hw, lmm.num_objects)
     text_index, text_valid = text_slots(lmm.object_slots, lmm.queries.query_index.shape[1])
-    sam = SamInputPreparer(preparer.sam_image_size, preparer.sam_cache).for_images(images) if with_sam else None
+    sam = SamInputPreparer(preparer.sam_image_size, preparer.sam_cache, preparer.sam_stretch).for_images(images) \
+        if with_sam else None
     cached = sam is not None and sam.embeddings is not None
     lmm_cached, lmm_missing = None, []
     if preparer.lmm_cache is not None:

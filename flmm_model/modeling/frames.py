@@ -18,8 +18,11 @@ import torch
 import torch.nn.functional as F
 
 
-def sam_resized_size(height: int, width: int, image_size: int) -> tuple[int, int]:
-    """(rh, rw): an (H, W) image resized so its longest side is `image_size` (SAM's S), rounded half up."""
+def sam_resized_size(height: int, width: int, image_size: int, *, stretch: bool = False) -> tuple[int, int]:
+    """(rh, rw): an (H, W) image resized so its longest side is `image_size` (SAM's S), rounded half up; with
+    `stretch` (SAM2's input: S x S whatever the aspect ratio), (S, S)."""
+    if stretch:
+        return image_size, image_size
     scale = image_size / max(height, width)
     return math.floor(height * scale + 0.5), math.floor(width * scale + 0.5)
 
@@ -53,9 +56,10 @@ class ObjectFrames:
 
     @classmethod
     def build(cls, original: Sequence[tuple[int, int]], coarse: Sequence[tuple[int, int]], *, image_size: int,
-              mask_side: int) -> ObjectFrames:
-        """From each object's image size and coarse grid size (Python ints), SAM's S and the mask input side."""
-        resized = [sam_resized_size(height, width, image_size) for height, width in original]
+              mask_side: int, stretch: bool = False) -> ObjectFrames:
+        """From each object's image size and coarse grid size (Python ints), SAM's S and the mask input side
+        (`stretch`: SAM2's frame, every image resized to S x S)."""
+        resized = [sam_resized_size(height, width, image_size, stretch=stretch) for height, width in original]
         mask_input = [mask_input_size(size, image_size, mask_side) for size in resized]
 
         def sizes(values: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -104,16 +108,16 @@ def resize_on_canvas(values: torch.Tensor, source: torch.Tensor, target: torch.T
     return F.grid_sample(values, grid.to(values.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def sam_input_canvas(images: list[torch.Tensor], image_size: int) -> torch.Tensor:
+def sam_input_canvas(images: list[torch.Tensor], image_size: int, *, stretch: bool = False) -> torch.Tensor:
     """(B, 3, S, S) uint8 SAM input pixels of B uint8 (3, H_i, W_i) images: each resized (bilinear, antialias,
     rounded to integers, as segment-anything's uint8 resize) so its longest side is S, at the top left, zeros
-    elsewhere."""
+    elsewhere; with `stretch` (SAM2), resized to S x S."""
     canvas = torch.zeros((len(images), 3, image_size, image_size), dtype=torch.uint8)
     for index, image in enumerate(images):
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"SAM input: image {index} must be a uint8 tensor (3, H, W), found {image.dtype} "
                              f"{tuple(image.shape)}")
-        height, width = sam_resized_size(image.shape[1], image.shape[2], image_size)
+        height, width = sam_resized_size(image.shape[1], image.shape[2], image_size, stretch=stretch)
         pixels = F.interpolate(image[None].float(), size=(height, width), mode="bilinear", align_corners=False,
                                antialias=True)  # (1, 3, rh, rw)
         canvas[index, :, :height, :width] = pixels[0].round_().clamp_(0.0, 255.0).to(torch.uint8)

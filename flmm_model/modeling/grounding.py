@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import SamModel
+from transformers import Sam2Model, Sam2VideoModel, SamModel
 
 from flmm_model.backbones import QwenVLModel, VisionFeatures
 from flmm_model.backbones.tokenizers import check_tokenizer
@@ -38,7 +38,7 @@ from flmm_model.modeling.frames import resize_on_canvas, size_mask
 from flmm_model.modeling.lmm import FrozenQwenLMM, LMMOutput
 from flmm_model.modeling.losses import canvas_loss_terms
 from flmm_model.modeling.mask_head import UNetMaskHead
-from flmm_model.modeling.sam_refiner import SamRefiner
+from flmm_model.modeling.sam2_refiner import refiner_for
 from flmm_model.modeling.text_prompt import TextPromptProjector
 
 
@@ -51,7 +51,8 @@ class GroundingModel(nn.Module):
     Args:
         qwen: a Qwen-VL of any supported family (weights untouched; its text attention is routed through the capture
             functions).
-        sam: transformers SamModel, or None for the LMM + U-Net stage alone (coarse masks only).
+        sam: transformers SamModel (refined by `SamRefiner`), Sam2Model or Sam2VideoModel (SAM2 / SAM2.1, refined by
+            `Sam2Refiner`), or None for the LMM + U-Net stage alone (coarse masks only).
         tokenizer: Qwen tokenizer, used by `segment` (and kept so the model is self-contained).
         image_processor: Qwen2-VL image processor, used by `segment`.
         attn_capture: "sdpa" (default, lean) or "eager" (F-LMM reference); see `attention.py`.
@@ -68,7 +69,7 @@ class GroundingModel(nn.Module):
         self,
         *,
         qwen: QwenVLModel,
-        sam: SamModel | None,
+        sam: SamModel | Sam2Model | Sam2VideoModel | None,
         tokenizer=None,
         image_processor=None,
         attn_capture: str = "sdpa",
@@ -89,7 +90,8 @@ class GroundingModel(nn.Module):
         # U-Net input channels come from the loaded Qwen config: map layers x heads.
         self.mask_head = UNetMaskHead(in_channels=self.lmm.num_attention_channels, widths=tuple(mask_head_widths),
                                       upsample_size=mask_head_size)
-        self.sam_refiner = SamRefiner(sam=sam, coarse_threshold=coarse_threshold) if sam is not None else None
+        # the refiner adapter of the SAM's family (SamRefiner / Sam2Refiner)
+        self.sam_refiner = refiner_for(sam, coarse_threshold=coarse_threshold) if sam is not None else None
         self.text_projector = None
         if sam is not None:
             self.text_projector = TextPromptProjector(num_layers=self.lmm.num_layers,
@@ -176,7 +178,9 @@ class GroundingModel(nn.Module):
         """
         modules = [*self.qwen.model.visual.blocks, *self.qwen.model.language_model.layers, self.mask_head]
         if self.sam_refiner is not None:
-            modules += [*self.sam_refiner.sam.vision_encoder.layers, self.sam_refiner.sam.mask_decoder]
+            encoder = self.sam_refiner.sam.vision_encoder
+            blocks = encoder.layers if hasattr(encoder, "layers") else encoder.backbone.blocks  # SAM's / SAM2's
+            modules += [*blocks, self.sam_refiner.sam.mask_decoder]
         for module in modules:
             module.compile(backend=backend, dynamic=True)
 
@@ -205,6 +209,7 @@ class GroundingModel(nn.Module):
         return BatchPreparer(qwen_config=self.qwen.config, coarse_size=self.mask_head.upsample_size,
                              sam_image_size=refiner.image_size if refiner is not None else None,
                              sam_mask_side=refiner.mask_input_size if refiner is not None else None,
+                             sam_stretch=refiner is not None and refiner.stretch,
                              targets=targets, sam_cache=sam_cache, lmm_cache=lmm_cache,
                              keep_lmm_inputs=self.lmm.sharded)
 
@@ -233,7 +238,7 @@ class GroundingModel(nn.Module):
             raise ValueError("data.sam_cache: the model has no SAM refiner")
         refiner = self.sam_refiner
         size = self.image_processor.size  # the pixel budget: shortest_edge / longest_edge are min / max pixels
-        key = sam_cache_key(encoder=refiner.sam.vision_encoder, image_size=refiner.image_size,
+        key = sam_cache_key(encoder=refiner.frozen_encoder, image_size=refiner.image_size,
                             dtype=refiner.encoder_dtype, precision=precision, min_pixels=size.shortest_edge,
                             max_pixels=size.longest_edge)
         return SamEmbeddingCache(directory, key=key, embedding_shape=refiner.embedding_shape)

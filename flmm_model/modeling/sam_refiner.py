@@ -115,6 +115,9 @@ class SamRefiner(nn.Module):
             "certainly background", like the strongly negative logits SAM itself predicts there.
     """
 
+    family = "sam"
+    stretch = False  # SAM's input frame keeps the aspect ratio (longest side S, padded)
+
     def __init__(self, *, sam: SamModel, coarse_threshold: float = 0.0, pad_logit: float = -20.0) -> None:
         super().__init__()
         config = sam.config
@@ -156,12 +159,12 @@ class SamRefiner(nn.Module):
 
     def resized_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
         """(rh, rw): the size of an (H, W) image inside SAM's S x S frame (longest side S, rounded half up)."""
-        return sam_resized_size(original_size[0], original_size[1], self.image_size)
+        return sam_resized_size(original_size[0], original_size[1], self.image_size, stretch=self.stretch)
 
     def frames(self, original_sizes: list[tuple[int, int]], coarse_sizes: list[tuple[int, int]]) -> ObjectFrames:
         """Per-object frames (host tensors) from each object's image size and coarse grid size."""
         return ObjectFrames.build(original_sizes, coarse_sizes, image_size=self.image_size,
-                                  mask_side=self.mask_input_size)
+                                  mask_side=self.mask_input_size, stretch=self.stretch)
 
     @property
     def embedding_shape(self) -> tuple[int, int, int]:
@@ -171,6 +174,11 @@ class SamRefiner(nn.Module):
     @property
     def encoder_dtype(self) -> torch.dtype:
         return self.sam.vision_encoder.patch_embed.projection.weight.dtype
+
+    @property
+    def frozen_encoder(self) -> nn.Module:
+        """Every frozen module the image embeddings depend on (what the SAM-embedding cache fingerprints)."""
+        return self.sam.vision_encoder
 
     def normalize(self, canvas: Tensor, resized: Tensor) -> Tensor:
         """SAM input pixels from the uint8 canvas of `frames.sam_input_canvas`.
@@ -197,7 +205,7 @@ class SamRefiner(nn.Module):
             rounded back to 0-255 integers like segment-anything's uint8 resize) so its longest side is S,
             normalized with SAM's mean/std, zero-padded bottom/right.
         """
-        canvas = sam_input_canvas([image.cpu() for image in images], self.image_size)
+        canvas = sam_input_canvas([image.cpu() for image in images], self.image_size, stretch=self.stretch)
         resized = torch.tensor([self.resized_size(tuple(image.shape[1:])) for image in images],
                                dtype=torch.float32).reshape(-1, 2)
         return self.normalize(canvas.to(self.pixel_mean.device), resized.to(self.pixel_mean.device))
@@ -283,7 +291,7 @@ class SamRefiner(nn.Module):
             (K, H_max, W_max) float32 refined logits (not probabilities); object k's are the top-left (H_k, W_k).
         """
         num_objects = coarse.shape[0]
-        expected = (self.sam.config.mask_decoder_config.hidden_size, self.embedding_size, self.embedding_size)
+        expected = self.embedding_shape
         if image_embeddings.dim() != 4 or tuple(image_embeddings.shape[1:]) != expected \
                 or image_embeddings.shape[0] != num_objects:
             raise ValueError(f"SamRefiner: expected image_embeddings of shape ({num_objects}, *{expected}) (one per "
@@ -306,14 +314,17 @@ class SamRefiner(nn.Module):
         if text_valid is not None:  # tokens: output tokens, 2 box corners, T text tokens
             key_valid = F.pad(text_valid, (self.output_tokens + box_tokens.shape[2], 0), value=True)
         with padded_tokens(key_valid, self.token_keyed):
-            masks, _ = self.sam.mask_decoder(
-                image_embeddings=image_embeddings.to(dtype),
-                image_positional_embeddings=image_pe.to(dtype).expand(num_objects, -1, -1, -1),  # (K, C, e, e)
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )  # (K, 1, 1, 4e, 4e)
-        return self.canvas_postprocess(masks[:, 0, 0], frames, canvas)
+            masks = self.decode(image_embeddings.to(dtype), image_pe.to(dtype).expand(num_objects, -1, -1, -1),
+                                sparse, dense)  # (K, 4e, 4e)
+        return self.canvas_postprocess(masks, frames, canvas)
+
+    def decode(self, image_embeddings: Tensor, image_pe: Tensor, sparse: Tensor, dense: Tensor) -> Tensor:
+        """The mask decoder on (K, C, e, e) embeddings and positions, (K, 1, tokens, P) sparse and (K, P, e, e)
+        dense prompts -> (K, 4e, 4e) low-res logits of the single mask."""
+        masks, _ = self.sam.mask_decoder(image_embeddings=image_embeddings, image_positional_embeddings=image_pe,
+                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                         multimask_output=False)  # (K, 1, 1, 4e, 4e)
+        return masks[:, 0, 0]
 
     # ------------------------------------------------------------------ the same for the objects of one image
 
@@ -366,8 +377,7 @@ class SamRefiner(nn.Module):
         Returns:
             (K, H, W) float32 refined mask logits (not probabilities) at the original size.
         """
-        channels = self.sam.config.mask_decoder_config.hidden_size
-        expected = (channels, self.embedding_size, self.embedding_size)
+        expected = self.embedding_shape
         if tuple(image_embeddings.shape) != expected:
             raise ValueError(f"SamRefiner: expected image_embeddings of shape {expected} (one image), found "
                              f"{tuple(image_embeddings.shape)}")

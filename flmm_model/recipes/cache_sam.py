@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from flmm_model.build import build_sam, check_model_paths, prompt_settings
+from flmm_model.build import build_sam, cast_sam_encoder, check_model_paths, prompt_settings
 from flmm_model.config import ConfigError, ExperimentConfig
 from flmm_model.data.sam_cache import SamEmbeddingCache, sam_cache_key
 from flmm_model.distributed import autocast_context, check_device, init_distributed, precision_of, shutdown_distributed
 from flmm_model.modeling.batch import SamInputPreparer
-from flmm_model.modeling.sam_refiner import SamRefiner
+from flmm_model.modeling.sam2_refiner import refiner_for
 from flmm_model.recipes.caching import report, shard_loader, training_datasets
 
 
@@ -39,14 +39,15 @@ def cache_sam(cfg: ExperimentConfig) -> dict[str, Any]:
         prompt = prompt_settings(cfg.model)
         dataset = torch.utils.data.ConcatDataset([entry.dataset for entry in training_datasets(cfg, prompt)])
         sam = build_sam(cfg.model.sam, dtype=torch.float32, seed=cfg.model.seed)  # as `build_model` builds it
-        sam.vision_encoder.to(getattr(torch, cfg.model.dtype))
-        refiner = SamRefiner(sam=sam).to(info.device).eval()
+        cast_sam_encoder(sam, getattr(torch, cfg.model.dtype))
+        refiner = refiner_for(sam).to(info.device).eval()
         autocast = autocast_context(info.device, cfg.train.precision)
-        key = sam_cache_key(encoder=refiner.sam.vision_encoder, image_size=refiner.image_size,
+        key = sam_cache_key(encoder=refiner.frozen_encoder, image_size=refiner.image_size,
                             dtype=refiner.encoder_dtype, precision=precision_of(autocast),
                             min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
         cache = SamEmbeddingCache(cfg.data.sam_cache, key=key, embedding_shape=refiner.embedding_shape)
-        sam_inputs = SamInputPreparer(image_size=refiner.image_size, sam_cache=cache)  # run in the workers
+        sam_inputs = SamInputPreparer(image_size=refiner.image_size, sam_cache=cache,
+                                      stretch=refiner.stretch)  # run in the workers
         loader = shard_loader(cfg, info, dataset, prompt=prompt, prepare=sam_inputs)
         counts = torch.zeros(2, dtype=torch.long)  # written, already cached
         for batch in tqdm(loader, desc="cache-sam", disable=not (info.is_main and cfg.train.progress)):
