@@ -138,19 +138,19 @@ class Sam2Propagator(nn.Module):
 
 
 def sam2_video_tiny_config() -> Sam2VideoConfig:
-    """A tiny random SAM2 video config for tests (hidden 32, one block per stage); S stays 1024 so the processor's
+    """A tiny random SAM2 video config for tests (hidden 128, memory 64: SAM2 needs memory < hidden and its memory attention takes 64-channel memories; five Hiera blocks); S stays 1024 so the processor's
     sizes apply unchanged."""
     return Sam2VideoConfig(
         vision_config={
-            "backbone_config": {"hidden_size": 8, "blocks_per_stage": [1, 1, 1, 1],
+            "backbone_config": {"model_type": "sam2_hiera_det_model", "hidden_size": 8, "blocks_per_stage": [1, 1, 2, 1],
                                 "embed_dim_per_stage": [8, 16, 32, 64], "num_attention_heads_per_stage": [1, 1, 1, 1],
-                                "window_size_per_stage": [8, 4, 14, 7], "global_attention_blocks": [2, 3]},
-            "backbone_channel_list": [64, 32, 16, 8], "fpn_hidden_size": 32,
+                                "window_size_per_stage": [8, 4, 14, 7], "global_attention_blocks": [3]},
+            "backbone_channel_list": [64, 32, 16, 8], "fpn_hidden_size": 128,
         },
-        prompt_encoder_config={"hidden_size": 32},
-        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
-        memory_attention_hidden_size=32, memory_attention_num_layers=1, memory_attention_num_attention_heads=1,
-        memory_attention_feed_forward_hidden_size=64, memory_encoder_hidden_size=32, memory_encoder_output_channels=16,
-        mask_downsampler_embed_dim=32, memory_fuser_embed_dim=32, memory_fuser_intermediate_dim=64,
+        prompt_encoder_config={"hidden_size": 128},
+        mask_decoder_config={"hidden_size": 128, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
+        memory_attention_hidden_size=128, memory_attention_num_layers=1, memory_attention_num_attention_heads=1,
+        memory_attention_feed_forward_hidden_size=64, memory_encoder_hidden_size=128, memory_encoder_output_channels=64,
+        mask_downsampler_embed_dim=128, memory_fuser_embed_dim=128, memory_fuser_intermediate_dim=64,
         num_maskmem=3,
     )
