@@ -1,8 +1,12 @@
 """Sam2Propagator against transformers' own Sam2VideoProcessor + inference-session path, on a tiny random SAM2."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from transformers import Sam2ImageProcessorFast, Sam2VideoModel, Sam2VideoProcessor, Sam2VideoVideoProcessor
+import torch.nn.functional as F
+from transformers import (Sam2ImageProcessorFast, Sam2VideoInferenceSession, Sam2VideoModel, Sam2VideoProcessor,
+                          Sam2VideoVideoProcessor)
 
 from flmm_model.modeling.sam2_propagation import Sam2Propagator, sam2_video_tiny_config
 
@@ -40,7 +44,38 @@ def hf_propagate(model, frames, key_index, masks):
     return torch.stack([per_frame[t] for t in range(len(frames))], dim=1)  # (K, T, H, W)
 
 
+def hf_propagate_without_torchvision(propagator, frames, key_index, masks):
+    """The same path with transformers' processor methods called on a stand-in (their image / video processors need
+    torchvision, absent here): HF's mask-prompt mapping, session and propagation; the frame preprocessing is ours
+    and the post-processing is Sam2VideoVideoProcessor.post_process_masks' two bilinear resizes, restated."""
+    model = propagator.sam2
+    stand_in = SimpleNamespace(target_size=1024, size={"height": 1024, "width": 1024})
+    height, width = frames[0].shape[1:]
+    session = Sam2VideoInferenceSession(video=propagator.preprocess(frames), video_height=height, video_width=width,
+                                        dtype=torch.float32)
+    Sam2VideoProcessor.process_new_mask_for_video_frame(stand_in, session, key_index, list(range(len(masks))),
+                                                        [m for m in masks])
+    model(session, frame_idx=key_index)
+    per_frame = {}
+    for reverse in (False, True):
+        for output in model.propagate_in_video_iterator(session, start_frame_idx=key_index, reverse=reverse):
+            full = F.interpolate(output.pred_masks, (1024, 1024), mode="bilinear", align_corners=False)
+            per_frame.setdefault(output.frame_idx, F.interpolate(full, (height, width), mode="bilinear",
+                                                                 align_corners=False)[:, 0])
+    return torch.stack([per_frame[t] for t in range(len(frames))], dim=1)  # (K, T, H, W)
+
+
 def test_propagate_matches_transformers_session_with_key_frame_not_first(propagator):
+    frames, masks = clip()
+    ours = propagator.propagate(frames, {1: masks})
+    reference = hf_propagate_without_torchvision(propagator, frames, 1, masks)
+    assert ours.shape == reference.shape == (2, 3, 36, 44)
+    assert ours[:, 0].abs().max() < 1e3  # frame 0 came from reverse propagation, not the -1e4 fill
+    torch.testing.assert_close(ours, reference.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_propagate_matches_transformers_processor_path(propagator):
+    pytest.importorskip("torchvision")
     frames, masks = clip()
     ours = propagator.propagate(frames, {1: masks})
     reference = hf_propagate(propagator.sam2, frames, 1, masks)
