@@ -5,8 +5,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (Sam2ImageProcessorFast, Sam2VideoInferenceSession, Sam2VideoModel, Sam2VideoProcessor,
-                          Sam2VideoVideoProcessor)
+from transformers import (
+    Sam2ImageProcessorFast,
+    Sam2VideoInferenceSession,
+    Sam2VideoModel,
+    Sam2VideoProcessor,
+    Sam2VideoVideoProcessor,
+)
 
 from flmm_model.modeling.sam2_propagation import Sam2Propagator, sam2_video_tiny_config
 

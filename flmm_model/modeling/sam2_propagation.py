@@ -138,11 +138,13 @@ class Sam2Propagator(nn.Module):
 
 
 def sam2_video_tiny_config() -> Sam2VideoConfig:
-    """A tiny random SAM2 video config for tests (hidden 128, memory 64: SAM2 needs memory < hidden and its memory attention takes 64-channel memories; five Hiera blocks); S stays 1024 so the processor's
-    sizes apply unchanged."""
+    """A tiny random SAM2 video config for tests: five Hiera blocks, hidden 128, memory 64 (transformers' object
+    pointer split needs memory < hidden, and its memory attention takes 64-channel memories); S stays 1024 so the
+    processor's sizes apply unchanged. Kept here, not in build.py (SAM2 presets land there separately)."""
     return Sam2VideoConfig(
         vision_config={
-            "backbone_config": {"model_type": "sam2_hiera_det_model", "hidden_size": 8, "blocks_per_stage": [1, 1, 2, 1],
+            "backbone_config": {"model_type": "sam2_hiera_det_model", "hidden_size": 8,
+                                "blocks_per_stage": [1, 1, 2, 1],
                                 "embed_dim_per_stage": [8, 16, 32, 64], "num_attention_heads_per_stage": [1, 1, 1, 1],
                                 "window_size_per_stage": [8, 4, 14, 7], "global_attention_blocks": [3]},
             "backbone_channel_list": [64, 32, 16, 8], "fpn_hidden_size": 128,
