@@ -1,7 +1,7 @@
 """SAM2 propagation on synthetic clips: J&F of the ground-truth first-frame mask propagated by SAM2 vs copied to every
 frame (the no-propagation baseline), with time and peak memory per clip.
 
-    python benchmarks/video_propagation.py [--sam2 CHECKPOINT_DIR] [--clips 2] [--frames 4]
+    PYTHONPATH=. python benchmarks/video_propagation.py [--sam2 CHECKPOINT_DIR] [--clips 2] [--frames 4]
 
 Without --sam2 the model is the TINY RANDOM SAM2 (`sam2_video_tiny_config`): its numbers show the pipeline runs, not
 tracking quality. Peak memory is CUDA's when on a GPU, else the process's max RSS.
@@ -31,7 +31,7 @@ def run(*, sam2: str | None = None, clips: int = 2, frames: int = 4, seed: int =
     propagated, copied, seconds, peaks = VideoSegMetric(), VideoSegMetric(), [], []
     for index in range(clips):
         clip = dataset[index]
-        frame_tensors = [torch.from_numpy(np.asarray(f)).permute(2, 0, 1).contiguous() for f in clip.frames]
+        frame_tensors = [torch.from_numpy(np.array(f)).permute(2, 0, 1).contiguous() for f in clip.frames]
         gt = torch.from_numpy(clip.gt_masks)  # (K, T, H, W) bool
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
