@@ -1,0 +1,135 @@
+"""`data.clips`: clips read from frame folders (natural order), GIFs (times from durations) and video files (PyAV,
+skipped without it), with clear errors; the frame budget rule on hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flmm_model.data.clips import DEFAULT_FPS, natural_key, read_clip, sample_frames
+from flmm_model.data.errors import DataError
+
+
+def _solid(value: int, size: tuple[int, int] = (8, 6)) -> Image.Image:
+    return Image.new("RGB", size, (value, 255 - value, 40))
+
+
+def test_frame_folder_is_read_in_natural_order_at_fps(tmp_path):
+    for number, value in ((10, 200), (2, 100), (1, 50)):  # listed out of order; "10" sorts after "2"
+        _solid(value).save(tmp_path / f"{number}.png")
+    (tmp_path / "notes.txt").write_text("not a frame")
+    clip = read_clip(str(tmp_path), fps=4.0)
+    assert clip.frames.shape == (3, 6, 8, 3) and clip.frames.dtype == np.uint8
+    assert clip.frames[:, 0, 0, 0].tolist() == [50, 100, 200]
+    assert clip.times.tolist() == [0.0, 0.25, 0.5]
+    assert read_clip(str(tmp_path)).times[1] == pytest.approx(1 / DEFAULT_FPS)
+    assert sorted(["00010.jpg", "00002.jpg", "00000.jpg"], key=natural_key) == ["00000.jpg", "00002.jpg",
+                                                                                 "00010.jpg"]
+
+
+def test_jpeg_frames_in_the_dataset_layout(tmp_path):
+    for index in range(4):
+        _solid(60 * index, size=(16, 12)).save(tmp_path / f"{index:05d}.jpg", quality=95)
+    clip = read_clip(str(tmp_path))
+    assert clip.frames.shape == (4, 12, 16, 3)
+    assert np.abs(clip.frames[:, 6, 8, 0].astype(int) - [0, 60, 120, 180]).max() <= 3  # JPEG is lossy
+
+
+def test_folder_errors_name_the_path_and_what_was_found(tmp_path):
+    (tmp_path / "readme.md").write_text("x")
+    with pytest.raises(DataError, match=r"expected image files .* found readme\.md"):
+        read_clip(str(tmp_path))
+    _solid(0, size=(8, 6)).save(tmp_path / "0.png")
+    _solid(0, size=(9, 6)).save(tmp_path / "1.png")
+    with pytest.raises(DataError, match=r"frames of different sizes: 0\.png is 8x6 \(W x H\), 1\.png is 9x6"):
+        read_clip(str(tmp_path))
+    (tmp_path / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read image file .*1.png"):
+        read_clip(str(tmp_path))
+    with pytest.raises(DataError, match="no such folder or file"):
+        read_clip(str(tmp_path / "missing"))
+    (tmp_path / "clip.txt").write_text("x")
+    with pytest.raises(DataError, match="found a .txt file"):
+        read_clip(str(tmp_path / "clip.txt"))
+
+
+def test_gif_times_are_the_running_sum_of_durations(tmp_path):
+    path = str(tmp_path / "clip.gif")
+    frames = [_solid(value) for value in (0, 120, 240)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=[100, 200, 300], loop=0)
+    clip = read_clip(path)
+    assert clip.frames.shape == (3, 6, 8, 3)
+    assert clip.times.tolist() == pytest.approx([0.0, 0.1, 0.3])
+    assert np.abs(clip.frames[:, 0, 0, 1].astype(int) - [255, 135, 15]).max() <= 8  # palette quantisation
+    (tmp_path / "bad.gif").write_bytes(b"GIF89a broken")
+    with pytest.raises(DataError, match="bad.gif: cannot read it as an animation"):
+        read_clip(str(tmp_path / "bad.gif"))
+
+
+def test_mp4_frames_and_times_with_pyav(tmp_path):
+    av = pytest.importorskip("av")
+    path = str(tmp_path / "clip.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 16, "yuv420p"
+        for value in (0, 100, 200, 250):
+            frame = av.VideoFrame.from_ndarray(np.full((16, 32, 3), value, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    clip = read_clip(path)
+    assert clip.frames.shape == (4, 16, 32, 3)
+    assert clip.times.tolist() == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert np.abs(clip.frames[:, 8, 16, 0].astype(int) - [0, 100, 200, 250]).max() <= 12
+
+
+def test_video_without_pyav_names_the_extra(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_av(name, *args, **kwargs):
+        if name == "av":
+            raise ImportError("No module named 'av'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_av)
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"")
+    with pytest.raises(ImportError, match=r"optional extra 'video': pip install 'flmm_model\[video\]'"):
+        read_clip(str(path))
+
+
+def test_within_budget_every_frame_and_odd_counts_repeat_the_last():
+    sample = sample_frames(4, max_frames=8)
+    assert sample.indices.tolist() == [0, 1, 2, 3] and not sample.padded
+    sample = sample_frames(7, max_frames=8)
+    assert sample.indices.tolist() == [0, 1, 2, 3, 4, 5, 6, 6] and sample.padded
+    assert sample.nearest.tolist() == [0, 1, 2, 3, 4, 5, 6]  # frame 6 maps to its first copy
+    assert sample_frames(1, max_frames=2).indices.tolist() == [0, 0]
+
+
+def test_over_budget_uniform_over_the_whole_clip():
+    sample = sample_frames(10, max_frames=4)  # linspace(0, 9, 4) = 0, 3, 6, 9
+    assert sample.indices.tolist() == [0, 3, 6, 9] and not sample.padded
+    assert sample.nearest.tolist() == [0, 0, 1, 1, 1, 2, 2, 2, 3, 3]  # 4 and 5: 1 away from 3 and 6 -> 3 and 6
+    assert sample_frames(10, max_frames=5).indices.tolist() == [0, 3, 6, 9]  # an odd budget rounds down to even
+    # linspace(0, 8, 6) = 0, 1.6, 3.2, 4.8, 6.4, 8 -> rounded
+    assert sample_frames(9, max_frames=6).indices.tolist() == [0, 2, 3, 5, 6, 8]
+
+
+def test_nearest_uses_the_times_and_spread_maps_back():
+    times = np.array([0.0, 0.1, 0.2, 1.0, 1.1, 1.2])  # a gap between 0.2 and 1.0
+    sample = sample_frames(6, times, max_frames=2)  # indices 0 and 5
+    assert sample.indices.tolist() == [0, 5]
+    assert sample.nearest.tolist() == [0, 0, 0, 1, 1, 1]  # frame 3 (1.0 s) is nearer to 1.2 s than to 0 s
+    assert sample.spread(np.array(["a", "b"])).tolist() == ["a", "a", "a", "b", "b", "b"]
+    with pytest.raises(ValueError, match="expected 2 sampled frames, found 3"):
+        sample.spread(np.zeros(3))
+    with pytest.raises(ValueError, match="max_frames must be at least temporal_patch = 2"):
+        sample_frames(5, max_frames=1)
+    with pytest.raises(ValueError, match="times must have shape"):
+        sample_frames(5, np.zeros(4), max_frames=4)
+
