@@ -3,6 +3,8 @@ skipped without it), with clear errors; the frame budget rule on hand-computed c
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -133,3 +135,54 @@ def test_nearest_uses_the_times_and_spread_maps_back():
     with pytest.raises(ValueError, match="times must have shape"):
         sample_frames(5, np.zeros(4), max_frames=4)
 
+
+
+def _moving_square_clip() -> tuple[np.ndarray, np.ndarray]:
+    frames = np.full((3, 40, 60, 3), 30, dtype=np.uint8)  # (T, H, W, 3) dark gray
+    masks = np.zeros((1, 3, 40, 60), dtype=bool)  # (K, T, H, W)
+    for t in range(3):
+        masks[0, t, 20:36, 10 * t + 5:10 * t + 21] = True  # a 16 px square moving right 10 px a frame
+    return frames, masks
+
+
+def test_clip_overlay_gif_has_every_frame_and_the_tint_where_the_mask_is(tmp_path):
+    from flmm_model.overlay import colour
+    from flmm_model.video_overlay import write_clip_overlay
+
+    frames, masks = _moving_square_clip()
+    path = write_clip_overlay(frames, masks, ["the square"], str(tmp_path / "clip.gif"))
+    with Image.open(path) as stored:
+        assert stored.n_frames == 3
+        for t in range(3):
+            stored.seek(t)
+            rgb = np.asarray(stored.convert("RGB")).astype(int)
+            inside, outside = rgb[30, 10 * t + 13], rgb[30, 10 * t + 40 if t < 2 else 2]
+            tint = 0.55 * 30 + 0.45 * np.array(colour(0))  # draw_overlay's alpha 0.45 over the gray
+            assert np.abs(inside - tint).max() <= 12
+            assert np.abs(outside - 30).max() <= 6
+    with pytest.raises(ValueError, match=r"masks must be \(K, 3, 40, 60\)"):
+        write_clip_overlay(frames, masks[:, :2], ["the square"], str(tmp_path / "bad.gif"))
+    with pytest.raises(ValueError, match="expected a .gif or .mp4 path"):
+        write_clip_overlay(frames, masks, ["the square"], str(tmp_path / "clip.avi"))
+
+
+def test_clip_overlay_mp4_with_pyav(tmp_path):
+    pytest.importorskip("av")
+    from flmm_model.video_overlay import write_clip_overlay
+
+    frames, masks = _moving_square_clip()
+    clip = read_clip(write_clip_overlay(frames, masks, ["the square"], str(tmp_path / "clip.mp4")))
+    assert clip.frames.shape == (3, 40, 60, 3)
+
+
+def test_frame_masks_one_png_per_object_per_frame(tmp_path):
+    from flmm_model.video_overlay import write_frame_masks
+
+    frames, masks = _moving_square_clip()
+    masks = np.concatenate([masks, ~masks])  # (2, 3, H, W)
+    paths = write_frame_masks(masks, str(tmp_path / "masks"))
+    assert [os.path.relpath(p, tmp_path / "masks") for p in paths] == [
+        os.path.join(f"object{k}", f"{t:05d}.png") for k in range(2) for t in range(3)]
+    with Image.open(tmp_path / "masks" / "object0" / "00002.png") as stored:
+        assert stored.mode == "L"
+        assert np.array_equal(np.asarray(stored) == 255, masks[0, 2])
