@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flmm_model.data.clips import DEFAULT_FPS, natural_key, read_clip, sample_frames
@@ -186,3 +187,36 @@ def test_frame_masks_one_png_per_object_per_frame(tmp_path):
     with Image.open(tmp_path / "masks" / "object0" / "00002.png") as stored:
         assert stored.mode == "L"
         assert np.array_equal(np.asarray(stored) == 255, masks[0, 2])
+
+
+def test_grounding_items_over_ref_youtube_vos_flag_unannotated_frames(tmp_path):
+    from test_video_sources import object_ids, write_ytvos
+
+    from flmm_model.data.video_grounding import VideoGroundingDataset
+    from flmm_model.data.video_sources import VideoSource
+
+    root = write_ytvos(tmp_path)
+    (root / "train" / "Annotations" / "vid_a" / "00005.png").unlink()  # frame 1 not annotated
+    dataset = VideoGroundingDataset(VideoSource("ref_youtube_vos", str(root), "train"), max_frames=4, fps=2.0)
+    item = dataset[1]  # "a long bar", object 2; 3 frames -> 0, 1, 2, 2 (padded)
+    assert item["frame_indices"].tolist() == [0, 1, 2, 2] and item["times"].tolist() == [0.0, 0.5, 1.0, 1.0]
+    assert item["frames"].shape == (4, 24, 32, 3) and item["frames"].dtype == torch.uint8
+    assert item["has_gt"].tolist() == [True, False, True, True]
+    assert torch.equal(item["gt_masks"][0, 0], torch.from_numpy(object_ids(0) == 2))
+    assert not item["gt_masks"][0, 1].any()
+    assert torch.equal(item["gt_masks"][0, 3], torch.from_numpy(object_ids(2) == 2))
+    assert item["phrases"] == ["a long bar"] and item["parts"] == [("a long bar", 0), (".", -1)]
+    assert item["meta"]["frame_names"] == ["00000", "00005", "00010", "00010"]
+
+
+def test_grounding_items_over_synthetic_clips_hold_every_shape():
+    from flmm_model.data.synthetic_clips import SyntheticClips
+    from flmm_model.data.video_grounding import VideoGroundingDataset
+
+    clips = SyntheticClips(length=2, seed=1, num_frames=9)
+    item = VideoGroundingDataset(clips, max_frames=6)[0]
+    clip = clips[0]
+    assert item["frame_indices"].tolist() == [0, 2, 3, 5, 6, 8]
+    assert torch.equal(item["gt_masks"], torch.from_numpy(clip.gt_masks[:, [0, 2, 3, 5, 6, 8]]))
+    assert np.array_equal(item["frames"][1].numpy(), np.asarray(clip.frames[2]))
+    assert item["phrases"] == clip.phrases and item["has_gt"].all()
