@@ -220,3 +220,19 @@ def test_grounding_items_over_synthetic_clips_hold_every_shape():
     assert torch.equal(item["gt_masks"], torch.from_numpy(clip.gt_masks[:, [0, 2, 3, 5, 6, 8]]))
     assert np.array_equal(item["frames"][1].numpy(), np.asarray(clip.frames[2]))
     assert item["phrases"] == clip.phrases and item["has_gt"].all()
+
+
+def test_grounding_items_over_mevis_have_ground_truth_everywhere_and_skip_bad_frames(tmp_path):
+    from test_video_sources import object_ids, write_mevis
+
+    from flmm_model.data.video_grounding import VideoGroundingDataset
+    from flmm_model.data.video_sources import VideoSource
+
+    root = write_mevis(tmp_path)
+    dataset = VideoGroundingDataset(VideoSource("mevis", str(root), "train", on_error="skip"), max_frames=2)
+    item = dataset[0]  # "both moving things": annotations 7 and 9; 3 frames over a budget of 2 -> 0 and 2
+    assert item["frame_indices"].tolist() == [0, 2] and item["nearest"].tolist() == [0, 0, 1]
+    assert item["has_gt"].tolist() == [True, True]
+    assert torch.equal(item["gt_masks"][0, 1], torch.from_numpy(object_ids(2) == 2))  # 7 is null in frame 2
+    (root / "train" / "JPEGImages" / "vid_b" / "00010.jpg").write_bytes(b"broken")
+    assert dataset[1] is None and dataset.skips.count == 1

@@ -37,7 +37,8 @@ class VideoGroundingDataset(torch.utils.data.Dataset):
         source: a `VideoSource` (one item per expression) or `SyntheticClips` (one item per clip).
         max_frames: the frame budget of `sample_frames`.
         fps: frames per second of the source's frames (its times are position / fps).
-        on_error: "raise" or "skip".
+        on_error: "raise" or "skip" for SyntheticClips; a VideoSource's items follow the source's own on_error
+            (its `skips` is this dataset's).
     """
 
     def __init__(self, source: VideoSource | SyntheticClips, *, max_frames: int = 16, fps: float = DEFAULT_FPS,
