@@ -90,14 +90,18 @@ def _hiera(hidden_size: int, heads: int, blocks: list[int], windows: list[int], 
 # keyword arguments for the vision / prompt encoder / mask decoder parts. The released sizes are SAM2's yaml configs
 # (sam2.1_hiera_{t,s,b+,l}.yaml); the FPN, prompt encoder and decoder are the library defaults (256-d, 1024 px).
 SAM2_ARCHS: dict[str, dict[str, dict[str, Any]]] = {
-    # Tests and demo: 256 px input (16 x 16 embedding, 64 x 64 mask input), 5 trunk blocks, 32-d prompts.
+    # Tests and demo: 256 px input (16 x 16 embedding, 64 x 64 mask input), 5 trunk blocks, 128-d prompts and
+    # 64-channel memories (transformers' memory attention reads 64-channel memories, and the object-pointer split
+    # needs them narrower than the prompts), so the same model refines images and propagates through clips.
     "sam2_tiny": dict(
-        vision={**_hiera(16, 1, [1, 1, 2, 1], [4, 4, 4, 4], [3], image_size=256, background=4), "fpn_hidden_size": 32},
-        prompt=dict(hidden_size=32, image_size=256, patch_size=16),
-        decoder=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
-        video=dict(memory_attention_hidden_size=32, memory_attention_feed_forward_hidden_size=64,
-                   memory_attention_num_layers=1, memory_encoder_hidden_size=32, memory_encoder_output_channels=16,
-                   memory_fuser_embed_dim=32, memory_fuser_intermediate_dim=64, mask_downsampler_embed_dim=32),
+        vision={**_hiera(16, 1, [1, 1, 2, 1], [4, 4, 4, 4], [3], image_size=256, background=4),
+                "fpn_hidden_size": 128},
+        prompt=dict(hidden_size=128, image_size=256, patch_size=16),
+        decoder=dict(hidden_size=128, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+        video=dict(image_size=256, memory_attention_hidden_size=128, memory_attention_num_layers=1,
+                   memory_attention_feed_forward_hidden_size=64, memory_attention_rope_feat_sizes=[16, 16],
+                   memory_encoder_hidden_size=128, memory_encoder_output_channels=64, mask_downsampler_embed_dim=128,
+                   memory_fuser_embed_dim=128, memory_fuser_intermediate_dim=64, num_maskmem=3),
     ),
     "sam2.1_hiera_tiny": dict(vision=_hiera(96, 1, [1, 2, 7, 2], [8, 4, 14, 7], [5, 7, 9]), prompt={}, decoder={},
                               video={}),

@@ -107,3 +107,19 @@ def test_bad_inputs_raise_value_errors(propagator):
         propagator.propagate(frames, {0: masks[:, :10]})
     with pytest.raises(ValueError, match="no key frame"):
         propagator.propagate(frames, {})
+
+
+def test_one_sam2_preset_refines_and_propagates():
+    """`model.sam=sam2_tiny` builds one Sam2VideoModel: its image parts refine, its memory propagates."""
+    from flmm_model.build import build_sam
+    from flmm_model.modeling.sam2_refiner import Sam2Refiner
+
+    sam = build_sam("sam2_tiny")
+    refiner = Sam2Refiner(sam=sam).eval()
+    frames = [torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8) for _ in range(3)]
+    embedding = refiner.encode_images(refiner.preprocess(frames[:1]))[0]
+    with torch.no_grad():
+        key = refiner(image_embeddings=embedding, coarse_logits=torch.randn(1, 6, 8),
+                      text_prompts=[torch.randn(2, refiner.prompt_dim)], original_size=(48, 64))  # (1, 48, 64)
+    out = Sam2Propagator(sam2=sam).propagate(frames, {0: key})
+    assert out.shape == (1, 3, 48, 64) and torch.isfinite(out).all()

@@ -18,7 +18,7 @@ from flmm_model.data.sam_cache import SamCacheError
 from flmm_model.modeling.sam2_refiner import Sam2Refiner, refiner_for
 from flmm_model.modeling.sam_refiner import SamRefiner
 
-S, MASK_SIDE, PROMPT_DIM = 256, 64, 32  # the sam2_tiny preset: input side, mask input side (4e), prompt dim
+S, MASK_SIDE, PROMPT_DIM = 256, 64, 128  # the sam2_tiny preset: input side, mask input side (4e), prompt dim
 
 
 def _image_model() -> Sam2Model:
