@@ -3,7 +3,7 @@
 Commands (a dict maps each name to a plain function returning a dict):
     train        train the heads of FrozenQwenSAM (torchrun for several GPUs)
     eval         score a checkpoint on data.test: RefCOCO/+/g cIoU & gIoU, PNG Average Recall
-    predict      masks for phrases on one image: a PNG per phrase and an overlay
+    predict      masks for phrases on one image (a PNG per phrase and an overlay) or through a clip (--video)
     chat         ask the frozen LMM about an image; its answer, with grounded phrases as masks and an overlay
     demo         a web demo (Gradio, the [demo] extra): segment phrases in uploaded images, with an HTTP API
     convert-sam  convert an original segment-anything checkpoint (sam_vit_l_0b3195.pth) to the transformers layout
@@ -125,7 +125,13 @@ def build_parser() -> _Parser:
                     "and overlay.png (masks, contours and labels) into --out.")
     _config_args(predict)
     predict.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its newest checkpoint)")
-    predict.add_argument("--image", required=True, help="image file")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="image file")
+    source.add_argument("--video", help="a clip: frames directory, GIF / WebP, or video file (pip install -e "
+                                        "\".[video]\"); writes object<k>/<frame>.png and overlay.gif")
+    predict.add_argument("--key-frame", type=int, default=0, help="--video: the frame the phrases are grounded on "
+                                                                   "(a SAM2 refiner tracks them from there)")
+    predict.add_argument("--fps", type=float, default=None, help="--video: frame rate of a frames directory")
     predict.add_argument("--text", action="append", required=True, help="a phrase; repeat for several objects")
     predict.add_argument("--out", default=None, help="output dir (default: predictions/<image name>)")
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -250,7 +256,12 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     from flmm_model.config_loader import load_config
 
     cfg = load_config(args.config, args.overrides)
-    out_dir = args.out or str(Path("predictions") / Path(args.image).stem)
+    out_dir = args.out or str(Path("predictions") / Path(args.image or args.video).stem)
+    if args.video is not None:
+        from flmm_model.apps.predict import predict_video
+
+        return predict_video(cfg.model, checkpoint=args.checkpoint, video=args.video, phrases=args.text,
+                             out_dir=out_dir, device=args.device, key_frame=args.key_frame, fps=args.fps)
     return predict(cfg.model, checkpoint=args.checkpoint, image=args.image, phrases=args.text, out_dir=out_dir,
                    device=args.device)
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+from transformers import Sam2VideoModel
 
 from flmm_model.data.images import image_tensor, letterbox, qwen_image_inputs, to_rgb
 from flmm_model.data.loader import collate
@@ -91,6 +92,51 @@ class GroundingPredictor:
         batch = self.encode(image, phrase_list)
         height, width = batch["metas"][0]["size"]
         return self.model.predict_masks(batch)[0][:, :height, :width].cpu()  # (K, H, W): letterbox cropped off
+
+    @torch.no_grad()
+    def segment_clip(self, frames: Sequence[Image.Image], phrases: str | Sequence[str], *, key_frame: int = 0
+                     ) -> torch.Tensor:
+        """Masks for phrases through a clip: (K, T, H, W) bool on CPU.
+
+        The phrases are grounded on the key frame as on an image (the frozen LMM's maps, the U-Net, the refiner).
+        With a SAM2 video model as the refiner (`model.sam` a SAM2 / SAM2.1 checkpoint or preset), its video memory
+        then carries those masks through every frame, forward from the key frame and backward to frame 0
+        (`modeling.sam2_propagation.Sam2Propagator`); the key frame keeps its grounded mask. Any other refiner
+        grounds every frame on its own.
+
+        Raises:
+            InputError: no frame, frames of different sizes, a key frame outside the clip, or a bad phrase.
+        """
+        from flmm_model.modeling.sam2_propagation import Sam2Propagator
+
+        frames = [to_rgb(frame) for frame in frames]
+        if not frames:
+            raise InputError("segment_clip(): expected at least one frame, found none")
+        sizes = {frame.size for frame in frames}
+        if len(sizes) != 1:
+            raise InputError(f"segment_clip(): frames must share one size, found sizes (W, H) {sorted(sizes)}")
+        if not 0 <= key_frame < len(frames):
+            raise InputError(f"segment_clip(): key_frame {key_frame} is outside the clip's {len(frames)} frames")
+        refiner = self.model.sam_refiner
+        video_model = getattr(refiner, "sam", None)
+        if not isinstance(video_model, Sam2VideoModel):
+            return torch.stack([self.segment(frame, phrases) for frame in frames], dim=1)  # (K, T, H, W)
+        batch = self.encode(frames[key_frame], [phrases] if isinstance(phrases, str) else list(phrases))
+        height, width = batch["metas"][0]["size"]
+        was_training = self.model.training
+        self.model.eval()
+        flags = [parameter.requires_grad for parameter in video_model.parameters()]
+        try:
+            key_logits = self.model.predict_logits(batch)[1][0][:, :height, :width]  # (K, H, W)
+            propagator = Sam2Propagator(sam2=video_model)  # freezes the whole SAM2 for the propagation
+            tensors = [image_tensor(frame).to(self.model.device) for frame in frames]
+            logits = propagator.propagate(tensors, {key_frame: key_logits})  # (K, T, H, W)
+            logits[:, key_frame] = key_logits  # the key frame keeps the grounded mask itself
+        finally:  # the refiner's prompt encoder and decoder train again, as they did before
+            for parameter, flag in zip(video_model.parameters(), flags, strict=True):
+                parameter.requires_grad_(flag)
+            self.model.train(was_training)
+        return (logits > 0).cpu()
 
     # ------------------------------------------------------------------ chat: answer with the frozen LMM, then ground
 

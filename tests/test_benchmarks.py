@@ -26,7 +26,8 @@ def load(name: str):
 
 
 def test_every_benchmark_script_has_a_smoke_test():
-    covered = {"lmm_forward", "train_step", "chat", "cuda_checks", "op_count", "peak_memory", "sharded_forward"}
+    covered = {"lmm_forward", "train_step", "chat", "cuda_checks", "op_count", "peak_memory", "sharded_forward",
+               "video_propagation"}
     scripts = {path.stem for path in BENCHMARKS.glob("*.py")}
     assert scripts <= covered, f"benchmarks without a smoke test: {sorted(scripts - covered)}"
 
@@ -121,3 +122,10 @@ def test_sharded_benchmarks_run_under_two_processes(tmp_path, script):
             assert report["sharded_gib"] < report["whole_gib"]
         else:
             assert "sharded over 2 processes" in report["placement"] and report["samples_per_s"] > 0
+
+
+def test_video_propagation_scores_propagation_next_to_the_copy_baseline():
+    result = load("video_propagation").main(["--clips", "1", "--frames", "2"])
+    assert set(result["propagated"]) >= {"J", "F", "J&F"} and set(result["copied"]) >= {"J", "F", "J&F"}
+    for scores in (result["propagated"], result["copied"]):
+        assert 0.0 <= scores["J"] <= 100.0 and 0.0 <= scores["F"] <= 100.0 and scores["count"] > 0

@@ -1,6 +1,7 @@
 """`predict(...)`: masks for phrases on one image: one PNG per phrase plus an overlay with contours and labels
-(drawn by `flmm_model.overlay`). `chat(...)`: the frozen LMM answers a question about the image(s), phrases of the
-answer are grounded, and the same files (plus `answer.json`) are written.
+(drawn by `flmm_model.overlay`); `predict_video(...)`: the same through a clip (per-frame PNGs, an overlay GIF).
+`chat(...)`: the frozen LMM answers a question about the image(s), phrases of the answer are grounded, and the same
+files (plus `answer.json`) are written.
 
 Every cheap check runs before the frozen weights load: the phrases, the device, the image (read, size limits), the
 checkpoint's config and trainable weights (read into memory), the phrases encoded with the checkpoint's prompt
@@ -61,21 +62,9 @@ def predict(model_cfg: ModelConfig, *, checkpoint: str, image: str, phrases: lis
     Returns:
         dict with `masks` (file paths), `overlay` (file path) and `areas` (foreground pixels per phrase).
     """
-    if not phrases:
-        raise InputError("predict: give at least one phrase (--text)")
-    try:
-        parts = expression_parts(list(phrases))
-    except InputError as error:
-        raise InputError(f"--text: {error}") from error
-    check_device(device, key="--device")
+    parts = _checked_phrases(phrases, device)
     picture = load_image(image)
-    opened = open_checkpoint(checkpoint, model_cfg) if model is None else None  # config + weights, in memory
-    prompt = opened.prompt if opened is not None else model
-    try:  # the very encoding segment() will do: a control token or a too long text fails here
-        encode_grounded(prompt.tokenizer, parts, instruction=prompt.instruction, system=prompt.system,
-                        max_length=prompt.max_length)
-    except InputError as error:
-        raise InputError(f"--text {list(phrases)}: {error}") from error
+    opened = _open_for(checkpoint, model_cfg, model, parts, phrases)
     with _processes(device, loaded=model is not None) as info:
         out = prepare_output_dir(out_dir, what="--out") if info.is_main else None
         if model is None:
@@ -92,6 +81,85 @@ def predict(model_cfg: ModelConfig, *, checkpoint: str, image: str, phrases: lis
             print(f"{phrase!r}: {area} px -> {path}")
         print(f"overlay -> {overlay_path}")
         return {"masks": mask_paths, "overlay": str(overlay_path), "areas": areas}
+
+
+def predict_video(model_cfg: ModelConfig, *, checkpoint: str, video: str, phrases: list[str], out_dir: str,
+                  device: str = "auto", key_frame: int = 0, fps: float | None = None, model: Any = None
+                  ) -> dict[str, Any]:
+    """Segment `phrases` through a clip and write per-frame masks and an overlay GIF into `out_dir`.
+
+    The phrases are grounded on `key_frame`; a SAM2 refiner (`model.sam` a SAM2 / SAM2.1 checkpoint or preset)
+    tracks them through every frame with its video memory, any other refiner grounds each frame on its own
+    (`FrozenQwenSAM.segment_clip`). Every frame of the clip gets a mask: nothing is sampled or dropped.
+
+    Args:
+        video: a frames directory (natural order of the file names), an animated GIF / WebP, or a video file (PyAV:
+            `pip install -e ".[video]"`); read by `data.clips.read_clip`.
+        key_frame: the frame the phrases are grounded on (index into the clip).
+        fps: frame rate of a frames directory (for the overlay's timing); default `data.clips.DEFAULT_FPS`.
+        out_dir: output directory (created): `object<k>/<t:05d>.png` (0 / 255) per object and frame, `overlay.gif`,
+            `clip.json` (phrases, frame count, key frame, per-frame areas).
+        The rest: see `predict`.
+
+    Returns:
+        dict with `masks` (file paths), `overlay` (file path), `areas` (per phrase, foreground pixels per frame).
+    """
+    from flmm_model.data.clips import DEFAULT_FPS, read_clip
+    from flmm_model.video_overlay import write_clip_overlay, write_frame_masks
+
+    parts = _checked_phrases(phrases, device)
+    if not Path(video).exists():
+        raise MissingFileError(f"--video {str(video)!r}: no such file or directory")
+    clip = read_clip(video, fps=fps or DEFAULT_FPS)
+    if not 0 <= key_frame < len(clip):
+        raise InputError(f"--key-frame {key_frame}: the clip {video!r} has {len(clip)} frames (0..{len(clip) - 1})")
+    opened = _open_for(checkpoint, model_cfg, model, parts, phrases)
+    with _processes(device, loaded=model is not None) as info:
+        out = prepare_output_dir(out_dir, what="--out") if info.is_main else None
+        if model is None:
+            model = _build(opened, model_cfg, info)
+        pictures = [Image.fromarray(frame) for frame in clip.frames]
+        with torch.no_grad():
+            masks = model.segment_clip(pictures, list(phrases), key_frame=key_frame).numpy()  # (K, T, H, W)
+        areas = [[int(frame.sum()) for frame in mask] for mask in masks]
+        if out is None:
+            return {"masks": [], "overlay": None, "areas": areas}
+        mask_paths = write_frame_masks(masks, str(out))
+        overlay_path = write_clip_overlay(clip.frames, masks, [f"{k}: {phrase}" for k, phrase in enumerate(phrases)],
+                                          str(out / "overlay.gif"), fps=fps or DEFAULT_FPS)
+        atomic_write_text(out / "clip.json", json.dumps(dict(video=str(video), phrases=list(phrases),
+                                                             frames=len(clip), key_frame=key_frame, areas=areas),
+                                                        indent=2))
+        for phrase, area in zip(phrases, areas, strict=True):
+            print(f"{phrase!r}: {len(area)} frames, {sum(a > 0 for a in area)} with the object")
+        print(f"masks -> {out}/object<k>/<frame>.png, overlay -> {overlay_path}")
+        return {"masks": mask_paths, "overlay": str(overlay_path), "areas": areas}
+
+
+def _checked_phrases(phrases: list[str], device: str) -> list[Any]:
+    """The phrases' expression parts and the device, checked (no weights read)."""
+    if not phrases:
+        raise InputError("predict: give at least one phrase (--text)")
+    try:
+        parts = expression_parts(list(phrases))
+    except InputError as error:
+        raise InputError(f"--text: {error}") from error
+    check_device(device, key="--device")
+    return parts
+
+
+def _open_for(checkpoint: str, model_cfg: ModelConfig, model: Any, parts: list[Any], phrases: list[str]
+              ) -> OpenedCheckpoint | None:
+    """The checkpoint's config and weights read into memory (None when a model is given), and the phrases encoded
+    with its prompt: the very encoding segment() will do, so a control token or a too long text fails here."""
+    opened = open_checkpoint(checkpoint, model_cfg) if model is None else None
+    prompt = opened.prompt if opened is not None else model
+    try:
+        encode_grounded(prompt.tokenizer, parts, instruction=prompt.instruction, system=prompt.system,
+                        max_length=prompt.max_length)
+    except InputError as error:
+        raise InputError(f"--text {list(phrases)}: {error}") from error
+    return opened
 
 
 @contextmanager
