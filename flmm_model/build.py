@@ -114,6 +114,29 @@ SAM2_ARCHS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# A checkpoint directory's config.json model_type -> the class `build_sam` loads it with.
+SAM_MODEL_CLASSES = {"sam": SamModel, "sam2": Sam2Model, "sam2_video": Sam2VideoModel}
+
+
+def _sam_model_type(directory: str) -> str:
+    """The model_type of a SAM checkpoint directory's config.json, one of `SAM_MODEL_CLASSES`.
+
+    Raises:
+        ConfigError: no readable config.json, or one of another model.
+    """
+    config_file = os.path.join(directory, "config.json")
+    try:
+        with open(config_file) as handle:
+            model_type = json.load(handle).get("model_type")
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.sam: cannot read {config_file} ({error}); expected a SAM or SAM2 checkpoint "
+                          f"directory in the transformers layout") from error
+    if model_type not in SAM_MODEL_CLASSES:
+        raise ConfigError(f"model.sam: {config_file} has model_type {model_type!r}; expected one of "
+                          f"{sorted(SAM_MODEL_CLASSES)} (SAM, SAM2 / SAM2.1)")
+    return model_type
+
+
 def sam_family(path_or_arch: str) -> str:
     """"sam" or "sam2" for a checkpoint directory (its config.json's model_type) or a preset name; checked before
     any weight is read.
@@ -122,18 +145,7 @@ def sam_family(path_or_arch: str) -> str:
         ConfigError: an unknown preset, or a directory whose config is not a SAM / SAM2 one.
     """
     if os.path.isdir(path_or_arch):
-        config_file = os.path.join(path_or_arch, "config.json")
-        try:
-            with open(config_file) as handle:
-                model_type = json.load(handle).get("model_type")
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"model.sam: cannot read {config_file} ({error}); expected a SAM or SAM2 checkpoint "
-                              f"directory in the transformers layout") from error
-        families = {"sam": "sam", "sam2": "sam2", "sam2_video": "sam2"}
-        if model_type not in families:
-            raise ConfigError(f"model.sam: {config_file} has model_type {model_type!r}; expected one of "
-                              f"{sorted(families)} (SAM, SAM2 / SAM2.1)")
-        return families[model_type]
+        return "sam" if _sam_model_type(path_or_arch) == "sam" else "sam2"
     if path_or_arch in SAM_ARCHS:
         return "sam"
     if path_or_arch in SAM2_ARCHS:
@@ -164,13 +176,9 @@ def build_sam(path_or_arch: str, *, dtype: torch.dtype = torch.float32, seed: in
     """The refiner's SAM from a local directory (transformers layout) or a named preset with random weights (seeded):
     a SamModel for SAM, for SAM2 / SAM2.1 the class the directory's config names (`Sam2VideoModel` for "sam2_video",
     as the Hub's facebook/sam2.1-hiera-* are, `Sam2Model` for "sam2") and a Sam2VideoModel for the presets."""
-    family = sam_family(path_or_arch)
     if os.path.isdir(path_or_arch):
-        if family == "sam":
-            return SamModel.from_pretrained(path_or_arch, dtype=dtype)
-        with open(os.path.join(path_or_arch, "config.json")) as handle:
-            video = json.load(handle)["model_type"] == "sam2_video"
-        return (Sam2VideoModel if video else Sam2Model).from_pretrained(path_or_arch, dtype=dtype)
+        return SAM_MODEL_CLASSES[_sam_model_type(path_or_arch)].from_pretrained(path_or_arch, dtype=dtype)
+    family = sam_family(path_or_arch)
     torch.manual_seed(seed)
     if family == "sam2":
         return Sam2VideoModel(sam2_config(path_or_arch)).to(dtype)

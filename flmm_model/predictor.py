@@ -125,16 +125,13 @@ class GroundingPredictor:
         height, width = batch["metas"][0]["size"]
         was_training = self.model.training
         self.model.eval()
-        flags = [parameter.requires_grad for parameter in video_model.parameters()]
         try:
             key_logits = self.model.predict_logits(batch)[1][0][:, :height, :width]  # (K, H, W)
-            propagator = Sam2Propagator(sam2=video_model)  # freezes the whole SAM2 for the propagation
+            propagator = Sam2Propagator(sam2=video_model, freeze=False)  # the refiner's parts keep training
             tensors = [image_tensor(frame).to(self.model.device) for frame in frames]
             logits = propagator.propagate(tensors, {key_frame: key_logits})  # (K, T, H, W)
             logits[:, key_frame] = key_logits  # the key frame keeps the grounded mask itself
-        finally:  # the refiner's prompt encoder and decoder train again, as they did before
-            for parameter, flag in zip(video_model.parameters(), flags, strict=True):
-                parameter.requires_grad_(flag)
+        finally:
             self.model.train(was_training)
         return (logits > 0).cpu()
 

@@ -178,9 +178,7 @@ class GroundingModel(nn.Module):
         """
         modules = [*self.qwen.model.visual.blocks, *self.qwen.model.language_model.layers, self.mask_head]
         if self.sam_refiner is not None:
-            encoder = self.sam_refiner.sam.vision_encoder
-            blocks = encoder.layers if hasattr(encoder, "layers") else encoder.backbone.blocks  # SAM's / SAM2's
-            modules += [*blocks, self.sam_refiner.sam.mask_decoder]
+            modules += [*self.sam_refiner.encoder_blocks, self.sam_refiner.sam.mask_decoder]
         for module in modules:
             module.compile(backend=backend, dynamic=True)
 

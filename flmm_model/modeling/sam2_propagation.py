@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Sam2VideoConfig, Sam2VideoInferenceSession, Sam2VideoModel
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from flmm_model.modeling.sam2_refiner import IMAGENET_MEAN, IMAGENET_STD
 
 
 class Sam2Propagator(nn.Module):
@@ -33,16 +32,20 @@ class Sam2Propagator(nn.Module):
 
     Args:
         sam2: a built transformers Sam2VideoModel (real weights or a tiny random one); frozen here.
+        freeze: freeze `sam2` (requires_grad_(False), eval). False borrows a model whose parameters belong to
+            someone else, e.g. a `Sam2Refiner` whose prompt encoder and decoder train: the caller puts it in eval,
+            and `propagate` runs under no_grad either way.
     """
 
-    def __init__(self, *, sam2: Sam2VideoModel) -> None:
+    def __init__(self, *, sam2: Sam2VideoModel, freeze: bool = True) -> None:
         super().__init__()
         self.sam2 = sam2
         self.image_size = int(sam2.config.prompt_encoder_config.image_size)  # S
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        sam2.requires_grad_(False)
-        sam2.eval()
+        if freeze:
+            sam2.requires_grad_(False)
+            sam2.eval()
 
     def train(self, mode: bool = True) -> Sam2Propagator:
         super().train(mode)
@@ -140,7 +143,8 @@ class Sam2Propagator(nn.Module):
 def sam2_video_tiny_config() -> Sam2VideoConfig:
     """A tiny random SAM2 video config for tests: five Hiera blocks, hidden 128, memory 64 (transformers' object
     pointer split needs memory < hidden, and its memory attention takes 64-channel memories); S stays 1024 so the
-    processor's sizes apply unchanged. Kept here, not in build.py (SAM2 presets land there separately)."""
+    processor's sizes apply unchanged (what the reference test against transformers' processor path needs; the
+    `sam2_tiny` preset of `flmm_model.build`, 256 px, is the one model and demo use)."""
     return Sam2VideoConfig(
         vision_config={
             "backbone_config": {"model_type": "sam2_hiera_det_model", "hidden_size": 8,

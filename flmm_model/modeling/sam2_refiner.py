@@ -30,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Sam2Model, Sam2VideoModel, SamModel
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from flmm_model.modeling.frames import ObjectFrames, resize_on_canvas
-from flmm_model.modeling.sam_refiner import DECODER_ATTENTION, SamRefiner, decoder_attention
+from flmm_model.modeling.sam_refiner import SamRefiner
 
-SAM2_PIXEL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # ImageNet mean / std, on 0-255 values, RGB
-SAM2_PIXEL_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SAM2's input statistics, on 0-1 values, RGB
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SAM2_PIXEL_MEAN = tuple(255 * value for value in IMAGENET_MEAN)  # the same on 0-255 values
+SAM2_PIXEL_STD = tuple(255 * value for value in IMAGENET_STD)
 
 
 class Sam2Refiner(SamRefiner):
@@ -71,12 +72,8 @@ class Sam2Refiner(SamRefiner):
             raise ValueError(f"Sam2Refiner: the vision config's backbone_feature_sizes {sizes} must be {expected} "
                              f"(4e, 2e, e for prompt encoder image_size {self.image_size} / patch "
                              f"{prompt_config.patch_size})")
-        self.sam = sam
-        self.coarse_threshold = coarse_threshold
-        self.pad_logit = pad_logit
-        self.register_buffer("pixel_mean", torch.tensor(SAM2_PIXEL_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(SAM2_PIXEL_STD).view(3, 1, 1), persistent=False)
-
+        self._hold(sam, coarse_threshold=coarse_threshold, pad_logit=pad_logit, pixel_mean=SAM2_PIXEL_MEAN,
+                   pixel_std=SAM2_PIXEL_STD)
         decoder = sam.mask_decoder
         self._frozen = nn.ModuleDict(dict(vision_encoder=sam.vision_encoder, conv_s0=decoder.conv_s0,
                                           conv_s1=decoder.conv_s1))
@@ -87,13 +84,6 @@ class Sam2Refiner(SamRefiner):
         sam.prompt_encoder.shared_embedding.requires_grad_(False)  # Fourier features' random matrix, never trained
         sam.vision_encoder.eval()
         decoder.dynamic_multimask_via_stability = False
-        ALL_ATTENTION_FUNCTIONS.register(DECODER_ATTENTION, decoder_attention)
-        self.token_keyed = frozenset(id(module) for block in decoder.transformer.layers
-                                     for module in (block.self_attn, block.cross_attn_image_to_token))
-        for module in decoder.transformer.modules():
-            if hasattr(module, "config") and module is not decoder.transformer:
-                module.config._attn_implementation = DECODER_ATTENTION
-        decoder.config._attn_implementation = DECODER_ATTENTION
         self.output_tokens = decoder.num_mask_tokens + 2  # object-score token, IoU token, mask tokens
 
     def train(self, mode: bool = True) -> Sam2Refiner:
@@ -119,6 +109,11 @@ class Sam2Refiner(SamRefiner):
     def frozen_encoder(self) -> nn.Module:
         """The trunk, the neck and the two high-resolution projections (what the packed embeddings depend on)."""
         return self._frozen
+
+    @property
+    def encoder_blocks(self) -> list[nn.Module]:
+        """The Hiera trunk's blocks (what `GroundingModel.compile_parts` compiles)."""
+        return list(self.sam.vision_encoder.backbone.blocks)
 
     def normalize(self, canvas: Tensor, resized: Tensor) -> Tensor:
         """SAM2 input pixels: (B, 3, S, S) uint8 canvas (every image resized to S x S) -> normalized, encoder dtype."""

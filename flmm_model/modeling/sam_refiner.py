@@ -132,24 +132,30 @@ class SamRefiner(nn.Module):
                              f"{patch_size} must equal prompt encoder image_embedding_size {self.embedding_size}, "
                              f"and prompt encoder image_size {config.prompt_encoder_config.image_size} must equal "
                              f"{self.image_size}")
-        self.sam = sam
-        self.coarse_threshold = coarse_threshold
-        self.pad_logit = pad_logit
-        self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(3, 1, 1), persistent=False)
-
+        self._hold(sam, coarse_threshold=coarse_threshold, pad_logit=pad_logit, pixel_mean=SAM_PIXEL_MEAN,
+                   pixel_std=SAM_PIXEL_STD)
         sam.vision_encoder.requires_grad_(False)
         sam.shared_image_embedding.requires_grad_(False)
         sam.prompt_encoder.shared_embedding.requires_grad_(False)  # the same tied Parameter; explicit anyway
         sam.vision_encoder.eval()
         for layer in sam.vision_encoder.layers:  # frozen tables: looked up once on the device, not every forward
             layer.attn.get_rel_pos = CachedRelativePositions(layer.attn)
-        # The decoder's attention goes through `decoder_attention`; these take the prompt tokens as keys.
+        self.output_tokens = sam.mask_decoder.num_mask_tokens + 1  # IoU token + mask tokens, before the prompts
+
+    def _hold(self, sam: nn.Module, *, coarse_threshold: float, pad_logit: float, pixel_mean: tuple[float, ...],
+              pixel_std: tuple[float, ...]) -> None:
+        """What every refiner family sets up alike: the model, the thresholds, the input statistics (on 0-255
+        values) and the mask decoder's attention routed through `decoder_attention`, with the attentions that take
+        the prompt tokens as keys (the tokens' self-attention and the image-to-token attention) recorded."""
+        self.sam = sam
+        self.coarse_threshold = coarse_threshold
+        self.pad_logit = pad_logit
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=False)
         ALL_ATTENTION_FUNCTIONS.register(DECODER_ATTENTION, decoder_attention)
-        sam.mask_decoder.config._attn_implementation = DECODER_ATTENTION
+        sam.mask_decoder.config._attn_implementation = DECODER_ATTENTION  # the decoder's attentions share it
         self.token_keyed = frozenset(id(module) for block in sam.mask_decoder.transformer.layers
                                      for module in (block.self_attn, block.cross_attn_image_to_token))
-        self.output_tokens = sam.mask_decoder.num_mask_tokens + 1  # IoU token + mask tokens, before the prompts
 
     def train(self, mode: bool = True) -> SamRefiner:
         """Set train/eval mode; the frozen image encoder always stays in eval."""
@@ -179,6 +185,11 @@ class SamRefiner(nn.Module):
     def frozen_encoder(self) -> nn.Module:
         """Every frozen module the image embeddings depend on (what the SAM-embedding cache fingerprints)."""
         return self.sam.vision_encoder
+
+    @property
+    def encoder_blocks(self) -> list[nn.Module]:
+        """The image encoder's repeated blocks (what `GroundingModel.compile_parts` compiles)."""
+        return list(self.sam.vision_encoder.layers)
 
     def normalize(self, canvas: Tensor, resized: Tensor) -> Tensor:
         """SAM input pixels from the uint8 canvas of `frames.sam_input_canvas`.
