@@ -100,3 +100,16 @@ def test_predict_video_checks_before_loading_weights(tmp_path, clip):
     with pytest.raises(run.UsageError, match="--image: not allowed with argument --video"):
         run.main(["predict", "--config", DEMO, "--checkpoint", missing_checkpoint, "--video", str(gif),
                   "--image", str(gif), "--text", "the cup"])
+
+
+def test_predict_video_file_without_pyav_is_a_user_error(tmp_path):
+    try:
+        import av  # noqa: F401
+        pytest.skip("PyAV is installed here")
+    except ImportError:
+        pass
+    clip_file = tmp_path / "clip.mp4"
+    clip_file.write_bytes(b"")
+    with pytest.raises(UserError, match=r"needs PyAV, the optional extra 'video'"):  # one message, no traceback
+        run.main(["predict", "--config", DEMO, "--checkpoint", str(tmp_path / "no_checkpoint"), "--video",
+                  str(clip_file), "--text", "the cup", "--device", "cpu"])

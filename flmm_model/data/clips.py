@@ -34,6 +34,7 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from flmm_model.data.errors import DataError
 from flmm_model.data.images import load_rgb, to_rgb
+from flmm_model.errors import MissingDependencyError
 
 DEFAULT_FPS = 6.0
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -75,7 +76,8 @@ def read_clip(path: str, *, fps: float = DEFAULT_FPS) -> ClipFrames:
     Raises:
         DataError: a missing path, an empty folder, frames of different sizes, an unreadable file or an unknown
             extension, naming the path, what was expected and what was found.
-        ImportError: a video file without PyAV installed (the message names the `video` extra).
+        MissingDependencyError (an ImportError): a video file without PyAV installed (the message names the `video`
+            extra).
     """
     if fps <= 0:
         raise ValueError(f"read_clip: fps must be positive, found {fps}")
@@ -136,7 +138,7 @@ def _read_video(path: str) -> ClipFrames:
     try:
         import av  # noqa: PLC0415 - the optional extra, needed only for video files
     except ImportError as error:
-        raise ImportError(f"clip {path}: reading video files needs PyAV, the optional extra 'video': "
+        raise MissingDependencyError(f"clip {path}: reading video files needs PyAV, the optional extra 'video': "
                           f"pip install 'flmm_model[video]' (or pip install av); a folder of frames or a GIF needs "
                           f"nothing more") from error
     frames, times = [], []
