@@ -33,9 +33,10 @@ from flmm_model.backbones.video import TimestampTokens, group_timestamps, second
 from flmm_model.build import build_qwen, load_tokenizer
 from flmm_model.modeling.lmm import FrozenQwenLMM
 
-FAMILY_PRESETS = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny", "qwen3_5_tiny"]
+# Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE
+FAMILY_PRESETS = ["qwen2_vl_tiny", "tiny", "qwen3_vl_tiny", "qwen3_vl_moe_tiny", "qwen3_5_tiny", "qwen3_5_moe_tiny"]
 PROCESSORS = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor,
-              "qwen3_5": Qwen3VLProcessor}
+              "qwen3_vl_moe": Qwen3VLProcessor, "qwen3_5": Qwen3VLProcessor, "qwen3_5_moe": Qwen3VLProcessor}
 VIDEO_BLOCK = "<|vision_start|><|video_pad|><|vision_end|>"
 # Per sample: (clip (frames, total frames of the source, its fps, frame size (W, H)) or None, has an image, phrases).
 # Clip 0: 4 of 8 frames at 4 fps (t = 2); clip 1: 5 of 10 frames at 0.4 fps (odd: t = 3, timestamps up to 20 s);
@@ -139,9 +140,12 @@ def setup(preset, photos):
     images = [photos[3]]  # the third sample's image
     # float64 for Qwen3.5, whose tiny recurrent layers grow kernel rounding past 1e-4 (as tests/test_lmm_forward.py)
     dtype = torch.float64 if model_type.startswith("qwen3_5") else torch.float32
-    hf = build_qwen(preset, attn_implementation="sdpa").eval().to(dtype)
-    hf_eager = build_qwen(preset, attn_implementation="eager").eval().to(dtype)
-    lmm = FrozenQwenLMM(qwen=build_qwen(preset).to(dtype), timestamp_tokens=TimestampTokens.from_tokenizer(tokenizer))
+    hf, hf_eager, ours = (build_qwen(preset, attn_implementation=attention).eval().to(dtype)
+                          for attention in ("sdpa", "eager", "sdpa"))
+    if dtype == torch.float64 and "moe" in preset:  # the grouped-GEMM experts take float32 / bf16 / fp16 only
+        for model in (hf, hf_eager, ours):
+            model.set_experts_implementation("eager")
+    lmm = FrozenQwenLMM(qwen=ours, timestamp_tokens=TimestampTokens.from_tokenizer(tokenizer))
     return dict(adapter=adapter, tokenizer=tokenizer, processor=processor, texts=list(texts), spans=spans,
                 images=images, clips=clips, frame_times=[torch.tensor(t, dtype=torch.float64) for _, _, t in clips],
                 hf=hf, hf_eager=hf_eager, lmm=lmm, dtype=dtype)
@@ -286,7 +290,39 @@ def test_timing_inputs_match_the_processor(setup):
         assert "seconds>" not in text
 
 
+def test_pre_expanded_clips(setup):
+    """The processor's own expanded ids: Qwen2-VL / Qwen2.5-VL take them as they are (as pre-expanded images);
+    Qwen3-VL / Qwen3.5 clips must be compact (the model writes the timestamps), and say so."""
+    batch = processed(setup, "left")
+    lmm = setup["lmm"]
+    if setup["adapter"].timestamped_video:
+        with pytest.raises(ValueError, match=r"video_grid_thw: expected one \(t, H, W\) row per clip, shape \(6, 3\).*"
+                                             r"a clip must be compact here"):
+            lmm.prepare(batch["input_ids"], batch["attention_mask"], **clip_kwargs(setup, batch))
+        return
+    prepared = lmm.prepare(batch["input_ids"], batch["attention_mask"], **clip_kwargs(setup, batch))
+    assert torch.equal(prepared.input_ids, batch["input_ids"])
+    assert torch.equal(prepared.position_ids, hf_positions(setup, batch))
+
+
 # ---------------------------------------------------------------- refusals: ValueError before the model runs
+
+
+def test_wrong_video_pad_count_is_refused(setup):
+    batch = processed(setup, "right")
+    inputs = compact(setup, "right")
+    video_token_id = setup["hf"].config.video_token_id
+    length = int(inputs["attention_mask"][0].sum())
+    ids, marks = inputs["input_ids"][:1, :length], inputs["mask_ids"][:1, :length]  # sample 0 alone: one clip
+    pad = int((ids[0] == video_token_id).nonzero()[0, 0])
+    ids = torch.cat([ids[:, :pad], torch.full((1, 2), video_token_id), ids[:, pad:]], 1)  # 3 pads in its block
+    marks = torch.cat([marks[:, :pad], torch.full((1, 2), -1), marks[:, pad:]], 1)
+    rows = int(batch["video_grid_thw"][0].prod())
+    clip = dict(pixel_values_videos=batch["pixel_values_videos"][:rows].to(setup["dtype"]),
+                video_grid_thw=batch["video_grid_thw"][:1], video_frame_times=setup["frame_times"][:1])
+    expected = "1 \\(compact: the model inserts" if setup["adapter"].timestamped_video else "1 \\(compact\\) or"
+    with pytest.raises(ValueError, match=f"sample 0: found 3 <\\|video_pad\\|> tokens, expected {expected}"):
+        setup["lmm"].prepare(ids, torch.ones_like(ids), mask_ids=marks, **clip)
 
 
 def call(setup, batch, **changes):
