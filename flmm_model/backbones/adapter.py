@@ -10,6 +10,8 @@ model (chosen from `config.model_type`) for everything family-specific:
   grid-derived inputs of the vision tower computed on the host beforehand (no host sync inside the forward);
 - the decoder call: how the text model is run on `inputs_embeds` (Qwen3-VL also takes its deepstack inputs);
 - the M-RoPE positions: one shared function today (`mrope.py`), referenced by each adapter;
+- clips (`video.py`): how far apart a clip's frame groups lie in M-RoPE time (Qwen2.5-VL scales by the frame rate),
+  and whether each frame group is a block of its own after its timestamp text (Qwen3-VL, Qwen3.5);
 - generation: how transformers' `generate` is called on the expanded prompt (Qwen3-VL's deepstack inputs reach the
   decoder only through the model's own forward, so its adapter hands the image features over differently);
 - which text layers give attention maps (every layer, or Qwen3.5's full-attention layers: its linear-attention
@@ -21,7 +23,7 @@ functions of that family's module. Nothing inherits from anything.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,17 +33,22 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 @dataclass
 class VisionFeatures:
-    """What the vision tower gives the text decoder, for all images of a batch in sample order.
+    """What the vision tower gives the text decoder, for all images (and clips) of a batch in sample order.
 
     Attributes:
         image_embeds: (sum_b N_b, D) merged image features, one row per image token, scattered into the
-            embeddings at the image-token positions in (sample, position) order.
+            embeddings at the image-token positions in (sample, position) order; None when the batch has no image.
         deepstack_embeds: Qwen3-VL only (empty for the other families): one (sum_b N_b, D) tensor per deepstack
             layer of the vision tower, added to the image-token hidden states after text layer i (i = 0, 1, ...).
+        video_embeds: (sum_v N_v, D) the clips' features (the tower run on `pixel_values_videos`, HF's
+            `get_video_features`), one row per video token in (sample, position) order; None without clips.
+        video_deepstack_embeds: Qwen3-VL only: the clips' deepstack features, as `deepstack_embeds`.
     """
 
-    image_embeds: torch.Tensor
+    image_embeds: torch.Tensor | None
     deepstack_embeds: list[torch.Tensor] = field(default_factory=list)
+    video_embeds: torch.Tensor | None = None
+    video_deepstack_embeds: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,13 @@ class BackboneAdapter:
             **attention_kwargs) -> (B, L', D) last hidden state after the final norm; `attention_mask` is the
             (B, 1, L', L') decoder mask or None (no padding), `padding_mask` the (B, L') 1 / 0 mask of real tokens or
             None (what linear-attention layers read); `attention_kwargs` reach every attention call of the decoder.
-        position_ids: (*, image_mask, attention_mask, grid_thw, merge_size) -> (3, B, L') M-RoPE positions
-            (`grid_thw` has one row per image; a sample may hold several images).
+        position_ids: (*, image_mask, attention_mask, grid_thw, merge_size, time_interval=None) -> (3, B, L') M-RoPE
+            positions (`image_mask`: every vision token; `grid_thw` and `time_interval` one row per vision block, in
+            (sample, position) order; a sample may hold several images and clips).
+        video_time_interval: (config, frame times of a clip in seconds) -> the M-RoPE temporal step between the
+            clip's frame groups (1.0, or Qwen2.5-VL's `tokens_per_second * second_per_grid_ts`).
+        timestamped_video: each frame group of a clip is a vision block of its own, after its `<{t:.1f} seconds>`
+            text (Qwen3-VL, Qwen3.5); else a clip is one block of all its groups (Qwen2-VL, Qwen2.5-VL).
         generate: (model, *, input_ids, attention_mask, position_ids, inputs_embeds, image_mask, vision,
             **generate_options) -> (B, T) new token ids; the prompt is expanded and left-aligned (no padding on the
             right), `position_ids` its (3, B, L') M-RoPE positions, `inputs_embeds` with the image features in.
@@ -98,12 +110,13 @@ class BackboneAdapter:
     generate: Callable[..., torch.Tensor]
     default_tokenizer: Callable[[], PreTrainedTokenizerBase]
     map_layers: Callable[[PretrainedConfig], tuple[int, ...]]
+    video_time_interval: Callable[[PretrainedConfig, Sequence[float]], float]
+    timestamped_video: bool
 
     @property
     def patch_dim(self) -> int:
         """Values per row of `pixel_values`: 3 channels * temporal_patch_size * patch_size^2 (1176 or 1536)."""
         return 3 * self.temporal_patch_size * self.patch_size**2
-
 
 
 def all_layers(text_config: PretrainedConfig) -> tuple[int, ...]:

@@ -1,9 +1,12 @@
-"""3-D M-RoPE position ids for still images: the same formula in Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+"""3-D M-RoPE position ids for images and clips: the same formula in Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5.
 
 Each family's `get_rope_index` (transformers 5.x) walks the tokens sample by sample in Python; for still images
-(t = 1) all three give the positions below (Qwen2.5-VL's `second_per_grid_ts` and Qwen3-VL's timestamps only
-matter for videos). How the positions become rotary frequencies differs (Qwen3-VL interleaves the t/h/w
-sections), but that happens inside the model from the same (3, B, L) ids.
+(t = 1) all of them give the positions below. Clips differ by family only in what the blocks are and how far apart
+their frame groups lie in time, both decided by the caller (`modeling.lmm_inputs`): Qwen2-VL and Qwen2.5-VL give a
+clip one block of t frame groups, with temporal step 1 (Qwen2-VL) or `tokens_per_second * second_per_grid_ts`
+(Qwen2.5-VL, `time_interval`); Qwen3-VL and Qwen3.5 give each frame group a t = 1 block of its own (timestamp text
+in between). How the positions become rotary frequencies differs (Qwen3-VL interleaves the t/h/w sections), but
+that happens inside the model from the same (3, B, L) ids.
 """
 
 from __future__ import annotations
@@ -12,19 +15,25 @@ import torch
 
 
 def mrope_position_ids(
-    *, image_mask: torch.Tensor, attention_mask: torch.Tensor, grid_thw: torch.Tensor, merge_size: int
+    *, image_mask: torch.Tensor, attention_mask: torch.Tensor, grid_thw: torch.Tensor, merge_size: int,
+    time_interval: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """3-D M-RoPE positions for any number of image blocks per sample, vectorized over the batch.
+    """3-D M-RoPE positions for any number of vision blocks (images, clips) per sample, vectorized over the batch.
 
-    A text token at counter p gets (p, p, p) and advances p by 1. An image block starting at counter c with merged
-    grid (t, h, w) gives its token j (c + j // (h*w), c + (j // w) % h, c + j % w) and advances c by max(h, w).
+    A text token at counter p gets (p, p, p) and advances p by 1. A vision block starting at counter c with merged
+    grid (t, h, w) gives its token j, in frame group k = j // (h*w), (c + int(k * s), c + (j // w) % h, c + j % w)
+    with s the block's temporal step (1 for images), and advances c by max(h, w) (whatever t, as `get_rope_index`).
     Counters run over real tokens only; padding gets 0 (as `get_rope_index` does).
 
     Args:
-        image_mask: (B, L') bool, True on the image tokens of real positions; each image is one run of them.
+        image_mask: (B, L') bool, True on the vision tokens (image or video) of real positions; each block is one
+            run of them.
         attention_mask: (B, L'), 1 on real tokens.
-        grid_thw: (I, 3) long, (t, H, W) in patches, one row per image in (sample, position) order.
+        grid_thw: (I, 3) long, (t, H, W) in patches, one row per block in (sample, position) order.
         merge_size: patches per merged image token side.
+        time_interval: (I,) float32, each block's temporal step s (Qwen2.5-VL clips: tokens_per_second *
+            second_per_grid_ts; the product k * s is taken in float32 and truncated, as `get_rope_index` does);
+            None: 1 for every block.
 
     Returns:
         (3, B, L') long.
@@ -43,7 +52,10 @@ def mrope_position_ids(
     # How far each token moves the counter: text 1, a block's last image token max(h, w), other image tokens 0.
     advance = torch.where(image_mask, torch.where(is_last_image, torch.maximum(h, w), 0), 1) * valid
     start = advance.cumsum(1) - advance  # (B, L'), the counter before each token
-    temporal = torch.where(image_mask, start + j // (h * w), start)
+    group = j // (h * w)  # (B, L'), frame group of each vision token
+    if time_interval is not None:
+        group = (group * time_interval.to(torch.float32)[block]).long()  # float32 product, truncated
+    temporal = torch.where(image_mask, start + group, start)
     height = torch.where(image_mask, start + (j // w) % h, start)
     width = torch.where(image_mask, start + j % w, start)
     positions = torch.stack([temporal, height, width])  # (3, B, L')

@@ -19,6 +19,7 @@ from flmm_model.backbones import qwen2_vl
 from flmm_model.backbones.adapter import BackboneAdapter, all_layers
 from flmm_model.backbones.mrope import mrope_position_ids
 from flmm_model.backbones.tokenizers import qwen2_tokenizer
+from flmm_model.backbones.video import scaled_time_interval
 from flmm_model.backbones.vision_attention import VisionPlan
 
 
@@ -141,4 +142,6 @@ ADAPTER = BackboneAdapter(
     generate=qwen2_vl.generate,
     default_tokenizer=qwen2_tokenizer,  # the Qwen2 vocabulary (<|image_pad|> = 151655)
     map_layers=all_layers,
+    video_time_interval=scaled_time_interval,
+    timestamped_video=False,
 )

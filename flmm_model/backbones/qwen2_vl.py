@@ -19,6 +19,7 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position
 from flmm_model.backbones.adapter import BackboneAdapter, VisionFeatures, all_layers
 from flmm_model.backbones.mrope import mrope_position_ids
 from flmm_model.backbones.tokenizers import qwen2_tokenizer
+from flmm_model.backbones.video import unit_time_interval
 from flmm_model.backbones.vision_attention import VisionPlan
 
 # The chat template of every released Qwen2-VL / Qwen2.5-VL checkpoint: one image block per image, and this system
@@ -171,4 +172,6 @@ ADAPTER = BackboneAdapter(
     generate=generate,
     default_tokenizer=qwen2_tokenizer,  # the Qwen2 vocabulary (<|image_pad|> = 151655)
     map_layers=all_layers,
+    video_time_interval=unit_time_interval,
+    timestamped_video=False,
 )

@@ -34,6 +34,7 @@ from flmm_model.backbones import qwen2_vl, qwen3_vl
 from flmm_model.backbones.adapter import BackboneAdapter, VisionFeatures, full_attention_layers
 from flmm_model.backbones.mrope import mrope_position_ids
 from flmm_model.backbones.tokenizers import qwen3_5_tokenizer
+from flmm_model.backbones.video import unit_time_interval
 
 
 def encode_images(
@@ -170,6 +171,8 @@ _COMMON = dict(
     generate=qwen2_vl.generate,  # no deepstack: the prompt enters as inputs_embeds, as for Qwen2-VL
     default_tokenizer=qwen3_5_tokenizer,  # the Qwen3.5 vocabulary (<|image_pad|> = 248056)
     map_layers=full_attention_layers,
+    video_time_interval=unit_time_interval,  # groups are t = 1 blocks of their own
+    timestamped_video=True,
 )
 
 ADAPTER = BackboneAdapter(

@@ -26,6 +26,7 @@ from flmm_model.backbones import qwen2_vl
 from flmm_model.backbones.adapter import BackboneAdapter, VisionFeatures, all_layers
 from flmm_model.backbones.mrope import mrope_position_ids
 from flmm_model.backbones.tokenizers import qwen2_tokenizer
+from flmm_model.backbones.video import unit_time_interval
 
 
 def encode_images(
@@ -89,13 +90,21 @@ def generate(
     The deepstack features reach the decoder only through `Qwen3VLModel.forward`, so the prompt enters as the
     expanded `input_ids` plus the vision tower's output as `mm_encoder_outputs` (the forward scatters the features
     at the image tokens and passes the deepstack inputs; `generate` drops them after the prefill) with our (3, B, L')
-    `position_ids`, which `generate` extends by +1 per new token. `inputs_embeds` and `image_mask` are unused here.
+    `position_ids`, which `generate` extends by +1 per new token. Clips go the same way as `mm_encoder_outputs`'s
+    "video" entry (the forward scatters them at the video tokens and joins both deepstack inputs in position order).
+    `inputs_embeds` and `image_mask` are unused here.
     """
-    encoded = BaseModelOutputWithDeepstackFeatures(
-        pooler_output=(vision.image_embeds,), deepstack_features=[(embeds,) for embeds in vision.deepstack_embeds]
-    )
+    encoded = {}
+    if vision.image_embeds is not None:
+        encoded["image"] = BaseModelOutputWithDeepstackFeatures(
+            pooler_output=(vision.image_embeds,),
+            deepstack_features=[(embeds,) for embeds in vision.deepstack_embeds])
+    if vision.video_embeds is not None:
+        encoded["video"] = BaseModelOutputWithDeepstackFeatures(
+            pooler_output=(vision.video_embeds,),
+            deepstack_features=[(embeds,) for embeds in vision.video_deepstack_embeds])
     sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               mm_encoder_outputs={"image": encoded}, **generate_options)
+                               mm_encoder_outputs=encoded, **generate_options)
     return sequences[:, input_ids.shape[1]:]  # (B, T)
 
 
@@ -195,4 +204,6 @@ ADAPTER = BackboneAdapter(
     generate=generate,
     default_tokenizer=qwen2_tokenizer,  # the Qwen2 vocabulary (<|image_pad|> = 151655)
     map_layers=all_layers,
+    video_time_interval=unit_time_interval,  # groups are t = 1 blocks of their own
+    timestamped_video=True,
 )

@@ -14,6 +14,7 @@ from flmm_model.backbones import qwen3_vl
 from flmm_model.backbones.adapter import BackboneAdapter, all_layers
 from flmm_model.backbones.mrope import mrope_position_ids
 from flmm_model.backbones.tokenizers import qwen2_tokenizer
+from flmm_model.backbones.video import unit_time_interval
 
 
 def qwen3_vl_moe_tiny() -> Qwen3VLMoeConfig:
@@ -62,4 +63,6 @@ ADAPTER = BackboneAdapter(
     generate=qwen3_vl.generate,
     default_tokenizer=qwen2_tokenizer,
     map_layers=all_layers,
+    video_time_interval=unit_time_interval,  # groups are t = 1 blocks of their own
+    timestamped_video=True,
 )
