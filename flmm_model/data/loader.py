@@ -45,6 +45,11 @@ def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_si
         phrases: B lists of K_i strings.
         metas: B meta dicts.
         num_skipped: number of None items dropped.
+        With clip items (`data.item.make_clip_item`; a batch may mix them with image items):
+        pixel_values_videos: (sum_v t_v*h_v*w_v, 1176) float32, video_grid_thw: (V, 3) long,
+        video_frame_times: V tensors (N_v,) float64, clips: B entries, (N, H, W, 3) uint8 or None (an image
+        sample), has_gt: B entries, (N,) bool or None; a clip sample's `images` entry is its first frame and its
+        `gt_masks` are (K, N, H, W); `pixel_values` / `image_grid_thw` hold only the image samples'.
         prepared: `prepare(batch)`, with `prepare` (B > 0).
     """
     if padding_side not in PADDING_SIDES:
@@ -66,12 +71,21 @@ def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_si
         input_ids[row, columns] = item["input_ids"]
         attention_mask[row, columns] = 1
         mask_ids[row, columns] = item["mask_ids"]
-    if kept:
-        pixel_values = torch.cat([item["pixel_values"] for item in kept])  # (sum of patches, 1176)
-        image_grid_thw = torch.cat([item["image_grid_thw"].reshape(-1, 3) for item in kept]).long()  # (I, 3)
+    with_images = [item for item in kept if "pixel_values" in item]
+    with_clips = [item for item in kept if "pixel_values_videos" in item]
+    if with_images:
+        pixel_values = torch.cat([item["pixel_values"] for item in with_images])  # (sum of patches, 1176)
+        image_grid_thw = torch.cat([item["image_grid_thw"].reshape(-1, 3) for item in with_images]).long()  # (I, 3)
     else:
-        pixel_values = torch.zeros((0, 0), dtype=torch.float32)
+        patch_dim = with_clips[0]["pixel_values_videos"].shape[1] if with_clips else 0
+        pixel_values = torch.zeros((0, patch_dim), dtype=torch.float32)
         image_grid_thw = torch.zeros((0, 3), dtype=torch.long)
+
+    def grounded_grid(item: dict[str, Any]) -> torch.Tensor:
+        if "pixel_values" not in item:  # a clip sample: its clip
+            return item["video_grid_thw"].reshape(3)
+        return item["image_grid_thw"].reshape(-1, 3)[int(item.get("grounded_image", 0))]
+
     batch = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -79,14 +93,23 @@ def collate(items: list[dict[str, Any] | None], *, pad_token_id: int, padding_si
         pixel_values=pixel_values,
         image_grid_thw=image_grid_thw,
         grounded_image=[int(item.get("grounded_image", 0)) for item in kept],
-        grounded_grid_thw=torch.stack([item["image_grid_thw"].reshape(-1, 3)[int(item.get("grounded_image", 0))]
-                                       for item in kept]).long() if kept else torch.zeros((0, 3), dtype=torch.long),
-        images=[item["image"] for item in kept],
+        grounded_grid_thw=torch.stack([grounded_grid(item) for item in kept]).long() if kept else torch.zeros(
+            (0, 3), dtype=torch.long),
+        # a clip sample's `images` entry is its first frame (3, H, W), so every sample has one
+        images=[item["image"] if "image" in item else item["frames"][0].permute(2, 0, 1) for item in kept],
         gt_masks=[item["gt_masks"] for item in kept],
         phrases=[item["phrases"] for item in kept],
         metas=[item["meta"] for item in kept],
         num_skipped=len(items) - batch_size,
     )
+    if with_clips:
+        batch.update(
+            pixel_values_videos=torch.cat([item["pixel_values_videos"] for item in with_clips]),  # (sum_v t*h*w, 1176)
+            video_grid_thw=torch.cat([item["video_grid_thw"].reshape(-1, 3) for item in with_clips]).long(),  # (V, 3)
+            video_frame_times=[item["video_frame_times"] for item in with_clips],  # V tensors (N_v,) float64
+            clips=[item.get("frames") for item in kept],  # per sample (N, H, W, 3) uint8, None for an image
+            has_gt=[item.get("has_gt") for item in kept],  # per sample (N,) bool, None for an image
+        )
     if prepare is not None and kept:
         batch["prepared"] = prepare(batch)
     return batch

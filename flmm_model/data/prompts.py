@@ -33,6 +33,10 @@ DEFAULT_SYSTEM = "You are a helpful assistant."  # Qwen2-VL's and Qwen2.5-VL's c
 
 IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
+VIDEO_BLOCK = "<|vision_start|><|video_pad|><|vision_end|>"
+VIDEO_PAD = "<|video_pad|>"
+# The instruction of a clip sample: F-LMM's (DEFAULT_INSTRUCTION) with "video" for "image" (F-LMM has no video).
+DEFAULT_VIDEO_INSTRUCTION = DEFAULT_INSTRUCTION.replace("image", "video")
 
 _END_PUNCTUATION = (".", "!", "?")
 
@@ -79,12 +83,13 @@ def phrases_of(parts: list[tuple[str, int]]) -> list[str]:
     return [text.strip() for text in texts]
 
 
-def chat_prefix(*, instruction: str = DEFAULT_INSTRUCTION, system: str | None = DEFAULT_SYSTEM) -> str:
+def chat_prefix(*, instruction: str = DEFAULT_INSTRUCTION, system: str | None = DEFAULT_SYSTEM,
+                video: bool = False) -> str:
     """The Qwen-VL chat text up to the assistant's answer, with one compact image placeholder (what the chat template
     renders for one user turn holding the image and then the instruction). `system=None`: no system turn (Qwen3-VL's
-    template default)."""
+    template default). `video`: a clip's compact block (`VIDEO_BLOCK`) instead of the image's."""
     system_turn = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
-    return (f"{system_turn}<|im_start|>user\n{IMAGE_BLOCK}{instruction}<|im_end|>\n"
+    return (f"{system_turn}<|im_start|>user\n{VIDEO_BLOCK if video else IMAGE_BLOCK}{instruction}<|im_end|>\n"
             f"<|im_start|>assistant\n")
 
 
@@ -95,6 +100,7 @@ def encode_grounded(
     instruction: str = DEFAULT_INSTRUCTION,
     system: str | None = DEFAULT_SYSTEM,
     max_length: int | None = None,
+    video: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize the chat with a grounded answer and mark each object's tokens.
 
@@ -109,6 +115,7 @@ def encode_grounded(
         instruction: the user's text after the image.
         system: the system prompt (None: no system turn).
         max_length: if given, the longest allowed sequence (counted with the single compact `<|image_pad|>`).
+        video: the sample is a clip: one compact `<|video_pad|>` block in place of the image's.
 
     Returns:
         input_ids: (L,) long, with exactly one `<|image_pad|>` (the model expands it to the image's tokens).
@@ -125,7 +132,7 @@ def encode_grounded(
     reject_control_tokens(tokenizer, instruction, what="instruction")
     for index, (text, k) in enumerate(parts):
         reject_control_tokens(tokenizer, text, what=f"part {index} (object {k})")
-    prefix = chat_prefix(instruction=instruction, system=system)
+    prefix = chat_prefix(instruction=instruction, system=system, video=video)
     answer = "".join(text for text, _ in parts)
     reject_control_tokens(tokenizer, answer, what="the answer joined from its parts")
     full_text = prefix + answer + "<|im_end|>\n"
@@ -139,15 +146,15 @@ def encode_grounded(
             char_object[cursor:cursor + len(text)][is_visible] = k
         cursor += len(text)
 
-    template = chat_prefix(instruction="", system="" if system is not None else None) + "<|im_end|>\n"
+    template = chat_prefix(instruction="", system="" if system is not None else None, video=video) + "<|im_end|>\n"
     return _encode_marked(tokenizer, full_text, char_object, template=template, num_images=1,
                           num_objects=num_objects, max_length=max_length, what="encode_grounded",
-                          objects=f"parts: {parts}")
+                          objects=f"parts: {parts}", pad=VIDEO_PAD if video else IMAGE_PAD)
 
 
 def _encode_marked(tokenizer: PreTrainedTokenizerBase, full_text: str, char_object: np.ndarray, *, template: str,
                    num_images: int, num_objects: int, max_length: int | None, what: str,
-                   objects: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   objects: str, pad: str = IMAGE_PAD) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize `full_text` once with offsets; token t gets the object its non-space characters mostly belong to
     (`char_object`, -1 = none; ties: lower k). Then check the control tokens against `template`, the number of
     image placeholders, that every object got a token, and the length."""
@@ -161,10 +168,10 @@ def _encode_marked(tokenizer: PreTrainedTokenizerBase, full_text: str, char_obje
     mask_ids = torch.tensor(token_objects, dtype=torch.long)  # (L,)
 
     _check_control_tokens(tokenizer, input_ids, encoding["offset_mapping"], full_text, template=template)
-    image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    num_pads = int((input_ids == image_pad_id).sum())
+    pad_id = tokenizer.convert_tokens_to_ids(pad)
+    num_pads = int((input_ids == pad_id).sum())
     if num_pads != num_images:
-        raise InputError(f"{what}: expected exactly {'one' if num_images == 1 else num_images} {IMAGE_PAD} "
+        raise InputError(f"{what}: expected exactly {'one' if num_images == 1 else num_images} {pad} "
                          f"token{'s' if num_images != 1 else ''}, found {num_pads}")
     missing = sorted(set(range(num_objects)) - set(mask_ids.tolist()))
     if missing:

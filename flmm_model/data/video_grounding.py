@@ -11,6 +11,8 @@ side turns frames + times into its video inputs). An item is a dict:
         without ground truth is all False).
     phrases: K expressions; parts: `prompts.expression_parts(phrases)` (F-LMM's "e0. e1." text).
     meta: dataset, split, video, expression_ids, frame_names (source names of `frame_indices`), num_source_frames.
+With `prompt` (the model's `PromptSettings`) the item is a model-ready clip item (`data.item.make_clip_item`: compact
+ids with one `<|video_pad|>`, the clip's pixel rows and grid, `video_frame_times`) keeping the keys above.
 A VideoSource item is one expression (K = 1); a synthetic item is all of the clip's shapes (K >= 1), as F-LMM
 puts every object of an image into one sample. Bad data follows `data.errors`: `on_error="skip"` returns None.
 """
@@ -23,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from flmm_model.data.clip_pixels import DEFAULT_GROUP_TOKENS
 from flmm_model.data.clips import DEFAULT_FPS, sample_frames
 from flmm_model.data.errors import SkipLog
-from flmm_model.data.prompts import expression_parts
+from flmm_model.data.item import PromptSettings, make_clip_item
+from flmm_model.data.prompts import DEFAULT_VIDEO_INSTRUCTION, expression_parts
 from flmm_model.data.synthetic_clips import SyntheticClips
 from flmm_model.data.video_sources import VideoSource
 
@@ -39,11 +43,18 @@ class VideoGroundingDataset(torch.utils.data.Dataset):
         fps: frames per second of the source's frames (its times are position / fps).
         on_error: "raise" or "skip" for SyntheticClips; a VideoSource's items follow the source's own on_error
             (its `skips` is this dataset's).
+        prompt: encode items for a model (its tokenizer, image processor, system prompt, max length); None: raw
+            frames and masks only.
+        instruction: the user's text after the clip (default: F-LMM's instruction with "video" for "image"; the
+            prompt's own instruction is the image one).
+        group_tokens: the most vision tokens per frame group (`data.clip_pixels`).
     """
 
     def __init__(self, source: VideoSource | SyntheticClips, *, max_frames: int = 16, fps: float = DEFAULT_FPS,
-                 on_error: str = "raise") -> None:
+                 on_error: str = "raise", prompt: PromptSettings | None = None,
+                 instruction: str = DEFAULT_VIDEO_INSTRUCTION, group_tokens: int = DEFAULT_GROUP_TOKENS) -> None:
         self.source, self.max_frames, self.fps = source, max_frames, fps
+        self.prompt, self.instruction, self.group_tokens = prompt, instruction, group_tokens
         name = f"{source.kind}/{source.split}" if isinstance(source, VideoSource) else "synthetic_clips"
         self.skips = source.skips if isinstance(source, VideoSource) else SkipLog(on_error=on_error, dataset=name)
 
@@ -80,11 +91,20 @@ class VideoGroundingDataset(torch.utils.data.Dataset):
             meta = dict(dataset=source.kind, split=source.split, video=expression.video,
                         expression_ids=[expression.expression_id],
                         frame_names=[expression.frames[i] for i in indices], num_source_frames=len(expression.frames))
-        return dict(frames=torch.from_numpy(np.ascontiguousarray(frames)),
+        item = dict(frames=torch.from_numpy(np.ascontiguousarray(frames)),
                     times=torch.from_numpy(times[sample.indices]),
                     frame_indices=torch.from_numpy(sample.indices), nearest=torch.from_numpy(sample.nearest),
                     gt_masks=torch.from_numpy(np.ascontiguousarray(gt_masks)), has_gt=torch.from_numpy(has_gt),
                     phrases=list(phrases), parts=expression_parts(list(phrases)), meta=meta)
+        if self.prompt is None:
+            return item
+        prompt = self.prompt
+        encoded = make_clip_item(
+            frames=item["frames"], times=item["times"], gt_masks=item["gt_masks"], has_gt=item["has_gt"],
+            parts=item["parts"], meta=meta, tokenizer=prompt.tokenizer, image_processor=prompt.image_processor,
+            instruction=self.instruction, system=prompt.system, max_length=prompt.max_length,
+            group_tokens=self.group_tokens, sample=f"{meta['dataset']} video {meta['video']}")
+        return {**item, **encoded}
 
     def _annotated(self, expression, position: int) -> bool:
         """Whether source frame `position` has ground truth: a split with masks, and for Ref-YouTube-VOS its PNG."""

@@ -22,6 +22,14 @@ What the forward needs, for the B samples and K objects of a batch (objects in s
   the step does not run the LMM), or the samples the cache misses (the step writes their entries);
 - with ground truth: the masks on one (K, H_max, W_max) canvas and the coarse targets on the U-Net grids (the
   fraction of each cell inside the object, `losses.resize_gt_masks`).
+
+Clips: the heads run on ROWS, not samples. An image sample is one row (its image, its maps); a clip sample is one
+row per frame the heads see: in training the frames with ground truth, in prediction its key frames (the first
+frame of every frame group, `clip_frames="keys"`, which a SAM2 video model then propagates through the clip) or
+every frame (`"all"`, for a refiner without video memory). A row reads its frame's group of the clip's maps
+((K, C, G, h, w)[:, :, frame // 2]) and the sample's phrase hidden states, so an image is a clip of one group and
+everything after the LMM (U-Net, SAM, losses, caches of SAM embeddings) is the image route. Without clips the rows
+are the samples (`row_sample` None) and nothing changes.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from flmm_model.device import pin_memory
 from flmm_model.modeling.frames import ObjectFrames, coarse_grid_size, gt_canvas, sam_input_canvas, sam_resized_size
 from flmm_model.modeling.lmm_inputs import PreparedLMMInputs, prepare_lmm_inputs
 from flmm_model.modeling.losses import resize_gt_masks
+
+CLIP_FRAMES = ("keys", "all")
 
 
 @dataclass
@@ -85,6 +95,10 @@ class PreparedBatch:
         lmm_cached: the LMM's outputs from `data.lmm_cache` when it holds every sample (the step skips the LMM; then
             `lmm.pixel_values` is emptied, it is not read), else None.
         lmm_missing: with a cache that missed: (sample, entry name, phrase tokens P_b) of each sample to write.
+        row_sample: with clips, per head row its sample (every per-object / per-image entry above is per row
+            then); None: the rows are the samples.
+        row_frame: with clips, per row the frame of its sample's clip (-1: an image sample).
+        row_group: with clips, per row the frame group its maps are read from (-1: an image sample).
     """
 
     lmm: PreparedLMMInputs
@@ -108,6 +122,9 @@ class PreparedBatch:
     coarse_targets: torch.Tensor | None
     lmm_cached: CachedLMMOutputs | None = None
     lmm_missing: list[tuple[int, str, int]] = field(default_factory=list)
+    row_sample: list[int] | None = None
+    row_frame: list[int] = field(default_factory=list)
+    row_group: list[int] = field(default_factory=list)
 
     def pin_memory(self) -> PreparedBatch:
         """Every CPU tensor in page-locked memory (the DataLoader calls this with `pin_memory=True`)."""
@@ -231,6 +248,10 @@ class BatchPreparer:
         lmm_cache: read the LMM's outputs from this cache (`data.lmm_cache`).
         keep_lmm_inputs: keep the LMM's pixels when the cache holds the whole batch (a sharded LMM: when another
             process's batch misses, this one runs the LMM too, so that their collectives pair up).
+        clip_frames: the frames of a clip the heads see in prediction: "keys" (the first of every frame group) or
+            "all"; in training (targets) the frames with ground truth.
+        timestamp_tokens: the tokenizer's timestamp pieces (Qwen3-VL / Qwen3.5 clips; `backbones.video`).
+        max_video_tokens: the video-token budget of a sample (refused beyond it).
     """
 
     qwen_config: Any
@@ -242,14 +263,16 @@ class BatchPreparer:
     sam_cache: SamEmbeddingCache | None = None
     lmm_cache: LMMOutputCache | None = None
     keep_lmm_inputs: bool = False
+    clip_frames: str = "keys"
+    timestamp_tokens: Any = None
+    max_video_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.clip_frames not in CLIP_FRAMES:
+            raise ValueError(f"clip_frames: expected one of {CLIP_FRAMES}, found {self.clip_frames!r}")
 
     def __call__(self, batch: dict[str, Any]) -> PreparedBatch:
         return prepare_batch(batch, preparer=self)
-
-    def coarse_sizes(self, grid_thw: torch.Tensor) -> list[tuple[int, int]]:
-        """Per sample (h', w') of the coarse grid, from the (B, 3) CPU patch grids of the grounded images."""
-        merge = self.qwen_config.vision_config.spatial_merge_size
-        return [coarse_grid_size(h // merge, w // merge, self.coarse_size) for _, h, w in grid_thw.tolist()]
 
 
 def prepare_batch(batch: dict[str, Any], *, preparer: BatchPreparer) -> PreparedBatch:
@@ -262,17 +285,39 @@ def prepare_batch(batch: dict[str, Any], *, preparer: BatchPreparer) -> Prepared
     def host(name: str) -> torch.Tensor:
         return batch[name].cpu()
 
+    with_clips = batch.get("pixel_values_videos") is not None
     lmm = prepare_lmm_inputs(preparer.qwen_config, host("input_ids"), host("attention_mask"), batch["pixel_values"],
                              host("image_grid_thw"), mask_ids=host("mask_ids"),
-                             grounded_image=batch.get("grounded_image"))
+                             grounded_image=batch.get("grounded_image"),
+                             pixel_values_videos=batch.get("pixel_values_videos"),
+                             video_grid_thw=batch["video_grid_thw"].cpu() if with_clips else None,
+                             video_frame_times=batch.get("video_frame_times"),
+                             timestamp_tokens=preparer.timestamp_tokens, max_video_tokens=preparer.max_video_tokens)
     images = [image.cpu() for image in batch["images"]]
-    image_sizes = [tuple(image.shape[-2:]) for image in images]
-    coarse_sizes = preparer.coarse_sizes(lmm.grounded_grid_thw)  # per sample (h', w')
     gt_masks = batch.get("gt_masks")
     has_gt = preparer.targets and bool(gt_masks) and all(mask is not None for mask in gt_masks)
+    num_objects, row_sample, row_frame, row_group = lmm.num_objects, None, [], []
+    object_slots, grids = lmm.object_slots, lmm.grounded_grid_hw
+    if with_clips:
+        if preparer.lmm_cache is not None:
+            raise ValueError("data.lmm_cache: the LMM-output cache holds image samples only; a batch with a clip "
+                             "runs the LMM (leave lmm_cache unset for video training)")
+        row_sample, row_frame, row_group = clip_rows(
+            batch, lmm, train=has_gt, clip_frames=preparer.clip_frames,
+            temporal=preparer.qwen_config.vision_config.temporal_patch_size)
+        images = [images[b] if frame < 0 else batch["clips"][b][frame].permute(2, 0, 1).cpu()
+                  for b, frame in zip(row_sample, row_frame, strict=True)]
+        if has_gt:
+            gt_masks = [gt_masks[b] if frame < 0 else gt_masks[b][:, frame]
+                        for b, frame in zip(row_sample, row_frame, strict=True)]
+        num_objects = [lmm.num_objects[b] for b in row_sample]
+        object_slots = [lmm.object_slots[b] for b in row_sample]
+        grids = [grids[b] for b in row_sample]
+    image_sizes = [tuple(image.shape[-2:]) for image in images]
+    coarse_sizes = [coarse_grid_size(h, w, preparer.coarse_size) for h, w in grids]  # per row (h', w')
     gt, coarse_targets = None, None
     if has_gt:
-        for b, (mask, count, size) in enumerate(zip(gt_masks, lmm.num_objects, image_sizes, strict=True)):
+        for b, (mask, count, size) in enumerate(zip(gt_masks, num_objects, image_sizes, strict=True)):
             if tuple(mask.shape) != (count, *size):
                 raise ValueError(f"sample {b}: gt_masks shape {tuple(mask.shape)} does not match the {count} "
                                  f"phrases at image size {size}")
@@ -283,7 +328,7 @@ def prepare_batch(batch: dict[str, Any], *, preparer: BatchPreparer) -> Prepared
             coarse_targets[row:row + mask.shape[0], :height, :width] = resize_gt_masks(mask, (height, width))
             row += mask.shape[0]
 
-    object_image = torch.repeat_interleave(torch.arange(len(image_sizes)), torch.tensor(lmm.num_objects))
+    object_image = torch.repeat_interleave(torch.arange(len(image_sizes)), torch.tensor(num_objects))
     per_object = object_image.tolist()
     with_sam = preparer.sam_image_size is not None
     sam_sizes = dict(image_size=preparer.sam_image_size, mask_side=preparer.sam_mask_side,
@@ -291,8 +336,8 @@ def prepare_batch(batch: dict[str, Any], *, preparer: BatchPreparer) -> Prepared
         image_size=1, mask_side=1)  # without SAM only the image and coarse sizes are used
     frames = ObjectFrames.build([image_sizes[b] for b in per_object], [coarse_sizes[b] for b in per_object],
                                 **sam_sizes)
-    groups, order = unet_groups(lmm.grounded_grid_hw, lmm.num_objects)
-    text_index, text_valid = text_slots(lmm.object_slots, lmm.queries.query_index.shape[1])
+    groups, order = unet_groups(grids, num_objects)
+    text_index, text_valid = text_slots(object_slots, lmm.queries.query_index.shape[1])
     sam = SamInputPreparer(preparer.sam_image_size, preparer.sam_cache, preparer.sam_stretch).for_images(images) \
         if with_sam else None
     cached = sam is not None and sam.embeddings is not None
@@ -302,7 +347,7 @@ def prepare_batch(batch: dict[str, Any], *, preparer: BatchPreparer) -> Prepared
         if lmm_cached is not None and not preparer.keep_lmm_inputs:  # no LMM run: its pixels need not travel
             lmm = replace(lmm, pixel_values=lmm.pixel_values[:0])
     return PreparedBatch(
-        lmm=lmm, num_objects=lmm.num_objects, image_sizes=image_sizes, coarse_sizes=coarse_sizes,
+        lmm=lmm, num_objects=num_objects, image_sizes=image_sizes, coarse_sizes=coarse_sizes,
         unet_groups=groups, coarse_order=order,
         coarse_canvas=(max(h for h, _ in coarse_sizes), max(w for _, w in coarse_sizes)),
         canvas=(max(h for h, _ in image_sizes), max(w for _, w in image_sizes)), frames=frames,
@@ -312,7 +357,44 @@ def prepare_batch(batch: dict[str, Any], *, preparer: BatchPreparer) -> Prepared
         sam_missing=torch.tensor(sam.encoded, dtype=torch.long) if cached else None,
         sam_missing_names=[sam.names[b] for b in sam.encoded] if cached else [],
         gt_canvas=gt, coarse_targets=coarse_targets, lmm_cached=lmm_cached, lmm_missing=lmm_missing,
+        row_sample=row_sample if with_clips else None, row_frame=row_frame,
+        row_group=row_group,
     )
+
+
+def clip_rows(batch: dict[str, Any], lmm: PreparedLMMInputs, *, train: bool, clip_frames: str, temporal: int
+              ) -> tuple[list[int], list[int], list[int]]:
+    """The head rows of a batch with clips (see the module docstring): per row its sample, frame (-1: an image)
+    and frame group (-1: an image); `temporal`: frames per group (the vision config's temporal_patch_size).
+
+    Raises:
+        ValueError: a clip sample with ground truth on no frame (in training), or whose `has_gt` / frames do not
+            match its frame times.
+    """
+    row_sample, row_frame, row_group = [], [], []
+    for b, clip in enumerate(lmm.grounded_clip):
+        if clip < 0:  # grounded on an image: one row
+            row_sample.append(b), row_frame.append(-1), row_group.append(-1)
+            continue
+        frames = batch["clips"][b]
+        count = frames.shape[0] if frames is not None else 0
+        groups = int(lmm.video_grid_thw[clip, 0])
+        if frames is None or -(-count // temporal) != groups:
+            raise ValueError(f"sample {b}: its clip has {count} frames, but its video_grid_thw holds {groups} frame "
+                             f"groups of {temporal}")
+        if train:
+            flags = batch["has_gt"][b]
+            if flags is None or flags.shape != (count,):
+                raise ValueError(f"sample {b}: has_gt must be ({count},) bool, one flag per frame")
+            chosen = torch.nonzero(flags.cpu()).flatten().tolist()
+            if not chosen:
+                raise ValueError(f"sample {b} ({batch['metas'][b].get('video', '?')}): no frame of its clip has "
+                                 f"ground truth, so it gives no loss; drop it from the training set")
+        else:
+            chosen = list(range(0, count, temporal)) if clip_frames == "keys" else list(range(count))
+        for frame in chosen:
+            row_sample.append(b), row_frame.append(frame), row_group.append(frame // temporal)
+    return row_sample, row_frame, row_group
 
 
 def read_lmm_cache(batch: dict[str, Any], lmm: PreparedLMMInputs, cache: LMMOutputCache

@@ -27,6 +27,7 @@ from transformers import Sam2Model, Sam2VideoModel, SamModel
 
 from flmm_model.backbones import QwenVLModel, VisionFeatures
 from flmm_model.backbones.tokenizers import check_tokenizer
+from flmm_model.backbones.video import TimestampTokens
 from flmm_model.config import DEFAULT_INSTRUCTION
 from flmm_model.data.lmm_cache import LMMOutputCache
 from flmm_model.data.prompts import DEFAULT_SYSTEM
@@ -38,8 +39,18 @@ from flmm_model.modeling.frames import resize_on_canvas, size_mask
 from flmm_model.modeling.lmm import FrozenQwenLMM, LMMOutput
 from flmm_model.modeling.losses import canvas_loss_terms
 from flmm_model.modeling.mask_head import UNetMaskHead
+from flmm_model.modeling.sam2_propagation import Sam2Propagator
 from flmm_model.modeling.sam2_refiner import refiner_for
 from flmm_model.modeling.text_prompt import TextPromptProjector
+
+
+def _row_outputs(lmm_out: LMMOutput, prepared: PreparedBatch) -> CachedLMMOutputs:
+    """What each head row reads of the LMM (batches with clips, see `modeling.batch`): its sample's maps (an image)
+    or its frame group's slice of the clip's maps, (K_b, C, h, w), and its sample's phrase rows."""
+    maps = [lmm_out.attention_maps[b] if group < 0 else lmm_out.attention_maps[b][:, :, group]
+            for b, group in zip(prepared.row_sample, prepared.row_group, strict=True)]
+    rows = torch.tensor(prepared.row_sample, device=lmm_out.phrase_rows.device)  # (R,), from a host list
+    return CachedLMMOutputs(attention_maps=maps, phrase_rows=lmm_out.phrase_rows.index_select(1, rows))  # (L, R, P, D)
 
 
 class GroundingModel(nn.Module):
@@ -87,6 +98,8 @@ class GroundingModel(nn.Module):
         self.lmm = FrozenQwenLMM(qwen=qwen, attn_capture=attn_capture)
         if tokenizer is not None:  # its image / vision-block ids must be the config's (another vocabulary fails here)
             check_tokenizer(tokenizer, qwen.config, family=self.lmm.adapter.name)
+            if self.lmm.adapter.timestamped_video:  # Qwen3-VL / Qwen3.5 write each frame group's time as text
+                self.lmm.timestamp_tokens = TimestampTokens.from_tokenizer(tokenizer)
         # U-Net input channels come from the loaded Qwen config: map layers x heads.
         self.mask_head = UNetMaskHead(in_channels=self.lmm.num_attention_channels, widths=tuple(mask_head_widths),
                                       upsample_size=mask_head_size)
@@ -209,7 +222,14 @@ class GroundingModel(nn.Module):
                              sam_mask_side=refiner.mask_input_size if refiner is not None else None,
                              sam_stretch=refiner is not None and refiner.stretch,
                              targets=targets, sam_cache=sam_cache, lmm_cache=lmm_cache,
-                             keep_lmm_inputs=self.lmm.sharded)
+                             keep_lmm_inputs=self.lmm.sharded, clip_frames="keys" if self.propagates else "all",
+                             timestamp_tokens=self.lmm.timestamp_tokens, max_video_tokens=self.lmm.max_video_tokens)
+
+    @property
+    def propagates(self) -> bool:
+        """Whether the refiner has a video memory (a SAM2 video model): a clip's key frames are refined and the
+        masks propagated through the clip; otherwise every frame is refined on its own."""
+        return self.sam_refiner is not None and isinstance(self.sam_refiner.sam, Sam2VideoModel)
 
     def open_lmm_cache(self, directory: str, *, precision: str, sentence_draws: Sequence[str]) -> LMMOutputCache:
         """The LMM-output cache in `directory` for this model's frozen LMM, prompt and pixel budget, the training
@@ -266,10 +286,11 @@ class GroundingModel(nn.Module):
         lmm_out = prepared.lmm_cached
         if lmm_out is None:
             lmm_out = self.lmm.forward_prepared(prepared.lmm, vision=vision)
+        heads_in = lmm_out if prepared.row_sample is None else _row_outputs(lmm_out, prepared)
         head_dtype = next(self.mask_head.parameters()).dtype
         outputs = []
         for group in prepared.unet_groups:  # one U-Net call per distinct attention grid
-            maps = [lmm_out.attention_maps[b] for b in group.samples]
+            maps = [heads_in.attention_maps[b] for b in group.samples]
             maps = maps[0] if len(maps) == 1 else torch.cat(maps)  # (K_g, C, h, w)
             outputs.append(self.mask_head(maps.to(head_dtype)))  # (K_g, h', w')
         if prepared.coarse_order is None:
@@ -291,7 +312,7 @@ class GroundingModel(nn.Module):
             else:  # cached rows + the misses encoded now
                 image_embeddings = image_embeddings.index_copy(0, prepared.sam_missing,
                                                                computed.to(image_embeddings.dtype))
-        text_tokens = self.text_projector(lmm_out.phrase_rows)  # (B, P, prompt_dim)
+        text_tokens = self.text_projector(heads_in.phrase_rows)  # (rows, P, prompt_dim)
         num_objects = coarse.shape[0]
         text_tokens = text_tokens.flatten(0, 1).index_select(0, prepared.text_index).view(num_objects, -1,
                                                                                           text_tokens.shape[-1])
@@ -362,6 +383,68 @@ class GroundingModel(nn.Module):
         if prepared.lmm_missing:
             out["lmm_new_entries"] = [(name, lmm_out.attention_maps[b], lmm_out.phrase_rows[:, b, :tokens])
                                       for b, name, tokens in prepared.lmm_missing]
+        return out
+
+    @torch.no_grad()
+    def clip_key_logits(self, batch: dict[str, Any]) -> list[dict[int, torch.Tensor] | torch.Tensor]:
+        """Refined logits of the frames the heads see (no losses), per sample: for a clip sample {frame: (K_b, H, W)
+        float32} over its key frames (the first frame of every frame group when the refiner propagates, else every
+        frame; see `modeling.batch`), for an image sample its (K_b, H, W) logits. The frozen LMM watches each clip
+        whole; each key frame reads its frame group's maps."""
+        was_training = self.training
+        self.eval()
+        try:
+            prepared = batch.get("prepared")
+            if not isinstance(prepared, PreparedBatch):
+                prepared = self.batch_preparer(targets=False)(batch)
+            prepared = to_device(prepared, self.device)
+            coarse, refined, _, _ = self._heads(prepared)
+            _, row_logits = self._split(prepared, coarse, refined)  # per row (K, H, W)
+        finally:
+            self.train(was_training)
+        if prepared.row_sample is None:
+            return row_logits
+        out: list[dict[int, torch.Tensor] | torch.Tensor] = [{} for _ in batch["metas"]]
+        for logits, b, frame in zip(row_logits, prepared.row_sample, prepared.row_frame, strict=True):
+            if frame < 0:
+                out[b] = logits
+            else:
+                out[b][frame] = logits
+        return out
+
+    @torch.no_grad()
+    def complete_clip(self, frames: Sequence[torch.Tensor], key_logits: dict[int, torch.Tensor]) -> torch.Tensor:
+        """(K, T, H, W) float32 logits on every frame of a clip from the key frames' logits: with a SAM2 video model
+        as the refiner its memory propagates them (`Sam2Propagator`: forward from the first key frame, then back
+        to frame 0; the key frames keep their own logits), otherwise each frame takes the logits of its nearest key
+        frame (the earlier one on a tie). `frames`: T uint8 (3, H, W) tensors."""
+        keys = sorted(key_logits)
+        if not keys or not 0 <= keys[0] <= keys[-1] < len(frames):
+            raise ValueError(f"complete_clip: key frames {keys} must lie in the clip's {len(frames)} frames")
+        if self.propagates and len(keys) < len(frames):
+            was_training = self.training
+            self.eval()
+            try:
+                propagator = Sam2Propagator(sam2=self.sam_refiner.sam, freeze=False)  # the refiner keeps training
+                logits = propagator.propagate([frame.to(self.device) for frame in frames], key_logits)
+            finally:
+                self.train(was_training)
+            for frame in keys:
+                logits[:, frame] = key_logits[frame].to(logits.dtype)
+            return logits  # (K, T, H, W)
+        nearest = [min(keys, key=lambda k: (abs(k - t), k)) for t in range(len(frames))]
+        return torch.stack([key_logits[k].float() for k in nearest], dim=1)  # (K, T, H, W)
+
+    @torch.no_grad()
+    def predict_clip_logits(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Per sample float32 logits (no losses): (K_b, N_b, H, W) over every frame of a clip sample (its key frames
+        refined, the rest completed by `complete_clip`), (K_b, H, W) for an image sample."""
+        out = []
+        for b, keys in enumerate(self.clip_key_logits(batch)):
+            if isinstance(keys, dict):
+                frames = [frame.permute(2, 0, 1) for frame in batch["clips"][b]]  # N (3, H, W) uint8
+                keys = self.complete_clip(frames, keys)
+            out.append(keys)
         return out
 
     @torch.no_grad()
