@@ -80,7 +80,8 @@ class DatasetConfig:
     """One dataset split. Paths default to the layout under `data.root` (see README)."""
 
     type: str = _field(help="dataset type: a key of flmm_model.data.kinds.DATASET_KINDS (refcoco | refcoco+ | "
-                            "refcocog | png | reason_seg | synthetic)")
+                            "refcocog | png | reason_seg | synthetic | ref_youtube_vos | mevis | revos | "
+                            "synthetic_clips)")
     split: str = _field("train", help="refcoco*: train | val | testA | testB | test; png: train | val; "
                                       "reason_seg: train | val | test; "
                                       "synthetic: any name (without a seed, the name seeds the samples)")
@@ -108,6 +109,10 @@ class DatasetConfig:
                                                         "shorter side; null = default")
     seed: int | None = _field(None, help="seed of random choices inside the dataset (sentence per ref, synthetic "
                                          "images); null = derived from the split name, so splits differ")
+    max_frames: int = _field(16, help="video datasets: the frame budget of a clip; a longer clip is sampled "
+                                      "evenly (data.clips.sample_frames), never cut")
+    num_frames: int = _field(8, help="synthetic_clips: frames per clip")
+    group_tokens: int = _field(256, help="video datasets: the most vision tokens per frame group (2 frames)")
     max_samples: int | None = _field(None, help="use only the first N samples (quick validation); null = all")
     name: str | None = _field(None, help="label in logs and tables; null = <type>_<split>")
 

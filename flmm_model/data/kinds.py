@@ -47,6 +47,24 @@ def _check_synthetic(ds: DatasetConfig, key: str) -> None:
                           f"of the shorter side), found {ds.object_size}")
 
 
+def _check_video(ds: DatasetConfig, key: str) -> None:
+    if ds.max_frames < 2:
+        raise ConfigError(f"{key}.max_frames: a clip needs a budget of at least 2 frames (one frame group), found "
+                          f"{ds.max_frames}")
+    if ds.group_tokens < 1:
+        raise ConfigError(f"{key}.group_tokens: expected >= 1 vision tokens per frame group, found {ds.group_tokens}")
+
+
+def _check_synthetic_clips(ds: DatasetConfig, key: str) -> None:
+    _check_video(ds, key)
+    if ds.length < 1 or ds.num_frames < 1:
+        raise ConfigError(f"{key}: synthetic_clips needs length >= 1 and num_frames >= 1, found length {ds.length}, "
+                          f"num_frames {ds.num_frames}")
+    if ds.image_size is not None and not 16 <= ds.image_size[0] <= ds.image_size[1]:
+        raise ConfigError(f"{key}.image_size: synthetic_clips needs [min, max] with 16 <= min <= max pixels, found "
+                          f"{ds.image_size}")
+
+
 _REFCOCO = DatasetKind(check=_check_protocol("flmm", "per_sentence"))
 
 DATASET_KINDS: dict[str, DatasetKind] = {
@@ -56,7 +74,14 @@ DATASET_KINDS: dict[str, DatasetKind] = {
     "png": DatasetKind(),
     "reason_seg": DatasetKind(check=_check_protocol("flmm", "direct")),
     "synthetic": DatasetKind(needs_root=False, check=_check_synthetic),
+    # referring video object segmentation (`data.video_sources`); root: the dataset's folder, default
+    # <data.root>/<type>
+    "ref_youtube_vos": DatasetKind(check=_check_video),
+    "mevis": DatasetKind(check=_check_video),
+    "revos": DatasetKind(check=_check_video),
+    "synthetic_clips": DatasetKind(needs_root=False, check=_check_synthetic_clips),
 }
+VIDEO_TYPES = ("ref_youtube_vos", "mevis", "revos", "synthetic_clips")
 
 
 def check_dataset_configs(data: DataConfig) -> None:

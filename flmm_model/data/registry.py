@@ -8,6 +8,7 @@ go through `build_dataset` and `DatasetSpec.metric`; nothing else switches on a 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,11 @@ from flmm_model.data.png import PngDataset
 from flmm_model.data.reason_seg import ReasonSegDataset
 from flmm_model.data.refcoco import RefCocoDataset
 from flmm_model.data.synthetic import SyntheticDataset
+from flmm_model.data.synthetic_clips import SyntheticClips
+from flmm_model.data.video_grounding import VideoGroundingDataset
+from flmm_model.data.video_sources import VideoSource
 from flmm_model.metrics import PngRecallMetric, ReasonSegMetric, ReferSegMetric
+from flmm_model.video_metrics import VideoSegMetric
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,19 @@ def _build_reason_seg(ds: DatasetConfig, *, root: str, prompt: PromptSettings, t
                             **_prompt_kwargs(prompt))
 
 
+def _build_video(ds: DatasetConfig, *, root: str, prompt: PromptSettings, train: bool,
+                 on_error: str) -> VideoGroundingDataset:
+    if ds.type == "synthetic_clips":
+        options = {"image_size": tuple(ds.image_size) if ds.image_size else None, "max_objects": ds.max_objects,
+                   "object_size": tuple(ds.object_size) if ds.object_size else None}
+        source = SyntheticClips(length=ds.length, seed=dataset_seed(ds), num_frames=ds.num_frames,
+                                **{k: v for k, v in options.items() if v is not None})
+    else:  # the dataset's own folder: the entry's root, else <data.root>/<type>
+        source = VideoSource(ds.type, ds.root or os.path.join(root, ds.type), ds.split, on_error=on_error)
+    return VideoGroundingDataset(source, max_frames=ds.max_frames, on_error=on_error, prompt=prompt,
+                                 group_tokens=ds.group_tokens)
+
+
 def _prompt_kwargs(prompt: PromptSettings) -> dict[str, Any]:
     return dict(tokenizer=prompt.tokenizer, image_processor=prompt.image_processor, instruction=prompt.instruction,
                 system=prompt.system, max_length=prompt.max_length)
@@ -78,6 +96,10 @@ DATASETS: dict[str, DatasetSpec] = {
     "png": DatasetSpec(build=_build_png, metric=PngRecallMetric),
     "reason_seg": DatasetSpec(build=_build_reason_seg, metric=ReasonSegMetric),
     "synthetic": DatasetSpec(build=_build_synthetic, metric=ReferSegMetric),
+    "ref_youtube_vos": DatasetSpec(build=_build_video, metric=VideoSegMetric),
+    "mevis": DatasetSpec(build=_build_video, metric=VideoSegMetric),
+    "revos": DatasetSpec(build=_build_video, metric=VideoSegMetric),
+    "synthetic_clips": DatasetSpec(build=_build_video, metric=VideoSegMetric),
 }
 if set(DATASETS) != set(DATASET_KINDS):  # a type added on one side only would pass its config checks, then fail
     raise RuntimeError(f"data.registry.DATASETS {sorted(DATASETS)} and data.kinds.DATASET_KINDS "

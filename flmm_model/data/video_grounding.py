@@ -8,7 +8,7 @@ side turns frames + times into its video inputs). An item is a dict:
         each source frame (`FrameSample.spread` maps predictions back to all T frames).
     gt_masks: (K, N, H, W) bool per object and sampled frame (zeros where `has_gt` is False).
     has_gt: (N,) bool: whether the frame has ground truth (Ref-YouTube-VOS annotates only some frames; a split
-        without ground truth is all False).
+        without ground truth is all False; the padding repeat of the last frame is False, so that frame counts once).
     phrases: K expressions; parts: `prompts.expression_parts(phrases)` (F-LMM's "e0. e1." text).
     meta: dataset, split, video, expression_ids, frame_names (source names of `frame_indices`), num_source_frames.
 With `prompt` (the model's `PromptSettings`) the item is a model-ready clip item (`data.item.make_clip_item`: compact
@@ -45,15 +45,18 @@ class VideoGroundingDataset(torch.utils.data.Dataset):
             (its `skips` is this dataset's).
         prompt: encode items for a model (its tokenizer, image processor, system prompt, max length); None: raw
             frames and masks only.
-        instruction: the user's text after the clip (default: F-LMM's instruction with "video" for "image"; the
-            prompt's own instruction is the image one).
+        instruction: the user's text after the clip; None: the prompt's (image) instruction with "video" for
+            "image" (F-LMM's becomes "Please give me a brief description of the video.").
         group_tokens: the most vision tokens per frame group (`data.clip_pixels`).
     """
 
     def __init__(self, source: VideoSource | SyntheticClips, *, max_frames: int = 16, fps: float = DEFAULT_FPS,
                  on_error: str = "raise", prompt: PromptSettings | None = None,
-                 instruction: str = DEFAULT_VIDEO_INSTRUCTION, group_tokens: int = DEFAULT_GROUP_TOKENS) -> None:
+                 instruction: str | None = None, group_tokens: int = DEFAULT_GROUP_TOKENS) -> None:
         self.source, self.max_frames, self.fps = source, max_frames, fps
+        if instruction is None:
+            instruction = prompt.instruction.replace("image", "video") if prompt is not None else \
+                DEFAULT_VIDEO_INSTRUCTION
         self.prompt, self.instruction, self.group_tokens = prompt, instruction, group_tokens
         name = f"{source.kind}/{source.split}" if isinstance(source, VideoSource) else "synthetic_clips"
         self.skips = source.skips if isinstance(source, VideoSource) else SkipLog(on_error=on_error, dataset=name)
@@ -91,6 +94,8 @@ class VideoGroundingDataset(torch.utils.data.Dataset):
             meta = dict(dataset=source.kind, split=source.split, video=expression.video,
                         expression_ids=[expression.expression_id],
                         frame_names=[expression.frames[i] for i in indices], num_source_frames=len(expression.frames))
+        if sample.padded:  # the repeated last frame is trained on and scored once, as its original
+            has_gt[-1] = False
         item = dict(frames=torch.from_numpy(np.ascontiguousarray(frames)),
                     times=torch.from_numpy(times[sample.indices]),
                     frame_indices=torch.from_numpy(sample.indices), nearest=torch.from_numpy(sample.nearest),

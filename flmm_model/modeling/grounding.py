@@ -450,7 +450,9 @@ class GroundingModel(nn.Module):
     @torch.no_grad()
     def predict_masks(self, batch: dict[str, Any], *, vision: VisionFeatures | None = None) -> list[torch.Tensor]:
         """Per sample (K_b, H_b, W_b) bool masks: sigmoid(logits) > 0.5 at the original size (`vision`: see
-        `predict_logits`)."""
+        `predict_logits`). A batch with clips: (K_b, N_b, H, W) for each clip sample (`predict_clip_logits`)."""
+        if batch.get("pixel_values_videos") is not None:
+            return [logits > 0 for logits in self.predict_clip_logits(batch)]
         was_training = self.training
         self.eval()
         try:

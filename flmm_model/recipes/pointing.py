@@ -24,7 +24,8 @@ def score_pointing(lmm: FrozenQwenLMM, loader: torch.utils.data.DataLoader) -> d
 
     Args:
         lmm: the frozen LMM stage (e.g. `FrozenQwenSAM.lmm`).
-        loader: collated batches with `gt_masks` (this process's shard; the sums are reduced over processes).
+        loader: collated batches with `gt_masks` (this process's shard; the sums are reduced over processes). A
+            clip sample counts each frame with ground truth, read from its frame group's maps.
 
     Returns:
         {"pointing", "pointing_chance"} in percent and "count" (objects).
@@ -34,11 +35,19 @@ def score_pointing(lmm: FrozenQwenLMM, loader: torch.utils.data.DataLoader) -> d
         if len(batch["images"]) == 0:
             continue
         out = lmm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
-                  batch["mask_ids"], grounded_image=batch.get("grounded_image"))
+                  batch["mask_ids"], grounded_image=batch.get("grounded_image"),
+                  pixel_values_videos=batch.get("pixel_values_videos"), video_grid_thw=batch.get("video_grid_thw"),
+                  video_frame_times=batch.get("video_frame_times"))
         if not scored:
             continue
-        for maps, gt_masks in zip(out.attention_maps, batch["gt_masks"], strict=True):
-            metric.update(maps.mean(dim=1), gt_masks)  # (K, C, h, w) -> (K, h, w): all layers and heads
+        flags = batch.get("has_gt") or [None] * len(out.attention_maps)
+        temporal = lmm.qwen.config.vision_config.temporal_patch_size
+        for maps, gt_masks, has_gt in zip(out.attention_maps, batch["gt_masks"], flags, strict=True):
+            if has_gt is None:
+                metric.update(maps.mean(dim=1), gt_masks)  # (K, C, h, w) -> (K, h, w): all layers and heads
+                continue
+            for frame in torch.nonzero(has_gt).flatten().tolist():  # a clip: each frame with ground truth
+                metric.update(maps[:, :, frame // temporal].mean(dim=1), gt_masks[:, frame])  # its group's maps
     return metric.compute()
 
 

@@ -21,8 +21,9 @@ def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, metric: ty
     Args:
         model: the unwrapped FrozenQwenSAM in eval mode.
         loader: batches of this process's shard.
-        metric: the metric class of the dataset (its registry entry's), e.g. `ReferSegMetric` (cIoU / gIoU) or
-            `PngRecallMetric` (Average Recall all / things / stuff / singulars / plurals).
+        metric: the metric class of the dataset (its registry entry's), e.g. `ReferSegMetric` (cIoU / gIoU),
+            `PngRecallMetric` (Average Recall all / things / stuff / singulars / plurals) or `VideoSegMetric`
+            (J / F / J&F of clips, over their sampled frames with ground truth).
         autocast: context manager entered around the prediction.
         baselines: also score the all-foreground and the empty mask (keys `baseline_full/...`, `baseline_empty/...`).
         progress: show a progress bar (rank 0).
@@ -54,7 +55,12 @@ def score_dataset(model: Any, loader: torch.utils.data.DataLoader, *, metric: ty
             predictions = predict_batch(model, batch)
         if not scoring:
             continue
+        flags = batch.get("has_gt") or [None] * len(predictions)
         for index, (pred, gt) in enumerate(zip(predictions, batch["gt_masks"], strict=True)):
+            if flags[index] is not None:  # a clip: scored on the frames with ground truth, (K, T_gt, H, W)
+                if not bool(flags[index].any()):
+                    continue
+                pred, gt = pred[:, flags[index].to(pred.device)], gt[:, flags[index]]
             candidates = {"": pred.cpu()}
             if baselines:
                 candidates["baseline_full/"] = torch.ones_like(gt, dtype=torch.bool)
