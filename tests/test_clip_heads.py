@@ -18,16 +18,16 @@ from test_video_sources import HEIGHT, WIDTH, object_ids, write_mevis, write_ytv
 import run
 from flmm_model.build import prompt_settings
 from flmm_model.config import ModelConfig
+from flmm_model.data.item import PromptSettings
 from flmm_model.data.loader import collate
 from flmm_model.data.synthetic import SyntheticDataset
 from flmm_model.data.synthetic_clips import SyntheticClips
-from flmm_model.data.item import PromptSettings
 from flmm_model.data.video_grounding import VideoGroundingDataset
 from flmm_model.data.video_sources import VideoSource
 from flmm_model.model import FrozenQwenSAM, build_model
+from flmm_model.modeling.sam2_propagation import Sam2Propagator
 from flmm_model.recipes.scoring import score_dataset
 from flmm_model.video_metrics import VideoSegMetric
-from flmm_model.modeling.sam2_propagation import Sam2Propagator
 
 HEADS = dict(mask_head_widths=[8, 16, 32, 64], mask_head_size=32, max_pixels=12544)
 VIDEO_DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo_video.yaml")
