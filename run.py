@@ -129,8 +129,11 @@ def build_parser() -> _Parser:
     source.add_argument("--image", help="image file")
     source.add_argument("--video", help="a clip: frames directory, GIF / WebP, or video file (pip install -e "
                                         "\".[video]\"); writes object<k>/<frame>.png and overlay.gif")
-    predict.add_argument("--key-frame", type=int, default=0, help="--video: the frame the phrases are grounded on "
-                                                                   "(a SAM2 refiner tracks them from there)")
+    predict.add_argument("--key-frame", type=int, default=None, help="--video: ground the phrases on this frame "
+                                                                      "alone, as on an image (default: the LMM "
+                                                                      "watches the clip)")
+    predict.add_argument("--max-frames", type=int, default=16, help="--video: frames the LMM watches (a longer "
+                                                                     "clip is sampled evenly, never cut)")
     predict.add_argument("--fps", type=float, default=None, help="--video: frame rate of a frames directory")
     predict.add_argument("--text", action="append", required=True, help="a phrase; repeat for several objects")
     predict.add_argument("--out", default=None, help="output dir (default: predictions/<image name>)")
@@ -261,7 +264,8 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
         from flmm_model.apps.predict import predict_video
 
         return predict_video(cfg.model, checkpoint=args.checkpoint, video=args.video, phrases=args.text,
-                             out_dir=out_dir, device=args.device, key_frame=args.key_frame, fps=args.fps)
+                             out_dir=out_dir, device=args.device, key_frame=args.key_frame, fps=args.fps,
+                             max_frames=args.max_frames)
     return predict(cfg.model, checkpoint=args.checkpoint, image=args.image, phrases=args.text, out_dir=out_dir,
                    device=args.device)
 

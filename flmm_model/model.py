@@ -42,11 +42,12 @@ class FrozenQwenSAM(GroundingModel):
         """
         return self.predictor().segment(image, phrases)
 
-    def segment_clip(self, frames: Sequence[Image.Image], phrases: str | Sequence[str], *, key_frame: int = 0
-                     ) -> torch.Tensor:
-        """Masks for phrases through a clip of PIL frames: (K, T, H, W) bool, on CPU; grounded on `key_frame` and
-        tracked by SAM2's video memory when the refiner is SAM2 (see `GroundingPredictor.segment_clip`)."""
-        return self.predictor().segment_clip(frames, phrases, key_frame=key_frame)
+    def segment_clip(self, frames: Sequence[Image.Image], phrases: str | Sequence[str], *,
+                     key_frame: int | None = None, **options: Any) -> torch.Tensor:
+        """Masks for phrases through a clip of PIL frames: (K, T, H, W) bool, on CPU. The frozen LMM watches the
+        clip (or, with `key_frame`, grounds that frame alone) and SAM2's video memory tracks the masks when the
+        refiner is SAM2 (see `GroundingPredictor.segment_clip`; `times=`, `max_frames=`)."""
+        return self.predictor().segment_clip(frames, phrases, key_frame=key_frame, **options)
 
     def chat(self, image: Image.Image | Sequence[Image.Image], question: str, *, ground: Any = None,
              max_new_tokens: int = 512, **options: Any) -> ChatOutput:

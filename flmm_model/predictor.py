@@ -22,13 +22,24 @@ from dataclasses import dataclass, field
 from types import EllipsisType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import Sam2VideoModel
 
+from flmm_model.data.clips import DEFAULT_FPS, FrameSample, sample_frames
+from flmm_model.data.errors import DataError
 from flmm_model.data.images import image_tensor, letterbox, qwen_image_inputs, to_rgb
+from flmm_model.data.item import make_clip_item
 from flmm_model.data.loader import collate
-from flmm_model.data.prompts import ChatPrompt, build_chat_prompt, encode_chat, encode_grounded, expression_parts
+from flmm_model.data.prompts import (
+    ChatPrompt,
+    build_chat_prompt,
+    encode_chat,
+    encode_grounded,
+    expression_parts,
+    video_instruction,
+)
 from flmm_model.errors import InputError, MissingDependencyError
 from flmm_model.phrases import DEFAULT_SPACY_MODEL, NOUN_PHRASES, resolve_spans, spacy_missing_message
 
@@ -37,6 +48,7 @@ from flmm_model.phrases import DEFAULT_SPACY_MODEL, NOUN_PHRASES, resolve_spans,
 COT_INSTRUCTION = "First think which object in this image is most relevant to the question."
 COT_THOUGHT_PREFIX = "The object most relevant to the question is"
 COT_ANSWER_INSTRUCTION = "\nAnswer the question using a single word or phrase."
+DEFAULT_MAX_FRAMES = 16  # the frames of a clip the frozen LMM watches (more are sampled evenly, never cut)
 
 if TYPE_CHECKING:  # annotations only: the network never imports this module, and this module needs only its methods
     from flmm_model.modeling.grounding import GroundingModel
@@ -93,16 +105,52 @@ class GroundingPredictor:
         height, width = batch["metas"][0]["size"]
         return self.model.predict_masks(batch)[0][:, :height, :width].cpu()  # (K, H, W): letterbox cropped off
 
-    @torch.no_grad()
-    def segment_clip(self, frames: Sequence[Image.Image], phrases: str | Sequence[str], *, key_frame: int = 0
-                     ) -> torch.Tensor:
-        """Masks for phrases through a clip: (K, T, H, W) bool on CPU.
+    def encode_clip(self, frames: Sequence[Image.Image], phrases: Sequence[str], *,
+                    times: Sequence[float] | None = None, max_frames: int = DEFAULT_MAX_FRAMES
+                    ) -> tuple[dict[str, Any], FrameSample]:
+        """The collated one-clip batch the frozen LMM watches, and which frames it holds: the frames chosen by the
+        budget rule (`data.clips.sample_frames`: all of them within `max_frames`, else evenly spaced; never cut),
+        their times (`times` in seconds, default frame / `data.clips.DEFAULT_FPS`), one compact `<|video_pad|>`,
+        the model's instruction with "video" for "image".
 
-        The phrases are grounded on the key frame as on an image (the frozen LMM's maps, the U-Net, the refiner).
-        With a SAM2 video model as the refiner (`model.sam` a SAM2 / SAM2.1 checkpoint or preset), its video memory
-        then carries those masks through every frame, forward from the key frame and backward to frame 0
-        (`modeling.sam2_propagation.Sam2Propagator`); the key frame keeps its grounded mask. Any other refiner
-        grounds every frame on its own.
+        Raises:
+            InputError (a ValueError): frames of different sizes or a size the processor refuses, bad phrases, a
+                budget under 2 frames, times that are not one per frame.
+        """
+        model = self.model
+        pictures = [np.asarray(to_rgb(frame)) for frame in frames]
+        if times is None:
+            times = np.arange(len(pictures), dtype=np.float64) / DEFAULT_FPS
+        times = np.asarray(times, dtype=np.float64)
+        try:
+            sample = sample_frames(len(pictures), times, max_frames=max_frames)
+            chosen = torch.from_numpy(np.stack([pictures[i] for i in sample.indices]))  # (N, H, W, 3)
+            count, height, width = chosen.shape[:3]
+            item = make_clip_item(
+                frames=chosen, times=torch.from_numpy(times[sample.indices]),
+                gt_masks=torch.zeros((len(phrases), count, height, width), dtype=torch.bool),
+                has_gt=torch.zeros(count, dtype=torch.bool), parts=expression_parts(list(phrases)),
+                meta={"size": (height, width), "video": "clip"}, tokenizer=model.tokenizer,
+                image_processor=model.image_processor, instruction=video_instruction(model.instruction),
+                system=model.system, max_length=model.max_length, sample="segment_clip()")
+        except (DataError, ValueError) as error:
+            raise InputError(f"segment_clip(): {error}") from error
+        return collate([item], pad_token_id=model.tokenizer.pad_token_id), sample
+
+    @torch.no_grad()
+    def segment_clip(self, frames: Sequence[Image.Image], phrases: str | Sequence[str], *,
+                     key_frame: int | None = None, times: Sequence[float] | None = None,
+                     max_frames: int = DEFAULT_MAX_FRAMES) -> torch.Tensor:
+        """Masks for phrases through a clip: (K, T, H, W) bool on CPU, every frame.
+
+        Default (`key_frame=None`): the frozen LMM watches the clip (`encode_clip`: up to `max_frames` frames, as
+        one video input), the heads read each frame group's maps and refine its first frame (the key frames), and
+        a SAM2 video model as the refiner carries the key frames' masks through every frame of the clip with its
+        memory (`GroundingModel.complete_clip`); any other refiner refines every watched frame, and a frame the
+        budget left out takes its nearest watched frame's mask.
+
+        `key_frame=k`: the phrases are grounded on frame k alone, as on an image, and SAM2's memory tracks them
+        (the key frame keeps its grounded mask); any other refiner then grounds every frame on its own.
 
         Raises:
             InputError: no frame, frames of different sizes, a key frame outside the clip, or a bad phrase.
@@ -115,6 +163,17 @@ class GroundingPredictor:
         sizes = {frame.size for frame in frames}
         if len(sizes) != 1:
             raise InputError(f"segment_clip(): frames must share one size, found sizes (W, H) {sorted(sizes)}")
+        phrase_list = [phrases] if isinstance(phrases, str) else list(phrases)
+        if key_frame is None:
+            batch, sample = self.encode_clip(frames, phrase_list, times=times, max_frames=max_frames)
+            watched = self.model.clip_key_logits(batch)[0]  # {sampled position: (K, H, W)}
+            if not self.model.propagates:  # every watched frame refined; the rest: the nearest watched frame's
+                return torch.stack([watched[int(p)] > 0 for p in sample.nearest], dim=1).cpu()  # (K, T, H, W)
+            keys: dict[int, torch.Tensor] = {}
+            for position, logits in watched.items():
+                keys.setdefault(int(sample.indices[position]), logits)  # a padding repeat: its original's
+            logits = self.model.complete_clip([image_tensor(frame) for frame in frames], keys)
+            return (logits > 0).cpu()
         if not 0 <= key_frame < len(frames):
             raise InputError(f"segment_clip(): key_frame {key_frame} is outside the clip's {len(frames)} frames")
         refiner = self.model.sam_refiner

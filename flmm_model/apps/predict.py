@@ -84,18 +84,21 @@ def predict(model_cfg: ModelConfig, *, checkpoint: str, image: str, phrases: lis
 
 
 def predict_video(model_cfg: ModelConfig, *, checkpoint: str, video: str, phrases: list[str], out_dir: str,
-                  device: str = "auto", key_frame: int = 0, fps: float | None = None, model: Any = None
-                  ) -> dict[str, Any]:
+                  device: str = "auto", key_frame: int | None = None, fps: float | None = None,
+                  max_frames: int = 16, model: Any = None) -> dict[str, Any]:
     """Segment `phrases` through a clip and write per-frame masks and an overlay GIF into `out_dir`.
 
-    The phrases are grounded on `key_frame`; a SAM2 refiner (`model.sam` a SAM2 / SAM2.1 checkpoint or preset)
-    tracks them through every frame with its video memory, any other refiner grounds each frame on its own
-    (`FrozenQwenSAM.segment_clip`). Every frame of the clip gets a mask: nothing is sampled or dropped.
+    The frozen LMM watches the clip (up to `max_frames` frames, sampled evenly beyond that) and the heads ground
+    the phrases on the first frame of every frame group; a SAM2 refiner (`model.sam` a SAM2 / SAM2.1 checkpoint or
+    preset) tracks them through every frame with its video memory, any other refiner refines every watched frame
+    (`FrozenQwenSAM.segment_clip`). With `key_frame` the phrases are grounded on that frame alone, as on an image.
+    Every frame of the clip gets a mask: nothing is dropped.
 
     Args:
         video: a frames directory (natural order of the file names), an animated GIF / WebP, or a video file (PyAV:
             `pip install -e ".[video]"`); read by `data.clips.read_clip`.
-        key_frame: the frame the phrases are grounded on (index into the clip).
+        key_frame: ground the phrases on this frame alone (index into the clip); None: the LMM watches the clip.
+        max_frames: the frames the LMM watches (`predictor.DEFAULT_MAX_FRAMES`).
         fps: frame rate of a frames directory (for the overlay's timing); default `data.clips.DEFAULT_FPS`.
         out_dir: output directory (created): `object<k>/<t:05d>.png` (0 / 255) per object and frame, `overlay.gif`,
             `clip.json` (phrases, frame count, key frame, per-frame areas).
@@ -111,7 +114,9 @@ def predict_video(model_cfg: ModelConfig, *, checkpoint: str, video: str, phrase
     if not Path(video).exists():
         raise MissingFileError(f"--video {str(video)!r}: no such file or directory")
     clip = read_clip(video, fps=fps or DEFAULT_FPS)
-    if not 0 <= key_frame < len(clip):
+    if max_frames < 2:
+        raise InputError(f"--max-frames {max_frames}: the LMM watches frames in groups of 2; give at least 2")
+    if key_frame is not None and not 0 <= key_frame < len(clip):
         raise InputError(f"--key-frame {key_frame}: the clip {video!r} has {len(clip)} frames (0..{len(clip) - 1})")
     opened = _open_for(checkpoint, model_cfg, model, parts, phrases)
     with _processes(device, loaded=model is not None) as info:
@@ -120,7 +125,8 @@ def predict_video(model_cfg: ModelConfig, *, checkpoint: str, video: str, phrase
             model = _build(opened, model_cfg, info)
         pictures = [Image.fromarray(frame) for frame in clip.frames]
         with torch.no_grad():
-            masks = model.segment_clip(pictures, list(phrases), key_frame=key_frame).numpy()  # (K, T, H, W)
+            masks = model.segment_clip(pictures, list(phrases), key_frame=key_frame, times=clip.times,
+                                       max_frames=max_frames).numpy()  # (K, T, H, W)
         areas = [[int(frame.sum()) for frame in mask] for mask in masks]
         if out is None:
             return {"masks": [], "overlay": None, "areas": areas}
@@ -128,7 +134,8 @@ def predict_video(model_cfg: ModelConfig, *, checkpoint: str, video: str, phrase
         overlay_path = write_clip_overlay(clip.frames, masks, [f"{k}: {phrase}" for k, phrase in enumerate(phrases)],
                                           str(out / "overlay.gif"), fps=fps or DEFAULT_FPS)
         atomic_write_text(out / "clip.json", json.dumps(dict(video=str(video), phrases=list(phrases),
-                                                             frames=len(clip), key_frame=key_frame, areas=areas),
+                                                             frames=len(clip), key_frame=key_frame,
+                                                             max_frames=max_frames, areas=areas),
                                                         indent=2))
         for phrase, area in zip(phrases, areas, strict=True):
             print(f"{phrase!r}: {len(area)} frames, {sum(a > 0 for a in area)} with the object")

@@ -35,8 +35,15 @@ IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_BLOCK = "<|vision_start|><|video_pad|><|vision_end|>"
 VIDEO_PAD = "<|video_pad|>"
-# The instruction of a clip sample: F-LMM's (DEFAULT_INSTRUCTION) with "video" for "image" (F-LMM has no video).
-DEFAULT_VIDEO_INSTRUCTION = DEFAULT_INSTRUCTION.replace("image", "video")
+
+
+def video_instruction(instruction: str) -> str:
+    """The instruction of a clip sample: the image instruction with "video" for "image" (F-LMM has no video; its
+    "Please give me a brief description of the image." becomes "... of the video.")."""
+    return instruction.replace("image", "video")
+
+
+DEFAULT_VIDEO_INSTRUCTION = video_instruction(DEFAULT_INSTRUCTION)
 
 _END_PUNCTUATION = (".", "!", "?")
 

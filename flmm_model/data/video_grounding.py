@@ -29,7 +29,7 @@ from flmm_model.data.clip_pixels import DEFAULT_GROUP_TOKENS
 from flmm_model.data.clips import DEFAULT_FPS, sample_frames
 from flmm_model.data.errors import SkipLog
 from flmm_model.data.item import PromptSettings, make_clip_item
-from flmm_model.data.prompts import DEFAULT_VIDEO_INSTRUCTION, expression_parts
+from flmm_model.data.prompts import DEFAULT_VIDEO_INSTRUCTION, expression_parts, video_instruction
 from flmm_model.data.synthetic_clips import SyntheticClips
 from flmm_model.data.video_sources import VideoSource
 
@@ -55,8 +55,7 @@ class VideoGroundingDataset(torch.utils.data.Dataset):
                  instruction: str | None = None, group_tokens: int = DEFAULT_GROUP_TOKENS) -> None:
         self.source, self.max_frames, self.fps = source, max_frames, fps
         if instruction is None:
-            instruction = prompt.instruction.replace("image", "video") if prompt is not None else \
-                DEFAULT_VIDEO_INSTRUCTION
+            instruction = video_instruction(prompt.instruction) if prompt is not None else DEFAULT_VIDEO_INSTRUCTION
         self.prompt, self.instruction, self.group_tokens = prompt, instruction, group_tokens
         name = f"{source.kind}/{source.split}" if isinstance(source, VideoSource) else "synthetic_clips"
         self.skips = source.skips if isinstance(source, VideoSource) else SkipLog(on_error=on_error, dataset=name)
