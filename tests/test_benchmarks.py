@@ -27,7 +27,7 @@ def load(name: str):
 
 def test_every_benchmark_script_has_a_smoke_test():
     covered = {"lmm_forward", "train_step", "chat", "cuda_checks", "op_count", "peak_memory", "sharded_forward",
-               "video_propagation"}
+               "video_propagation", "video_lmm_forward"}
     scripts = {path.stem for path in BENCHMARKS.glob("*.py")}
     assert scripts <= covered, f"benchmarks without a smoke test: {sorted(scripts - covered)}"
 
@@ -36,6 +36,14 @@ def test_every_benchmark_script_has_a_smoke_test():
 def test_lmm_forward_runs_every_mode_and_matches_the_baseline_maps(arch):
     result = load("lmm_forward").main(["--arch", arch, "--seq-len", "64", "--repeats", "1", "--device", "cpu"])
     assert set(result["rows"]) >= {"sdpa", "baseline"} and result["time_ratio"] > 0
+
+
+@pytest.mark.parametrize("arch", ["tiny", "qwen3_vl_tiny"])  # Qwen3-VL: timestamp tokens between the frame groups
+def test_video_lmm_forward_times_every_mode_on_the_baseline_maps(arch):
+    result = load("video_lmm_forward").main(["--arch", arch, "--frames", "3", "--group-tokens", "16", "--repeats",
+                                             "1", "--device", "cpu"])
+    assert set(result["rows"]) == {"sdpa", "eager", "baseline"} and result["time_ratio"] > 0
+    assert result["video_tokens"] == 2 * 16 and max(result["diffs"].values()) <= 1e-4
 
 
 def test_train_step_runs_the_demo_step_with_op_counts(tmp_path):
