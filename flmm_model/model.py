@@ -51,7 +51,8 @@ class FrozenQwenSAM(GroundingModel):
 
     def chat(self, image: Image.Image | Sequence[Image.Image], question: str, *, ground: Any = None,
              max_new_tokens: int = 512, **options: Any) -> ChatOutput:
-        """Answer a question about the image(s) with the frozen LMM and ground parts of the answer.
+        """Answer a question about the image(s), or a clip (`data.clips.ClipFrames`, e.g. `read_clip(path)`), with
+        the frozen LMM and ground parts of the answer (a clip: masks (K, T, H, W) through its frames).
 
         A convenience over `self.predictor().chat` (see there for `ground`, `system`, `history`, ...).
         """

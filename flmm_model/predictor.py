@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 from transformers import Sam2VideoModel
 
-from flmm_model.data.clips import DEFAULT_FPS, FrameSample, sample_frames
+from flmm_model.data.clip_pixels import qwen_clip_inputs
+from flmm_model.data.clips import DEFAULT_FPS, ClipFrames, FrameSample, sample_frames
 from flmm_model.data.errors import DataError
 from flmm_model.data.images import image_tensor, letterbox, qwen_image_inputs, to_rgb
 from flmm_model.data.item import make_clip_item
@@ -166,14 +167,7 @@ class GroundingPredictor:
         phrase_list = [phrases] if isinstance(phrases, str) else list(phrases)
         if key_frame is None:
             batch, sample = self.encode_clip(frames, phrase_list, times=times, max_frames=max_frames)
-            watched = self.model.clip_key_logits(batch)[0]  # {sampled position: (K, H, W)}
-            if not self.model.propagates:  # every watched frame refined; the rest: the nearest watched frame's
-                return torch.stack([watched[int(p)] > 0 for p in sample.nearest], dim=1).cpu()  # (K, T, H, W)
-            keys: dict[int, torch.Tensor] = {}
-            for position, logits in watched.items():
-                keys.setdefault(int(sample.indices[position]), logits)  # a padding repeat: its original's
-            logits = self.model.complete_clip([image_tensor(frame) for frame in frames], keys)
-            return (logits > 0).cpu()
+            return self.watched_masks(batch, sample, [image_tensor(frame) for frame in frames])
         if not 0 <= key_frame < len(frames):
             raise InputError(f"segment_clip(): key_frame {key_frame} is outside the clip's {len(frames)} frames")
         refiner = self.model.sam_refiner
@@ -193,6 +187,20 @@ class GroundingPredictor:
         finally:
             self.model.train(was_training)
         return (logits > 0).cpu()
+
+    @torch.no_grad()
+    def watched_masks(self, batch: dict[str, Any], sample: FrameSample, frames: Sequence[torch.Tensor]
+                      ) -> torch.Tensor:
+        """(K, T, H, W) bool masks on every source frame of a one-clip batch the LMM watched (the `sample` of
+        `frames`, T uint8 (3, H, W) tensors): the key frames refined, SAM2's memory completing the clip, or (no
+        video memory) every watched frame refined and each source frame given its nearest watched frame's."""
+        watched = self.model.clip_key_logits(batch)[0]  # {sampled position: (K, H, W)}
+        if not self.model.propagates:
+            return torch.stack([watched[int(p)] > 0 for p in sample.nearest], dim=1).cpu()  # (K, T, H, W)
+        keys: dict[int, torch.Tensor] = {}
+        for position, logits in watched.items():
+            keys.setdefault(int(sample.indices[position]), logits)  # a padding repeat: its original's
+        return (self.model.complete_clip(frames, keys) > 0).cpu()
 
     # ------------------------------------------------------------------ chat: answer with the frozen LMM, then ground
 
@@ -223,7 +231,8 @@ class GroundingPredictor:
         generating.
 
         Args:
-            image: a PIL image, or a list of them (a multi-image question; images in order).
+            image: a PIL image, or a list of them (a multi-image question; images in order), or a clip
+                (`data.clips.ClipFrames`, e.g. `read_clip(path)`: see `chat_clip`).
             question: the user's text.
             ground: None (no masks), a list of phrases of the answer, a list of (start, end) character spans of
                 the answer, "noun_phrases" (spaCy), or a callable answer -> spans (see `flmm_model.phrases`).
@@ -244,6 +253,11 @@ class GroundingPredictor:
                 in the answer (named, with the answer), a bad span, an image index out of range.
             MissingDependencyError (an ImportError): "noun_phrases" without spaCy or its pipeline.
         """
+        if isinstance(image, ClipFrames):
+            if history:
+                raise InputError("chat: a clip conversation takes one turn (history is for images)")
+            return self.chat_clip(image, question, ground=ground, system=system, answer_prefix=answer_prefix,
+                                  max_new_tokens=max_new_tokens, spacy_model=spacy_model, **generate_options)
         images = _image_list(image)
         if not isinstance(question, str) or not question.strip():
             raise InputError(f"chat: the question must be a non-empty str, found {question!r}")
@@ -263,6 +277,77 @@ class GroundingPredictor:
             system=system, answer_prefix=answer_prefix, grounded_image=grounded_image,
             max_new_tokens=max_new_tokens, question=question, **generate_options,
         )
+
+    @torch.no_grad()
+    def chat_clip(
+        self,
+        clip: ClipFrames,
+        question: str,
+        *,
+        ground: Any = None,
+        system: str | None | EllipsisType = ...,
+        answer_prefix: str = "",
+        max_new_tokens: int = 512,
+        max_frames: int = DEFAULT_MAX_FRAMES,
+        spacy_model: str = DEFAULT_SPACY_MODEL,
+        **generate_options: Any,
+    ) -> ChatOutput:
+        """Answer `question` about a clip with the frozen LMM watching it, then ground parts of the answer through
+        every frame of the clip.
+
+        The frames it watches follow the budget rule (`data.clips.sample_frames`: all within `max_frames`, else
+        evenly spaced; never cut), with their own times (the model's time positions, Qwen3-VL's timestamps). The
+        prompt is the chat template's user turn holding the clip's compact video block, then the question. The
+        masks come from ONE teacher-forced forward over prompt + answer with the clip, read per frame group as
+        `segment_clip` reads them (SAM2's memory completing the clip).
+
+        Returns:
+            ChatOutput with `masks` (K, T, H, W) bool over the clip's T frames and `grounded_image` -1 (a clip).
+
+        Raises:
+            InputError (a ValueError): an empty question, a bad frame budget, frames the processor refuses, a
+                phrase not in the answer. MissingDependencyError: "noun_phrases" without spaCy.
+        """
+        model, tokenizer = self.model, self.model.tokenizer
+        if not isinstance(question, str) or not question.strip():
+            raise InputError(f"chat: the question must be a non-empty str, found {question!r}")
+        if isinstance(ground, str) and ground == NOUN_PHRASES:
+            problem = spacy_missing_message(spacy_model)
+            if problem:
+                raise MissingDependencyError(problem)
+        try:
+            sample = sample_frames(len(clip), clip.times, max_frames=max_frames)
+            watched = torch.from_numpy(np.ascontiguousarray(clip.frames[sample.indices]))  # (N, H, W, 3)
+            pixel_values_videos, video_grid_thw = qwen_clip_inputs(watched.numpy(), model.image_processor)
+        except (DataError, ValueError) as error:
+            raise InputError(f"chat: {error}") from error
+        times = torch.from_numpy(np.asarray(clip.times, dtype=np.float64)[sample.indices])  # (N,) seconds
+        video = dict(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                     video_frame_times=[times])
+        prompt = self.chat_prompt([[clip, question]], system=system, answer_prefix=answer_prefix)
+        input_ids, _ = encode_chat(tokenizer, prompt, max_length=model.max_length)
+        options = dict(max_new_tokens=max_new_tokens, eos_token_id=self.end_token_ids(),
+                       pad_token_id=tokenizer.pad_token_id)
+        options.update(generate_options)
+        new_ids = model.generate(input_ids[None], torch.ones_like(input_ids)[None], None, None, **video,
+                                 **options)[0].cpu()  # (T_new,)
+        token_ids = self._until_end(new_ids)
+        answer = answer_prefix + tokenizer.decode(token_ids, skip_special_tokens=True,
+                                                  clean_up_tokenization_spaces=False)
+        spans = resolve_spans(answer, ground, spacy_model=spacy_model)
+        height, width = watched.shape[1:3]
+        masks = torch.zeros((0, len(clip), height, width), dtype=torch.bool)
+        if spans:
+            input_ids, mask_ids = encode_chat(tokenizer, prompt, answer=answer, spans=spans,
+                                              max_length=model.max_length)
+            item = dict(input_ids=input_ids, mask_ids=mask_ids, pixel_values_videos=pixel_values_videos,
+                        video_grid_thw=video_grid_thw, video_frame_times=times, frames=watched, gt_masks=None,
+                        has_gt=None, phrases=[answer[s:e] for s, e in spans], meta={"size": (height, width)})
+            batch = collate([item], pad_token_id=tokenizer.pad_token_id)
+            frames = [torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1) for frame in clip.frames]
+            masks = self.watched_masks(batch, sample, frames)
+        return ChatOutput(answer=answer, phrases=[answer[s:e] for s, e in spans], spans=list(spans), masks=masks,
+                          token_ids=token_ids, history=[(question, answer)], grounded_image=-1)
 
     def chat_turns(
         self,
@@ -339,11 +424,14 @@ class GroundingPredictor:
         options.update(generate_options)
         new_ids, vision = self.model.generate(input_ids[None], torch.ones_like(input_ids)[None], pixel_values,
                                               image_grid_thw, return_vision=True, **options)
-        new_ids = new_ids[0].cpu()  # (T,)
-        stops = torch.isin(new_ids, torch.tensor(end_ids)).nonzero().flatten()
-        token_ids = new_ids[: int(stops[0])] if stops.numel() else new_ids
+        token_ids = self._until_end(new_ids[0].cpu())  # (T,)
         text = tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return text, token_ids, vision
+
+    def _until_end(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """(T,) generated ids up to (without) the first end-of-turn token."""
+        stops = torch.isin(new_ids, torch.tensor(self.end_token_ids())).nonzero().flatten()
+        return new_ids[: int(stops[0])] if stops.numel() else new_ids
 
     def end_token_ids(self) -> list[int]:
         """The ids that end an assistant turn: `<|im_end|>` and `<|endoftext|>`."""
@@ -475,10 +563,11 @@ class ChatOutput:
         answer: the assistant's text (the answer prefix, if any, then the generated text; special tokens removed).
         phrases: K grounded phrases in answer order; `answer[spans[k][0]:spans[k][1]] == phrases[k]`.
         spans: K (start, end) character offsets into `answer`.
-        masks: (K, H, W) bool at the grounded image's original size, on the CPU (K = 0 without grounding).
+        masks: (K, H, W) bool at the grounded image's original size, on the CPU (K = 0 without grounding); a clip:
+            (K, T, H, W) over its frames.
         token_ids: (T,) long, the generated ids without the end-of-turn token, on the CPU.
         history: the conversation's (question, answer) turns including this one: pass it as `history=` to continue.
-        grounded_image: the index of the image the masks are for.
+        grounded_image: the index of the image the masks are for (-1: the clip).
     """
 
     answer: str

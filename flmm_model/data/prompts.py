@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from flmm_model.config import DEFAULT_INSTRUCTION
+from flmm_model.data.clips import ClipFrames
 from flmm_model.errors import InputError
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # Qwen2-VL's and Qwen2.5-VL's chat-template default
@@ -272,7 +273,7 @@ class ChatPrompt:
     Attributes:
         text: the chat text, one compact `<|image_pad|>` block per image, ending with the assistant header.
         template: `text` with every user-given text emptied (what the control tokens must be, in order).
-        num_images: image placeholders in `text`.
+        num_images: image placeholders in `text`. num_clips: video placeholders in `text`.
         answer_prefix: text the assistant's answer is forced to start with ("" for none), e.g. "It is".
     """
 
@@ -280,6 +281,7 @@ class ChatPrompt:
     template: str
     num_images: int
     answer_prefix: str = ""
+    num_clips: int = 0
 
 
 def build_chat_prompt(
@@ -293,8 +295,9 @@ def build_chat_prompt(
 ) -> ChatPrompt:
     """What the chat template renders for a conversation whose last user turn awaits the assistant's answer.
 
-    Each user turn is a content list in order: a `str` is text, anything else (a PIL image, None) is one image
-    (its block `image_block`, with one compact placeholder). The template renders `<|im_start|>user\\n` + the
+    Each user turn is a content list in order: a `str` is text, a `data.clips.ClipFrames` is one clip (one compact
+    `VIDEO_BLOCK`), anything else (a PIL image, None) is one image (its block `image_block`, with one compact
+    placeholder). The template renders `<|im_start|>user\\n` + the
     content items concatenated + `<|im_end|>\\n`, and earlier answers as
     `<|im_start|>assistant\\n{answer}<|im_end|>\\n`.
 
@@ -319,7 +322,7 @@ def build_chat_prompt(
     text = template = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
     if system is not None:
         template = "<|im_start|>system\n<|im_end|>\n"
-    num_images = 0
+    num_images = num_clips = 0
     for index, content in enumerate(turns):
         last = index == len(turns) - 1
         text += "<|im_start|>user\n"
@@ -329,6 +332,10 @@ def build_chat_prompt(
                 name = "question" if last and len(turns) == 1 else f"turn {index + 1} text {position + 1}"
                 checks.append((item, name))
                 text += item
+            elif isinstance(item, ClipFrames):  # a clip: one compact video block
+                text += VIDEO_BLOCK
+                template += VIDEO_BLOCK
+                num_clips += 1
             else:
                 text += image_block
                 template += image_block
@@ -344,7 +351,8 @@ def build_chat_prompt(
         if not isinstance(value, str):
             raise InputError(f"chat: the {name} must be a str, found {type(value).__name__}")
         reject_control_tokens(tokenizer, value, what=name)
-    return ChatPrompt(text=text, template=template, num_images=num_images, answer_prefix=answer_prefix)
+    return ChatPrompt(text=text, template=template, num_images=num_images, answer_prefix=answer_prefix,
+                      num_clips=num_clips)
 
 
 def encode_chat(

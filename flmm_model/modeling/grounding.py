@@ -118,6 +118,9 @@ class GroundingModel(nn.Module):
         self.system = system
         self.max_length = max_length
         self.build_config = dict(build_config or {})
+        # Prediction on clips: True = a SAM2 video refiner propagates the key frames (the first frame of every frame
+        # group) through the clip; False = every watched frame is refined from its group's maps (no memory).
+        self.clip_propagation = True
 
     # ------------------------------------------------------------------ frozen / trainable bookkeeping
 
@@ -227,9 +230,10 @@ class GroundingModel(nn.Module):
 
     @property
     def propagates(self) -> bool:
-        """Whether the refiner has a video memory (a SAM2 video model): a clip's key frames are refined and the
-        masks propagated through the clip; otherwise every frame is refined on its own."""
-        return self.sam_refiner is not None and isinstance(self.sam_refiner.sam, Sam2VideoModel)
+        """Whether the refiner has a video memory (a SAM2 video model) and `clip_propagation` is on: a clip's key
+        frames are refined and the masks propagated through the clip; otherwise every frame is refined on its own."""
+        return (self.clip_propagation and self.sam_refiner is not None
+                and isinstance(self.sam_refiner.sam, Sam2VideoModel))
 
     def open_lmm_cache(self, directory: str, *, precision: str, sentence_draws: Sequence[str]) -> LMMOutputCache:
         """The LMM-output cache in `directory` for this model's frozen LMM, prompt and pixel budget, the training
