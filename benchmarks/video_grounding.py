@@ -4,10 +4,11 @@ frozen LMM watches each clip, three ways, with time and peak memory per clip.
     PYTHONPATH=. python benchmarks/video_grounding.py --checkpoint runs/demo_video [--clips 32] [--frames 8]
 
 Rows (the same clips, the same trained heads, one run):
-- propagated: key frames (the first frame of every frame group) refined from their group's maps, the rest carried
-  by the SAM2 refiner's video memory (`GroundingModel.complete_clip`; the model's default with a SAM2 refiner);
-- per-frame: every frame refined from its group's maps, no memory (`model.clip_propagation = False`);
-- copied: the first key frame's mask copied to every frame (the no-propagation, no-tracking baseline);
+- propagated (a SAM2 video refiner only): key frames (the first frame of every frame group) refined from their
+  group's maps, the rest carried by SAM2's video memory (`GroundingModel.complete_clip`; the model's default then);
+- per-frame: every frame refined from its frame group's maps, no memory (`model.clip_propagation = False`; the
+  only route of a SAM refiner);
+- copied: frame 0's mask of the model's default route copied to every frame (the no-tracking baseline);
 - all-foreground: the trivial mask, for scale.
 The clips are the test split of configs/demo_video.yaml unless --seed / --frames / --size say otherwise. Peak
 memory is CUDA's when on a GPU, else the process's max RSS (a high-water mark over the whole run).
@@ -28,8 +29,6 @@ from flmm_model.data.video_grounding import VideoGroundingDataset
 from flmm_model.model import FrozenQwenSAM
 from flmm_model.video_metrics import VideoSegMetric
 
-ROWS = ("propagated", "per-frame", "copied", "all-foreground")
-
 
 def peak_mib(device: str) -> float:
     if device.startswith("cuda"):
@@ -38,27 +37,29 @@ def peak_mib(device: str) -> float:
 
 
 @torch.no_grad()
-def run(*, checkpoint: str, clips: int = 32, frames: int = 8, size: tuple[int, int] = (96, 160), seed: int = 2,
+def run(*, checkpoint: str, clips: int = 32, frames: int = 8, size: tuple[int, int] = (160, 256), seed: int = 2,
         max_objects: int = 2, group_tokens: int = 64, device: str = "cpu") -> dict:
     model = FrozenQwenSAM.from_pretrained(checkpoint, device=device).eval()
     prompt = PromptSettings(tokenizer=model.tokenizer, image_processor=model.image_processor,
                             instruction=model.instruction, system=model.system, max_length=model.max_length)
     source = SyntheticClips(length=clips, seed=seed, num_frames=frames, image_size=size, max_objects=max_objects)
     dataset = VideoGroundingDataset(source, max_frames=frames, prompt=prompt, group_tokens=group_tokens)
-    metrics = {row: VideoSegMetric() for row in ROWS}
-    seconds = {row: 0.0 for row in ROWS[:2]}
+    routes = [("propagated", True), ("per-frame", False)] if model.propagates else [("per-frame", False)]
+    rows = [name for name, _ in routes] + ["copied", "all-foreground"]
+    metrics = {row: VideoSegMetric() for row in rows}
+    seconds = {name: 0.0 for name, _ in routes}
     for index in range(clips):
         item = dataset[index]
         batch = collate([item], pad_token_id=model.tokenizer.pad_token_id)
         flags, gt = item["has_gt"], item["gt_masks"]  # (N,), (K, N, H, W)
-        for row, propagate in (("propagated", True), ("per-frame", False)):
+        for position, (row, propagate) in enumerate(routes):
             model.clip_propagation = propagate
             start = time.perf_counter()
             masks = model.predict_masks(batch)[0].cpu()  # (K, N, H, W)
             seconds[row] += time.perf_counter() - start
             metrics[row].update(masks[:, flags], gt[:, flags])
-            if propagate:
-                first = masks[:, :1].expand_as(masks)  # the key frame 0's mask on every frame
+            if position == 0:  # the default route's frame 0 on every frame
+                first = masks[:, :1].expand_as(masks)
                 metrics["copied"].update(first[:, flags], gt[:, flags])
         metrics["all-foreground"].update(torch.ones_like(gt[:, flags]), gt[:, flags])
     model.clip_propagation = True
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", required=True, help="a run directory or checkpoint of a video-trained model")
     parser.add_argument("--clips", type=int, default=32)
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--size", type=int, nargs=2, default=[96, 160], help="[min, max] frame side (pixels)")
+    parser.add_argument("--size", type=int, nargs=2, default=[160, 256], help="[min, max] frame side (pixels)")
     parser.add_argument("--seed", type=int, default=2, help="clip seed (2: configs/demo_video.yaml's test split)")
     parser.add_argument("--group-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")

@@ -27,7 +27,7 @@ def load(name: str):
 
 def test_every_benchmark_script_has_a_smoke_test():
     covered = {"lmm_forward", "train_step", "chat", "cuda_checks", "op_count", "peak_memory", "sharded_forward",
-               "video_propagation", "video_lmm_forward"}
+               "video_propagation", "video_lmm_forward", "video_grounding"}
     scripts = {path.stem for path in BENCHMARKS.glob("*.py")}
     assert scripts <= covered, f"benchmarks without a smoke test: {sorted(scripts - covered)}"
 
@@ -137,3 +137,18 @@ def test_video_propagation_scores_propagation_next_to_the_copy_baseline():
     assert set(result["propagated"]) >= {"J", "F", "J&F"} and set(result["copied"]) >= {"J", "F", "J&F"}
     for scores in (result["propagated"], result["copied"]):
         assert 0.0 <= scores["J"] <= 100.0 and 0.0 <= scores["F"] <= 100.0 and scores["count"] > 0
+
+
+def test_video_grounding_scores_every_route_next_to_the_copy_baseline(tmp_path):
+    from flmm_model.config import ModelConfig
+    from flmm_model.model import build_model
+
+    checkpoint = tmp_path / "model"
+    build_model(ModelConfig(sam="sam2_tiny", mask_head_widths=[8, 16, 32, 64], mask_head_size=32,
+                            max_pixels=12544)).save_pretrained(str(checkpoint))
+    result = load("video_grounding").main(["--checkpoint", str(checkpoint), "--clips", "1", "--frames", "3",
+                                           "--size", "64", "96", "--group-tokens", "16"])
+    assert set(result["scores"]) == {"propagated", "per-frame", "copied", "all-foreground"}
+    for scores in result["scores"].values():
+        assert 0.0 <= scores["J&F"] <= 100.0 and scores["count"] > 0
+    assert set(result["seconds_per_clip"]) == {"propagated", "per-frame"}
