@@ -384,7 +384,8 @@ class DemoModel:
                              f"optional extra 'video') is not installed. Upload an animated GIF or WebP instead "
                              f"(or install it on the server: pip install 'flmm_model[video]').") from error
         except DataError as error:
-            detail = str(error).removeprefix(f"clip {path}: ")  # the server-side path says nothing to the user
+            # The server-side path says nothing to the user (and is no business of other users): the name instead.
+            detail = str(error).removeprefix(f"clip {path}: ").replace(str(path), name)
             raise InputError(f"{name!r} could not be read as a clip: {detail}") from error
         self.check_clip_size(name, clip.frames.shape[2], clip.frames.shape[1], len(clip))
         return clip
