@@ -769,3 +769,35 @@ def test_video_endpoint_returns_the_frames_of_segment_clip(client, reference, tm
         client.predict(handle_file(str(tmp_path / "clip.gif")), VIDEO_PHRASES[0], 3, 16, api_name="/segment_video")
     with pytest.raises(gradio_client.exceptions.AppError, match="No clip"):
         client.predict(None, VIDEO_PHRASES[0], 0, 16, api_name="/segment_video")
+
+
+def test_browser_video_tab_shows_the_clip_the_overlay_gif_and_the_frames_used(browser, server, tmp_path):
+    expect = pytest.importorskip("playwright.sync_api").expect
+    _write_gif(tmp_path / "clip.gif", 9)
+    page = browser.new_page(viewport={"width": 1200, "height": 1200})
+    try:
+        page.goto(server[0])
+        page.get_by_role("tab", name="Video").click()
+        page.locator("#clip input[type=file]").set_input_files(str(tmp_path / "clip.gif"))
+        expect(page.locator("#clip-info")).to_contain_text("9 frames of 96 x 80 (key frame 0 to 8)", timeout=30_000)
+        page.locator("#video-button").click()  # no phrases yet: a message, not a dead page
+        expect(page.get_by_text("No phrase: type at least one phrase")).to_be_visible(timeout=30_000)
+        page.locator("#video-phrases textarea").fill("\n".join(VIDEO_PHRASES))
+        page.locator("#key-frame input").fill("2")
+        page.locator("#frame-budget input[type=number]").fill("4")
+        page.locator("#frame-budget input[type=number]").press("Enter")
+        page.locator("#video-button").click()
+        page.locator("#video-overlay img").wait_for(timeout=60_000)
+        notes = page.locator("#video-notes")
+        expect(notes).to_contain_text("The clip has 9 frames, more than the frame budget of 4", timeout=30_000)
+        expect(notes).to_contain_text("grounded on the nearest sampled frame, source frame 3")
+        for phrase in VIDEO_PHRASES:
+            expect(notes.locator("table")).to_contain_text(phrase)
+        overlay_src = page.locator("#video-overlay img").get_attribute("src")
+        assert overlay_src and overlay_src.endswith(".gif")
+        with urllib.request.urlopen(overlay_src) as response:
+            with Image.open(BytesIO(response.read())) as gif:
+                assert gif.format == "GIF" and gif.n_frames == 4
+        expect(page.locator("#video-frames")).to_contain_text("1: frame 3 (0.30 s), key frame")
+    finally:
+        page.close()

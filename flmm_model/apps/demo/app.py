@@ -365,8 +365,8 @@ def video_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: 
     with gr.Tab("Video"):
         with gr.Row():
             with gr.Column():
-                clip_input = gr.File(label=f"Clip: animated GIF / WebP or video ({' '.join(CLIP_EXTENSIONS)})",
-                                     file_types=list(CLIP_EXTENSIONS), type="filepath", elem_id="clip")
+                clip_input = gr.File(label="Clip (animated GIF / WebP, or a video file)", type="filepath",
+                                     file_types=list(CLIP_EXTENSIONS), elem_id="clip")
                 clip_info = gr.Markdown(elem_id="clip-info")
                 phrases_input = gr.Textbox(label="Phrases, one per line", lines=3, elem_id="video-phrases",
                                            placeholder="the red square\nthe green circle")
