@@ -710,6 +710,20 @@ def test_video_longer_than_the_budget_is_sampled_and_says_so(reference, tmp_path
                                 "nearest sampled frame, source frame 3.")
 
 
+def test_video_frames_over_max_side_are_downscaled_and_masks_come_back_at_full_size(reference, tmp_path):
+    frames = _write_gif(tmp_path / "clip.gif", 2)  # 96 x 80, above a max_side of 48
+    result = DemoModel(reference, max_side=48).segment_video(str(tmp_path / "clip.gif"), "\n".join(VIDEO_PHRASES),
+                                                             out_dir=tmp_path)
+    seen = [frame.resize((48, 40), Image.Resampling.LANCZOS) for frame in frames]
+    small = reference.segment_clip(seen, VIDEO_PHRASES, key_frame=0).float()  # (2, 2, 40, 48)
+    expected = torch.nn.functional.interpolate(small, size=(80, 96), mode="nearest-exact").bool().numpy()
+    assert result.model_size == (48, 40) and result.frame_size == (96, 80)
+    assert result.masks.shape == (2, 2, 80, 96) and np.array_equal(result.masks, expected)
+    assert [overlay.width for overlay in result.overlays] == [48, 48]  # the overlay at the size the model saw
+    with Image.open(result.overlay_path) as gif:
+        assert gif.n_frames == 2 and gif.width == 48
+
+
 def test_video_bad_input_is_refused_before_the_model_runs(reference, tmp_path, monkeypatch):
     _write_gif(tmp_path / "clip.gif", 5)
     good = str(tmp_path / "clip.gif")
