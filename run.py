@@ -170,7 +170,10 @@ def build_parser() -> _Parser:
         description="Serve a Gradio web demo of a checkpoint. Segment: upload an image, type one phrase per line, "
                     "get the overlay, the masks as PNGs and each phrase's pixel share. Chat: ask about the image, get "
                     "the answer with its grounded phrases (typed, or its noun phrases with the [nlp] extra) "
-                    "highlighted over several turns. The same as the HTTP API /segment and /chat (see README). The "
+                    "highlighted over several turns. Video: upload a GIF / WebP or video clip, type phrases and a key "
+                    "frame, get an overlay GIF and the segmented frames (a longer clip than the frame budget is "
+                    "sampled uniformly, and the page says so). The same as the HTTP API /segment, /chat and "
+                    "/segment_video (see README). The "
                     "model loads once, before the server starts; requests run one at a time. "
                     "Needs Gradio: pip install -e \".[demo]\"")
     _config_args(demo)

@@ -4,7 +4,8 @@ The masks the server returns are compared with `FrozenQwenSAM.segment` computed 
 same checkpoint and the same pixels (read independently of the server's image loading); its chat answers and
 overlays with `FrozenQwenSAM.chat` (and `overlay.draw_overlay` of chat's masks), turn by turn. Every bad input must
 come back as a message, and the server must answer a good request afterwards. The server is stopped at the end
-whatever happens (module fixture finalizer).
+whatever happens (module fixture finalizer). The Video tab's session (`DemoModel.segment_video`) is compared with
+`FrozenQwenSAM.segment_clip` on the frames of a GIF written here, read back independently of `data.clips`.
 
 For the README screenshot, run the browser test against the trained demo checkpoint:
     FLMM_DEMO_CHECKPOINT=runs/demo FLMM_DEMO_SCREENSHOT=docs/demo_screenshot.png \
@@ -28,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 
 import run
 from flmm_model.checkpoint import resolve_checkpoint
@@ -460,10 +462,15 @@ def test_demo_model_runs_one_request_at_a_time(reference, scene_path):
 
 def test_app_puts_every_model_event_in_one_queue_of_one(reference, tmp_path):
     app = build_app(DemoModel(reference), work_dir=tmp_path)
-    model_events = [fn for fn in app.fns.values() if fn.name in ("segment", "chat")]  # Ask and Enter both ask
-    assert sorted(fn.api_name for fn in model_events) == ["chat", "chat_1", "segment"]
+    model_events = [fn for fn in app.fns.values() if fn.name in ("segment", "chat", "segment_video")]  # Ask, Enter
+    assert sorted(fn.api_name for fn in model_events) == ["chat", "chat_1", "segment", "segment_video"]
     assert all(fn.concurrency_id == MODEL_QUEUE and fn.concurrency_limit == 1 for fn in model_events)
+    assert all(not fn.preprocess for fn in model_events)  # the file payloads reach the demo's own checks
+    tabs = [block.label for block in app.blocks.values() if type(block).__name__ == "Tab"]
+    assert tabs == ["Segment", "Chat", "Video"]
     assert len(list((tmp_path / "examples").glob("*.png"))) == 4
+    clips = sorted((tmp_path / "examples").glob("*.gif"))
+    assert len(clips) == 2 and all(Image.open(clip).n_frames == 12 for clip in clips)
 
 
 def test_find_phrases_agrees_with_chat_and_notes_the_missing():
@@ -631,3 +638,192 @@ def test_an_image_too_large_for_pil_gets_its_megapixels_and_the_limit(tmp_path):
     demo_model = DemoModel(SimpleNamespace(max_length=2048, tokenizer=None))
     with pytest.raises(InputError, match=r"'huge.png' is over \d+ megapixels; this demo takes at most 50 megapixels"):
         demo_model.read_image(str(huge))
+
+
+# ---------------------------------------------------------------------------------------------------- the Video tab
+
+VIDEO_PHRASES = ["the face", "the helmet"]
+
+
+def _write_gif(path: Path, count: int) -> list[Image.Image]:
+    """A `count`-frame GIF of a window sliding over skimage's astronaut (96 x 80 frames, 100 ms each), and its frames
+    as read back by Pillow alone (the GIF's palette changes the pixels)."""
+    astronaut = skimage.data.astronaut()
+    frames = [Image.fromarray(astronaut[100:180, 150 + 12 * t:246 + 12 * t]) for t in range(count)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with Image.open(path) as stored:
+        return [frame.convert("RGB") for frame in ImageSequence.Iterator(stored)]
+
+
+def _gif_frames(path: str) -> list[np.ndarray]:
+    with Image.open(path) as stored:
+        assert stored.format == "GIF"
+        return [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(stored)]
+
+
+def test_video_without_a_key_frame_lets_the_model_watch_the_clip(reference, tmp_path):
+    frames = _write_gif(tmp_path / "clip.gif", 5)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = DemoModel(reference).segment_video(str(tmp_path / "clip.gif"), "the face\nthe helmet", key_frame="",
+                                                frame_budget=16, out_dir=out)
+    expected = reference.segment_clip(frames, VIDEO_PHRASES, times=[0.0, 0.1, 0.2, 0.3, 0.4],
+                                      max_frames=6).numpy()  # the LMM watches all 5 frames, at the GIF's times
+    assert result.masks.shape == (2, 5, 80, 96) and np.array_equal(result.masks, expected)
+    assert result.key_frame is None and result.key_position is None
+    assert "watched the 5 segmented frames as one clip" in result.key_note()
+
+
+def test_video_segments_every_frame_of_a_short_clip_as_segment_clip(reference, tmp_path):
+    frames = _write_gif(tmp_path / "clip.gif", 5)  # an odd count: the LMM's padding repeat is no frame of its own
+    out = tmp_path / "out"
+    out.mkdir()
+    result = DemoModel(reference).segment_video(str(tmp_path / "clip.gif"), "the face\n\n  the   helmet ",
+                                                key_frame=2, frame_budget=16, out_dir=out)
+    expected = reference.segment_clip(frames, VIDEO_PHRASES, key_frame=2).numpy()  # (2, 5, 80, 96)
+    assert result.phrases == VIDEO_PHRASES
+    assert result.masks.shape == expected.shape == (2, 5, 80, 96) and np.array_equal(result.masks, expected)
+    assert 0 < expected.mean() < 1  # a real comparison: neither all empty nor all full
+    assert result.indices.tolist() == [0, 1, 2, 3, 4] and result.key_position == 2 and not result.sampled
+    assert np.allclose(result.times, [0.0, 0.1, 0.2, 0.3, 0.4])
+    assert result.sampling_note() == "All 5 frames of the clip were segmented."
+    assert result.key_note() == "The phrases were grounded on frame 2."
+    for n, overlay in enumerate(result.overlays):
+        assert np.array_equal(np.asarray(overlay), np.asarray(draw_overlay(frames[n], expected[:, n], VIDEO_PHRASES)))
+    assert result.overlay_path == str(out / "overlay.gif")
+    with Image.open(result.overlay_path) as gif:
+        assert gif.is_animated and gif.n_frames == 5 and gif.width == 96 and gif.info["duration"] == 100
+    shown = _gif_frames(result.overlay_path)
+    assert len(shown) == 5 and not np.array_equal(shown[0][:80], np.asarray(frames[0]))  # the masks are drawn
+
+
+def test_video_longer_than_the_budget_is_sampled_and_says_so(reference, tmp_path):
+    frames = _write_gif(tmp_path / "clip.gif", 9)
+    demo_model = DemoModel(reference)
+    sampled = [0, 3, 5, 8]  # round(linspace(0, 8, 4)): uniform over the whole clip, both ends in
+    for key_frame, key_position in ((2, 1), (5, 2)):  # 2 is not sampled: source frame 3 is the nearest
+        out = tmp_path / f"key{key_frame}"
+        out.mkdir()
+        result = demo_model.segment_video(str(tmp_path / "clip.gif"), "\n".join(VIDEO_PHRASES), key_frame=key_frame,
+                                          frame_budget=4.0, out_dir=out)  # a number box may send a float
+        expected = reference.segment_clip([frames[t] for t in sampled], VIDEO_PHRASES,
+                                          key_frame=key_position).numpy()  # (2, 4, 80, 96)
+        assert result.indices.tolist() == sampled and result.key_position == key_position and result.sampled
+        assert np.array_equal(result.masks, expected)
+        assert len(_gif_frames(result.overlay_path)) == 4
+        with Image.open(result.overlay_path) as gif:  # the sampled frames at the clip's own pace: 0.8 s in 3 steps
+            assert abs(gif.info["duration"] - 800 / 3) < 10  # GIF stores hundredths of a second
+    assert result.sampling_note() == ("The clip has 9 frames, more than the frame budget of 4: 4 frames sampled "
+                                      "uniformly over the whole clip were segmented (source frames 0, 3, 5, 8); the "
+                                      "overlay and the gallery show those 4 frames.")
+    assert result.key_note() == "The phrases were grounded on frame 5."
+    first = demo_model.segment_video(str(tmp_path / "clip.gif"), VIDEO_PHRASES[0], key_frame=2, frame_budget=4,
+                                     out_dir=tmp_path / "key2")
+    assert first.key_note() == ("Key frame 2 is not among the sampled frames: the phrases were grounded on the "
+                                "nearest sampled frame, source frame 3.")
+
+
+def test_video_frames_over_max_side_are_downscaled_and_masks_come_back_at_full_size(reference, tmp_path):
+    frames = _write_gif(tmp_path / "clip.gif", 2)  # 96 x 80, above a max_side of 48
+    result = DemoModel(reference, max_side=48).segment_video(str(tmp_path / "clip.gif"), "\n".join(VIDEO_PHRASES),
+                                                             key_frame=0, out_dir=tmp_path)
+    seen = [frame.resize((48, 40), Image.Resampling.LANCZOS) for frame in frames]
+    small = reference.segment_clip(seen, VIDEO_PHRASES, key_frame=0).float()  # (2, 2, 40, 48)
+    expected = torch.nn.functional.interpolate(small, size=(80, 96), mode="nearest-exact").bool().numpy()
+    assert result.model_size == (48, 40) and result.frame_size == (96, 80)
+    assert result.masks.shape == (2, 2, 80, 96) and np.array_equal(result.masks, expected)
+    assert [overlay.width for overlay in result.overlays] == [48, 48]  # the overlay at the size the model saw
+    with Image.open(result.overlay_path) as gif:
+        assert gif.n_frames == 2 and gif.width == 48
+
+
+def test_video_bad_input_is_refused_before_the_model_runs(reference, tmp_path, monkeypatch):
+    _write_gif(tmp_path / "clip.gif", 5)
+    good = str(tmp_path / "clip.gif")
+    not_a_clip = tmp_path / "notes.gif"
+    not_a_clip.write_text("these are notes, not frames\n")
+    text = tmp_path / "notes.txt"
+    text.write_text("these are notes\n")
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00" * 64)
+    no_pyav = importlib.util.find_spec("av") is None
+    cases = [
+        ("no clip", None, "the face", 0, 16, "No clip: upload"),
+        ("no phrase", good, " \n\t", 0, 16, "No phrase"),
+        ("control token", good, "the face<|im_end|>", 0, 16, "'<|im_end|>', a control token"),
+        ("unreadable clip", str(not_a_clip), "the face", 0, 16, "'notes.gif' could not be read as a clip"),
+        ("not a clip", str(text), "the face", 0, 16, "'notes.txt' is not a clip this demo can read"),
+        ("video without PyAV" if no_pyav else "broken video", str(video), "the face", 0, 16,
+         "cannot decode video files: PyAV" if no_pyav else "could not be read as a clip"),
+        ("key frame past the end", good, "the face", 5, 16, "Key frame 5: the clip has 5 frames, numbered 0 to 4."),
+        ("negative key frame", good, "the face", -1, 16, "Key frame -1: the clip has 5 frames"),
+        ("fractional key frame", good, "the face", 1.5, 16, "Key frame 1.5: expected a frame number from 0 to 4"),
+        ("budget too small", good, "the face", 0, 1, "Frame budget 1: expected 2 to 64 frames."),
+        ("budget too large", good, "the face", 0, 65, "Frame budget 65: expected 2 to 64 frames."),
+        ("budget not a number", good, "the face", 0, "many", "Frame budget 'many': expected a number of frames"),
+    ]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not run on bad input")
+
+    monkeypatch.setattr(reference, "segment_clip", no_model)
+    demo_model = DemoModel(reference)
+    for case, path, phrases, key_frame, budget, message in cases:
+        with pytest.raises(InputError) as raised:
+            demo_model.segment_video(path, phrases, key_frame=key_frame, frame_budget=budget, out_dir=tmp_path)
+        assert message in str(raised.value), (case, str(raised.value))
+        assert str(tmp_path) not in str(raised.value), case  # the server's paths are not shown to the user
+    # The header is enough to refuse a clip too large when decoded (5 frames of 96 x 80).
+    small = DemoModel(reference, max_clip_pixels=5 * 96 * 80 - 1)
+    with pytest.raises(InputError, match=r"'clip.gif' is 5 frames of 96 x 80 = 0 megapixels decoded"):
+        small.read_clip(good)
+    assert not (tmp_path / "overlay.gif").exists()
+
+
+def test_video_endpoint_returns_the_frames_of_segment_clip(client, reference, tmp_path):
+    frames = _write_gif(tmp_path / "clip.gif", 3)
+    overlay, gallery = client.predict(handle_file(str(tmp_path / "clip.gif")), "\n".join(VIDEO_PHRASES), 1, 16,
+                                      api_name="/segment_video")
+    expected = reference.segment_clip(frames, VIDEO_PHRASES, key_frame=1).numpy()  # (2, 3, 80, 96)
+    assert len(_gif_frames(overlay)) == 3
+    assert [item["caption"] for item in gallery] == ["0: frame 0 (0.00 s)", "1: frame 1 (0.10 s), key frame",
+                                                     "2: frame 2 (0.20 s)"]
+    for n, item in enumerate(gallery):
+        drawn = draw_overlay(frames[n], expected[:, n], VIDEO_PHRASES)
+        assert np.array_equal(_pixels(item["image"]), np.asarray(drawn))
+    with pytest.raises(gradio_client.exceptions.AppError, match="Key frame 3: the clip has 3 frames"):
+        client.predict(handle_file(str(tmp_path / "clip.gif")), VIDEO_PHRASES[0], 3, 16, api_name="/segment_video")
+    with pytest.raises(gradio_client.exceptions.AppError, match="No clip"):
+        client.predict(None, VIDEO_PHRASES[0], 0, 16, api_name="/segment_video")
+
+
+def test_browser_video_tab_shows_the_clip_the_overlay_gif_and_the_frames_used(browser, server, tmp_path):
+    expect = pytest.importorskip("playwright.sync_api").expect
+    _write_gif(tmp_path / "clip.gif", 9)
+    page = browser.new_page(viewport={"width": 1200, "height": 1200})
+    try:
+        page.goto(server[0])
+        page.get_by_role("tab", name="Video").click()
+        page.locator("#clip input[type=file]").set_input_files(str(tmp_path / "clip.gif"))
+        expect(page.locator("#clip-info")).to_contain_text("9 frames of 96 x 80 (key frame 0 to 8)", timeout=30_000)
+        page.locator("#video-button").click()  # no phrases yet: a message, not a dead page
+        expect(page.get_by_text("No phrase: type at least one phrase")).to_be_visible(timeout=30_000)
+        page.locator("#video-phrases textarea").fill("\n".join(VIDEO_PHRASES))
+        page.locator("#key-frame input").fill("2")
+        page.locator("#frame-budget input[type=number]").fill("4")
+        page.locator("#frame-budget input[type=number]").press("Enter")
+        page.locator("#video-button").click()
+        page.locator("#video-overlay img").wait_for(timeout=60_000)
+        notes = page.locator("#video-notes")
+        expect(notes).to_contain_text("The clip has 9 frames, more than the frame budget of 4", timeout=30_000)
+        expect(notes).to_contain_text("grounded on the nearest sampled frame, source frame 3")
+        for phrase in VIDEO_PHRASES:
+            expect(notes.locator("table")).to_contain_text(phrase)
+        overlay_src = page.locator("#video-overlay img").get_attribute("src")
+        assert overlay_src and overlay_src.endswith(".gif")
+        with urllib.request.urlopen(overlay_src) as response:
+            with Image.open(BytesIO(response.read())) as gif:
+                assert gif.format == "GIF" and gif.n_frames == 4
+        expect(page.locator("#video-frames")).to_contain_text("1: frame 3 (0.30 s), key frame")
+    finally:
+        page.close()

@@ -10,9 +10,11 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 from test_ddp import DEMO, TINY, _free_port
 
 SYNTHETIC_TEST = "{type: synthetic, split: test, length: 5, seed: 3, image_size: [64, 112]}"  # as TINY's
@@ -226,10 +228,17 @@ def test_cache_lmm_under_a_sharded_lmm_writes_the_unsharded_entries(tmp_path):
             torch.testing.assert_close(found[key], tensor, atol=1e-6, rtol=1e-5)
 
 
-def _session_answers(session, image) -> dict:
+def _session_answers(session, image, out_dir: Path) -> dict:
+    from flmm_model.data.clips import ClipFrames
+
     segmented = session.segment(image, ["the man", "the flag"])
     turn = session.chat(image, "What is in the picture?", phrases="the man\nthe flag")
-    return dict(areas=segmented.areas, answer=turn.answer, chat_areas=turn.grounding.areas, missing=turn.missing)
+    frames = np.stack([np.asarray(image), np.asarray(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))])
+    clip = ClipFrames(frames=frames, times=np.array([0.0, 0.5]), source="two frames")  # the Video tab's model call
+    out_dir.mkdir()
+    video = session.segment_clip(clip, ["the man"], key_frame=1, frame_budget=16, out_dir=out_dir)
+    return dict(areas=segmented.areas, answer=turn.answer, chat_areas=turn.grounding.areas, missing=turn.missing,
+                video_areas=video.masks.sum(axis=(2, 3)).tolist())
 
 
 def _demo_worker(rank: int, world_size: int, port: int, out: str) -> None:
@@ -249,12 +258,13 @@ def _demo_worker(rank: int, world_size: int, port: int, out: str) -> None:
         image = _photo("astronaut").resize((96, 96))
         report = {}
         if rank == 0:  # the unsharded session first, on this process alone
-            report["whole"] = _session_answers(DemoModel(model, max_new_tokens=6), image)
+            report["whole"] = _session_answers(DemoModel(model, max_new_tokens=6), image, Path(out) / "whole")
         place_model(model, model.lmm, "fsdp", info)
         group = call_group()
         if rank == 0:
             lockstep = LockstepModel(model, group=group)
-            report["sharded"] = _session_answers(DemoModel(lockstep, max_new_tokens=6), image)
+            report["sharded"] = _session_answers(DemoModel(lockstep, max_new_tokens=6), image,
+                                                  Path(out) / "sharded")
             with pytest.raises(InputError):  # bad input fails on every process; the follower goes on
                 lockstep.segment(image, [""])
             report["after_error"] = DemoModel(lockstep, max_new_tokens=6).segment(image, ["the man"]).areas
@@ -272,4 +282,5 @@ def test_the_web_demo_session_over_a_sharded_lmm_gives_the_unsharded_answers(tmp
     follower = json.loads((tmp_path / "demo_rank1.json").read_text())
     assert main["sharded"] == main["whole"] and main["whole"]["answer"]
     assert len(main["after_error"]) == 1
-    assert follower["calls"] == 4  # segment, chat, the failed segment, segment
+    assert main["whole"]["video_areas"] and any(area > 0 for area in main["whole"]["video_areas"][0])
+    assert follower["calls"] == 5  # segment, chat, segment_clip, the failed segment, segment

@@ -1,15 +1,19 @@
 """The web demo, `python run.py demo --checkpoint DIR`: a Gradio app over one `DemoModel` (`apps/demo/session.py`).
 
 Each tab is one function `tab(gr, demo_model, *, files, examples, uploads)` that builds its components and registers its
-events; `build_app` renders the tabs of `TABS` (Segment, Chat) into one `gr.Blocks`. Every event that touches the
-model joins one queue (`concurrency_id=MODEL_QUEUE`, limit 1) and the model call also holds `DemoModel.lock`, so
+events; `build_app` renders the tabs of `TABS` (Segment, Chat, Video) into one `gr.Blocks`. Every event that touches
+the model joins one queue (`concurrency_id=MODEL_QUEUE`, limit 1) and the model call also holds `DemoModel.lock`, so
 requests wait in line and never run two at a time on the model. Each model event is also a named endpoint
-(`/segment`, `/chat`) whose image payload skips Gradio's preprocessing (`read_image` gives our messages) and whose
-`InputError` becomes a `gr.Error`, shown in the page (or raised by `gradio_client`).
+(`/segment`, `/chat`, `/segment_video`) whose file payload skips Gradio's preprocessing (`read_image` and
+`read_clip` give our messages) and whose `InputError` becomes a `gr.Error`, shown in the page (or raised by
+`gradio_client`).
 
 The Chat tab keeps the conversation in per-session state (`gr.State`: the image's fingerprint and the (question,
 answer) turns, passed as `history=` to `FrozenQwenSAM.chat`, which renders them with the model's chat template). A
 new image, or the Clear button, starts a new conversation; an API client's session is a conversation too.
+
+The Video tab is the Segment tab through a clip (`DemoModel.segment_video`: the checks, the frame budget, the model
+and the overlay GIF); here are only its components, its events and the HTML of its notes.
 
 Gradio is an optional extra (`pip install -e ".[demo]"`): only `build_app` and `serve_demo` import it, and nothing in
 the package imports this module.
@@ -27,6 +31,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +40,23 @@ from PIL import Image
 
 from flmm_model.apps.demo.lockstep import LockstepModel, call_group, follow_calls
 from flmm_model.apps.demo.session import (
+    CLIP_EXTENSIONS,
+    FRAME_BUDGET,
+    MAX_FRAME_BUDGET,
     MAX_NEW_TOKENS,
     MAX_SIDE,
     NO_IMAGE,
     ChatTurn,
+    ClipSegmentation,
     DemoModel,
     RequestFiles,
     Segmentation,
+    describe_clip,
+    example_clips,
     example_scenes,
 )
 from flmm_model.config import ModelConfig
+from flmm_model.data.clips import TEMPORAL_PATCH
 from flmm_model.distributed import init_distributed, shutdown_distributed
 from flmm_model.errors import InputError, MissingDependencyError
 from flmm_model.overlay import hex_colour
@@ -107,13 +119,13 @@ class UploadGate:
             return real  # Gradio's copy of an example scene, as the browser sends it when an example is picked
         raise InputError(NOT_UPLOADED)
 
-    def upload_path(self, payload: Any) -> tuple[str | None, str | None]:
+    def upload_path(self, payload: Any, *, what: str = "image") -> tuple[str | None, str | None]:
         """(path, original file name) of a Gradio file payload that was not preprocessed (a dict or None), the
-        path checked (see `check`)."""
+        path checked (see `check`); `what` names the expected file in the message for a payload of another kind."""
         if not payload:
             return None, None
         if not isinstance(payload, dict):
-            raise InputError(f"Expected an uploaded image file, found {type(payload).__name__}.")
+            raise InputError(f"Expected an uploaded {what} file, found {type(payload).__name__}.")
         path = payload.get("path")
         if not isinstance(path, str) or not path:
             raise InputError(NOT_UPLOADED)
@@ -121,12 +133,30 @@ class UploadGate:
         return self.check(path), name if isinstance(name, str) else None
 
 
+@dataclass(frozen=True)
+class DemoExamples:
+    """The examples of the tabs, in the form `gr.Examples` takes: [[path, phrases one per line], ...].
+
+    Attributes:
+        scenes: synthetic scenes (PNG) for the Segment and Chat tabs.
+        clips: synthetic clips (animated GIF) for the Video tab.
+    """
+
+    scenes: list[list[str]]
+    clips: list[list[str]]
+
+    @property
+    def paths(self) -> list[str]:
+        """Every example file (the files `UploadGate` admits besides uploads)."""
+        return [path for path, _ in self.scenes + self.clips]
+
+
 def _digest(path: str) -> str:
     with open(path, "rb") as file:
         return hashlib.sha256(file.read()).hexdigest()
 
 
-def segment_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: list[list[str]],
+def segment_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: DemoExamples,
                 uploads: UploadGate) -> None:
     """The Segment tab: image + phrases -> overlay, masks (gallery and PNG downloads), legend with pixel shares.
 
@@ -140,7 +170,7 @@ def segment_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples
                 phrases_input = gr.Textbox(label="Phrases, one per line", lines=4, elem_id="phrases",
                                            placeholder="the red circle\nthe two green triangles")
                 button = gr.Button("Segment", variant="primary", elem_id="segment-button")
-                gr.Examples(examples=examples, inputs=[image_input, phrases_input],
+                gr.Examples(examples=examples.scenes, inputs=[image_input, phrases_input],
                             label="Synthetic scenes of the demo")
             with gr.Column():
                 overlay = gr.Image(label="Overlay", type="pil", format="png", interactive=False, elem_id="overlay")
@@ -216,7 +246,7 @@ def chat_notes_html(turn: ChatTurn) -> str:
     return notes
 
 
-def chat_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: list[list[str]],
+def chat_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: DemoExamples,
              uploads: UploadGate) -> None:
     """The Chat tab: image + question -> the answer with its grounded phrases highlighted in the overlay's colours,
     the overlay and its legend; the conversation goes on over turns until a new image or Clear.
@@ -235,7 +265,7 @@ def chat_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: l
                 with gr.Row():
                     button = gr.Button("Ask", variant="primary", elem_id="chat-button")
                     clear = gr.Button("Clear conversation", elem_id="chat-clear")
-                gr.Examples(examples=[[path, CHAT_QUESTION] for path, _ in examples],
+                gr.Examples(examples=[[path, CHAT_QUESTION] for path, _ in examples.scenes],
                             inputs=[image_input, question_input], label="Synthetic scenes of the demo")
             with gr.Column():
                 conversation_view = gr.Chatbot(label="Conversation", render_markdown=False, height=240,
@@ -299,7 +329,101 @@ def chat_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: l
                     api_visibility="private", queue=False)
 
 
-TABS: tuple[Callable[..., None], ...] = (segment_tab, chat_tab)
+def clip_notes_html(result: ClipSegmentation) -> str:
+    """An HTML table: per phrase its colour, text, the segmented frames with a mask and its mean share of the frame;
+    then which frames were segmented (all, or how many under the budget), the key frame, and a note when the frames
+    were downscaled for the model."""
+    count = len(result.indices)
+    rows = "".join(
+        f"<tr><td><span class='swatch' style='background:{hex_colour(k)}'></span></td><td>{k}</td>"
+        f"<td class='phrase'>{html.escape(phrase)}</td><td>{frames} of {count}</td><td>{share:.2%}</td></tr>"
+        for k, (phrase, frames, share) in enumerate(zip(result.phrases, result.frames_with_object,
+                                                         result.mean_shares, strict=True)))
+    (width, height), (seen_w, seen_h) = result.frame_size, result.model_size
+    scaled = (f"<p>The {width} x {height} frames were downscaled to {seen_w} x {seen_h} for the model; the overlay "
+              f"is at the model's size.</p>" if result.model_size != result.frame_size else "")
+    return (f"<table class='legend'><thead><tr><th></th><th>#</th><th>phrase</th><th>frames with a mask</th>"
+            f"<th>mean share</th></tr></thead><tbody>{rows}</tbody></table>"
+            f"<p class='sampling'>{html.escape(result.sampling_note())}</p><p>{html.escape(result.key_note())}</p>"
+            f"{scaled}<p>{width} x {height} pixels per frame; model time {result.seconds:.2f} s.</p>")
+
+
+def frame_captions(result: ClipSegmentation) -> list[str]:
+    """Per segmented frame: its place in the gallery, its source frame and time, and whether it is the key frame."""
+    return [f"{n}: frame {int(index)} ({time:.2f} s){', key frame' if n == result.key_position else ''}"
+            for n, (index, time) in enumerate(zip(result.indices, result.times, strict=True))]
+
+
+def video_tab(gr: Any, demo_model: DemoModel, *, files: RequestFiles, examples: DemoExamples,
+              uploads: UploadGate) -> None:
+    """The Video tab: clip + phrases + key frame + frame budget -> an animated overlay (GIF), the overlaid frames
+    (gallery) and a legend saying which frames were segmented.
+
+    Registers the `/segment_video` endpoint: (clip file, phrases one per line, key frame, frame budget) ->
+    (overlay GIF, list of overlaid frames captioned with their source frame and time).
+    """
+    with gr.Tab("Video"):
+        with gr.Row():
+            with gr.Column():
+                clip_input = gr.File(label="Clip (animated GIF / WebP, or a video file)", type="filepath",
+                                     file_types=list(CLIP_EXTENSIONS), elem_id="clip")
+                clip_info = gr.Markdown(elem_id="clip-info")
+                phrases_input = gr.Textbox(label="Phrases, one per line", lines=3, elem_id="video-phrases",
+                                           placeholder="the red square\nthe green circle")
+                with gr.Row():
+                    key_input = gr.Number(label="Key frame (empty: the model watches the clip; a number: ground that "
+                                                "frame alone and track it)", value=None,
+                                          precision=0, minimum=0, elem_id="key-frame")
+                    budget_input = gr.Slider(label="Frame budget (a longer clip is sampled uniformly)",
+                                             minimum=TEMPORAL_PATCH, maximum=MAX_FRAME_BUDGET, step=1,
+                                             value=FRAME_BUDGET, elem_id="frame-budget")
+                button = gr.Button("Segment clip", variant="primary", elem_id="video-button")
+                gr.Examples(examples=examples.clips, inputs=[clip_input, phrases_input],
+                            label="Synthetic clips of the demo")
+            with gr.Column():
+                overlay = gr.Image(label="Overlay (animated GIF)", type="filepath", interactive=False,
+                                   elem_id="video-overlay")
+                notes = gr.HTML(elem_id="video-notes")
+                gallery = gr.Gallery(label="Segmented frames", format="png", columns=4, height="auto",
+                                     elem_id="video-frames")
+        details = gr.State()
+
+        def segment_video(clip: Any, phrases: str | None, key_frame: Any, frame_budget: Any
+                          ) -> tuple[str, list, str]:
+            try:
+                path, name = uploads.upload_path(clip, what="clip")
+                result = demo_model.segment_video(path, phrases, key_frame=key_frame, frame_budget=frame_budget,
+                                                  out_dir=files.new(), name=name)
+            except InputError as error:
+                raise gr.Error(str(error), title="Cannot segment the clip") from None
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                raise gr.Error("Out of GPU memory: try a smaller frame budget, a smaller clip or fewer phrases.",
+                               title="Cannot segment the clip") from None
+            frames = list(zip(result.overlays, frame_captions(result), strict=True))
+            return result.overlay_path, frames, clip_notes_html(result)
+
+        def describe(clip: Any) -> str:
+            try:
+                path, name = uploads.upload_path(clip, what="clip")
+            except InputError:
+                return ""
+            return describe_clip(path, name) if path else ""
+
+        # As in the Segment tab: the clip payload is read by `DemoModel.read_clip` (preprocess=False), and the notes
+        # follow from a State that is not part of the API: /segment_video returns (overlay GIF, frames).
+        button.click(segment_video, inputs=[clip_input, phrases_input, key_input, budget_input],
+                     outputs=[overlay, gallery, details], api_name="segment_video",
+                     api_description="(clip file, phrases one per line, key frame, frame budget) -> (overlay GIF, "
+                                     "list of the segmented frames with the masks drawn, captioned with their "
+                                     "source frame and time)",
+                     preprocess=False, concurrency_limit=1, concurrency_id=MODEL_QUEUE) \
+            .success(lambda shown: shown, inputs=details, outputs=notes, api_visibility="private", queue=False)
+        clip_input.change(describe, inputs=clip_input, outputs=clip_info, preprocess=False, api_visibility="private",
+                          queue=False)  # the header only: the frame count for the key frame, nothing decoded
+
+
+TABS: tuple[Callable[..., None], ...] = (segment_tab, chat_tab, video_tab)
 
 CSS = """
 .legend td, .legend th { padding: 2px 8px; }
@@ -336,18 +460,19 @@ def build_app(demo_model: DemoModel, *, work_dir: str | Path, title: str = "F-LM
 
     Args:
         demo_model: the loaded model with its input checks.
-        work_dir: folder for the example images and the per-request mask PNGs (the caller removes it).
+        work_dir: folder for the example images and clips and the per-request files (the caller removes it).
         title: page title.
     """
     gr = import_gradio()
     work_dir = Path(work_dir)
     (work_dir / "examples").mkdir(parents=True, exist_ok=True)
-    examples = example_scenes(work_dir / "examples")
+    examples = DemoExamples(scenes=example_scenes(work_dir / "examples"), clips=example_clips(work_dir / "examples"))
     files = RequestFiles(work_dir / "requests")
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as app:
         gr.Markdown(f"## {title}\nF-LMM on a frozen Qwen-VL. *Segment*: type one phrase per line; each gets a mask, "
-                    f"drawn in its own colour. *Chat*: ask about the image; phrases of the answer get masks.")
-        uploads = UploadGate(app, [path for path, _ in examples])
+                    f"drawn in its own colour. *Chat*: ask about the image; phrases of the answer get masks. "
+                    f"*Video*: the phrases through a clip, grounded on its key frame.")
+        uploads = UploadGate(app, examples.paths)
         for tab in TABS:
             tab(gr, demo_model, files=files, examples=examples, uploads=uploads)
     app.queue(default_concurrency_limit=1)

@@ -2,10 +2,10 @@
 the page, and every model call it makes is first sent to the other processes, which make the same call on their
 shards, so every forward's all-gathers pair up. No Gradio here.
 
-`LockstepModel` wraps the main process's model: `segment` and `chat` broadcast (name, arguments) before running;
-everything else (tokenizer, max_length, ...) is the model's. `follow_calls` is the other processes' loop: it runs
-each broadcast call until the main process sends the stop (`LockstepModel.stop`). A call that fails on bad input
-fails alike everywhere (the same checks on the same input), and the followers go on to the next one.
+`LockstepModel` wraps the main process's model: `segment`, `chat` and `segment_clip` broadcast (name, arguments)
+before running; everything else (tokenizer, max_length, ...) is the model's. `follow_calls` is the other processes'
+loop: it runs each broadcast call until the main process sends the stop (`LockstepModel.stop`). A call that fails on
+bad input fails alike everywhere (the same checks on the same input), and the followers go on to the next one.
 
 The calls travel on their own gloo group with a long timeout: a demo waits for requests for hours, longer than a
 GPU backend's collective timeout would let a follower wait.
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-CALLS = ("segment", "chat")  # what the demo's session asks of the model
+CALLS = ("segment", "chat", "segment_clip")  # what the demo's session asks of the model
 WAIT = datetime.timedelta(days=30)  # how long a follower may wait for the next request
 
 
@@ -32,7 +32,8 @@ def call_group() -> Any:
 
 
 class LockstepModel:
-    """The main process's model, sending each `segment` / `chat` call to the followers before making it."""
+    """The main process's model, sending each `segment` / `chat` / `segment_clip` call to the followers before
+    making it."""
 
     def __init__(self, model: Any, *, group: Any) -> None:
         self.model, self.group = model, group
@@ -45,6 +46,9 @@ class LockstepModel:
 
     def chat(self, *args: Any, **kwargs: Any) -> Any:
         return self._call("chat", args, kwargs)
+
+    def segment_clip(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("segment_clip", args, kwargs)
 
     def _call(self, name: str, args: tuple, kwargs: dict) -> Any:
         dist.broadcast_object_list([(name, args, kwargs)], src=0, group=self.group)

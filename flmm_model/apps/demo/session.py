@@ -1,9 +1,11 @@
 """The web demo's session, no Gradio: `DemoModel` owns one loaded FrozenQwenSAM and a lock, checks the user's input
-before the model runs (`read_image`, `check_phrases`, `check_question`: every bad input becomes an `InputError`
-whose message the page shows), and runs `segment` (phrases -> masks) and `chat` (a question, with the conversation
-so far -> the answer and the masks of its typed or noun phrases, from `FrozenQwenSAM.chat`). Huge images are
-downscaled for the model; masks come back at the original size. Also here: the example scenes and the per-request
-folders of the mask PNGs offered for download. The Gradio app over it is `apps/demo/app.py`.
+before the model runs (`read_image`, `check_phrases`, `check_question`, `read_clip`, `check_key_frame`,
+`check_frame_budget`: every bad input becomes an `InputError` whose message the page shows), and runs `segment`
+(phrases -> masks), `chat` (a question, with the conversation so far -> the answer and the masks of its typed or
+noun phrases, from `FrozenQwenSAM.chat`) and `segment_video` (a clip and phrases -> per-frame masks and an overlay
+GIF, from `FrozenQwenSAM.segment_clip` on the frames `data.clips.sample_frames` picks under the frame budget). Huge
+images are downscaled for the model; masks come back at the original size. Also here: the example scenes and clips
+and the per-request folders of the files offered for download. The Gradio app over it is `apps/demo/app.py`.
 """
 
 from __future__ import annotations
@@ -21,13 +23,24 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from flmm_model.data.clips import (
+    ANIMATION_EXTENSIONS,
+    DEFAULT_FPS,
+    TEMPORAL_PATCH,
+    VIDEO_EXTENSIONS,
+    ClipFrames,
+    sample_frames,
+)
+from flmm_model.data.clips import read_clip as load_clip  # `DemoModel.read_clip` checks, then calls it
 from flmm_model.data.errors import DataError
 from flmm_model.data.images import MAX_ASPECT_RATIO, load_rgb
 from flmm_model.data.prompts import encode_grounded, expression_parts, reject_control_tokens
 from flmm_model.data.synthetic import SyntheticDataset
-from flmm_model.errors import InputError
+from flmm_model.data.synthetic_clips import SyntheticClips
+from flmm_model.errors import InputError, MissingDependencyError
 from flmm_model.overlay import draw_overlay
 from flmm_model.phrases import DEFAULT_SPACY_MODEL, NOUN_PHRASES, Span, search_phrases, spacy_missing_message
+from flmm_model.video_overlay import write_clip_overlay
 
 MAX_SIDE = 2048  # longest image side the model sees by default; larger images are downscaled for it
 MAX_INPUT_PIXELS = 50_000_000  # larger uploads are refused before they are decoded
@@ -40,6 +53,12 @@ MAX_NEW_TOKENS = 512  # longest answer of the Chat tab, in tokens (FrozenQwenSAM
 TEMPLATE_TOKENS, TURN_TOKENS = 64, 16
 EXAMPLE_SEED = 2  # the demo's test split (configs/demo.yaml data.test): scenes the demo model never trained on
 EXAMPLE_COUNT = 4
+NO_CLIP = "No clip: upload an animated GIF / WebP or a video file (or pick an example) first."
+CLIP_EXTENSIONS = ANIMATION_EXTENSIONS + VIDEO_EXTENSIONS  # what the Video tab takes (read by `data.clips.read_clip`)
+FRAME_BUDGET = 16  # the Video tab's default frame budget: longer clips are sampled (`data.clips.sample_frames`)
+MAX_FRAME_BUDGET = 64  # the largest budget a request may ask for
+MAX_CLIP_PIXELS = 1_000_000_000  # decoded pixels of a whole clip (frames x width x height): longer ones are refused
+OVERLAY_FPS = (0.2, 50.0)  # the overlay GIF's frame rate is kept in this range (browsers slow down faster GIFs)
 
 
 @dataclass
@@ -93,21 +112,97 @@ class ChatTurn:
     history: list[tuple[str, str]]
 
 
+@dataclass
+class ClipSegmentation:
+    """What `DemoModel.segment_video` returns: the masks of the N frames the model segmented, out of the clip's T.
+
+    Attributes:
+        phrases: K phrases, in order (phrase k has `overlay.colour(k)`).
+        masks: (K, N, H, W) bool at the clip's frame size, frame n of the N segmented ones.
+        overlays: N RGB PIL images at the model's size (`model_size`): frame n with its masks drawn.
+        overlay_path: the animated GIF of `overlays` (one GIF frame per segmented frame).
+        indices: (N,) int64, the source frame of each segmented frame (every frame when T <= the budget).
+        times: (N,) float64 seconds of the segmented frames from the clip's start.
+        source_frames: T, the clip's frame count.
+        frame_budget: the budget the frames were chosen under (`data.clips.sample_frames`' max_frames).
+        key_frame: the source frame the user asked to ground the phrases on, or None: the frozen LMM watched the
+            segmented frames as one clip (the first of every frame pair refined, the rest as the refiner does).
+        key_position: the segmented frame they were grounded on (n; `indices[n]` is `key_frame`, or the sampled
+            frame nearest to it in time when the clip was sampled without it); None when the LMM watched.
+        frame_size: (W, H) of the clip's frames.
+        model_size: (W, H) of the frames the model saw (smaller than `frame_size` when they were downscaled).
+        seconds: time spent in the model.
+    """
+
+    phrases: list[str]
+    masks: np.ndarray
+    overlays: list[Image.Image]
+    overlay_path: str
+    indices: np.ndarray
+    times: np.ndarray
+    source_frames: int
+    frame_budget: int
+    key_frame: int | None
+    key_position: int | None
+    frame_size: tuple[int, int]
+    model_size: tuple[int, int]
+    seconds: float
+
+    @property
+    def sampled(self) -> bool:
+        """Whether only some of the clip's frames were segmented (the clip is longer than the budget)."""
+        return len(self.indices) < self.source_frames
+
+    @property
+    def frames_with_object(self) -> list[int]:
+        """Per phrase, how many of the segmented frames have a non-empty mask."""
+        return [int(mask.any(axis=(1, 2)).sum()) for mask in self.masks]
+
+    @property
+    def mean_shares(self) -> list[float]:
+        """Per phrase, the mean over the segmented frames of the mask's fraction of the frame, in [0, 1]."""
+        return [float(mask.mean()) for mask in self.masks]
+
+    def sampling_note(self) -> str:
+        """One sentence saying which frames were segmented: all of them, or how many under which budget."""
+        count = len(self.indices)
+        if not self.sampled:
+            return f"All {count} frames of the clip were segmented."
+        shown = ", ".join(str(int(index)) for index in self.indices)
+        return (f"The clip has {self.source_frames} frames, more than the frame budget of {self.frame_budget}: "
+                f"{count} frames sampled uniformly over the whole clip were segmented (source frames {shown}); "
+                f"the overlay and the gallery show those {count} frames.")
+
+    def key_note(self) -> str:
+        """One sentence naming the frame the phrases were grounded on."""
+        if self.key_frame is None:
+            return (f"The model watched the {len(self.indices)} segmented frames as one clip and grounded the "
+                    f"phrases on every frame pair.")
+        grounded = int(self.indices[self.key_position])
+        if grounded == self.key_frame:
+            return f"The phrases were grounded on frame {self.key_frame}."
+        return (f"Key frame {self.key_frame} is not among the sampled frames: the phrases were grounded on the "
+                f"nearest sampled frame, source frame {grounded}.")
+
+
 class DemoModel:
-    """One loaded FrozenQwenSAM for the web demo: input checks, a lock, `segment` and `chat`.
+    """One loaded FrozenQwenSAM for the web demo: input checks, a lock, `segment`, `chat` and `segment_video`.
 
     Args:
         model: FrozenQwenSAM in eval mode, with its tokenizer and image processor.
-        max_side: longest image side the model sees; larger images are downscaled (masks come back at full size).
-        max_input_pixels: larger images are refused before they are decoded.
+        max_side: longest image (or frame) side the model sees; larger ones are downscaled (masks come back at full
+            size).
+        max_input_pixels: larger images (or clip frames) are refused before they are decoded.
         max_phrases: most phrases per request.
         max_new_tokens: longest answer of `chat`, in tokens.
         spacy_model: the spaCy English pipeline that finds the answer's noun phrases (name or path).
+        max_clip_pixels: clips with more decoded pixels (frames x width x height) are refused, before they are
+            decoded when the file's header tells the frame count.
     """
 
     def __init__(self, model: Any, *, max_side: int = MAX_SIDE, max_input_pixels: int = MAX_INPUT_PIXELS,
                  max_phrases: int = MAX_PHRASES, max_new_tokens: int = MAX_NEW_TOKENS,
-                 spacy_model: str = DEFAULT_SPACY_MODEL) -> None:
+                 spacy_model: str = DEFAULT_SPACY_MODEL, max_clip_pixels: int = MAX_CLIP_PIXELS) -> None:
         if max_side < 28:
             raise ValueError(f"max_side: expected >= 28 (two 14-pixel patches), found {max_side}")
         if not 1 <= max_new_tokens <= model.max_length // 2:
@@ -115,7 +210,7 @@ class DemoModel:
                              f"{model.max_length} tokens, the rest for the conversation), found {max_new_tokens}")
         self.model = model
         self.max_side, self.max_input_pixels, self.max_phrases = max_side, max_input_pixels, max_phrases
-        self.max_new_tokens, self.spacy_model = max_new_tokens, spacy_model
+        self.max_new_tokens, self.spacy_model, self.max_clip_pixels = max_new_tokens, spacy_model, max_clip_pixels
         self.lock = threading.Lock()  # held while the model runs: never two requests on it at once
 
     def read_image(self, path: str | None, name: str | None = None) -> Image.Image:
@@ -264,6 +359,205 @@ class DemoModel:
                         history=list(out.history))
 
 
+    # ------------------------------------------------------------------ the Video tab
+
+    def read_clip(self, path: str | None, name: str | None = None) -> ClipFrames:
+        """The uploaded clip's frames, read by `data.clips.read_clip` (an animated GIF / WebP, or a video file with
+        the optional PyAV), as `run.py predict --video` reads them.
+
+        Raises:
+            InputError: no file, an extension the demo does not take, a video file while PyAV is missing, a file
+                that cannot be decoded, frames over `max_input_pixels` or too elongated for the model, a clip over
+                `max_clip_pixels` (checked from the header before decoding when the header tells the frame count).
+        """
+        if not path:
+            raise InputError(NO_CLIP)
+        name = name or Path(path).name
+        extension = Path(path).suffix.lower()
+        if extension not in CLIP_EXTENSIONS:
+            raise InputError(f"{name!r} is not a clip this demo can read: expected an animated GIF / WebP or a "
+                             f"video file ({' '.join(CLIP_EXTENSIONS)}), found a {extension or 'extension-less'} "
+                             f"file.")
+        header = clip_header(path)
+        if header is not None:
+            self.check_clip_size(name, *header)
+        try:
+            clip = load_clip(path)
+        except MissingDependencyError as error:
+            raise InputError(f"{name!r} is a video file, and this server cannot decode video files: PyAV (the "
+                             f"optional extra 'video') is not installed. Upload an animated GIF or WebP instead "
+                             f"(or install it on the server: pip install 'flmm_model[video]').") from error
+        except DataError as error:
+            # The server-side path says nothing to the user (and is no business of other users): the name instead.
+            detail = str(error).removeprefix(f"clip {path}: ").replace(str(path), name)
+            raise InputError(f"{name!r} could not be read as a clip: {detail}") from error
+        self.check_clip_size(name, clip.frames.shape[2], clip.frames.shape[1], len(clip))
+        return clip
+
+    def check_clip_size(self, name: str, width: int, height: int, frames: int | None) -> None:
+        """Raise InputError if a clip's W x H frames are over `max_input_pixels`, too elongated for the model, or
+        (when `frames` is known) the whole clip is over `max_clip_pixels`."""
+        if width * height > self.max_input_pixels:
+            raise InputError(f"{name!r} has {width} x {height} frames = {width * height / 1e6:.0f} megapixels; this "
+                             f"demo takes at most {self.max_input_pixels / 1e6:.0f} megapixels. Downscale it first.")
+        if max(width, height) >= MAX_ASPECT_RATIO * min(width, height):
+            raise InputError(f"{name!r} has {width} x {height} frames: the model takes frames whose long side is "
+                             f"less than {MAX_ASPECT_RATIO} times the short one. Crop it first.")
+        if frames is not None and frames * width * height > self.max_clip_pixels:
+            raise InputError(f"{name!r} is {frames} frames of {width} x {height} = {frames * width * height / 1e6:,.0f}"
+                             f" megapixels decoded; this demo takes clips of at most {self.max_clip_pixels / 1e6:,.0f}"
+                             f" megapixels. Shorten or downscale it first.")
+
+    def check_key_frame(self, value: Any, frames: int) -> int | None:
+        """The key frame as an int, checked against a clip of `frames` frames; None (an empty box): the model
+        watches the clip.
+
+        Raises:
+            InputError: not a whole number, or outside 0 .. frames - 1.
+        """
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        key = whole_number(value, "Key frame", hint=f"a frame number from 0 to {frames - 1}")
+        if not 0 <= key < frames:
+            raise InputError(f"Key frame {key}: the clip has {frames} frames, numbered 0 to {frames - 1}.")
+        return key
+
+    def check_frame_budget(self, value: Any) -> int:
+        """The frame budget as an int (the most frames the model segments; longer clips are sampled).
+
+        Raises:
+            InputError: no number, not a whole number, or outside TEMPORAL_PATCH .. MAX_FRAME_BUDGET.
+        """
+        limits = f"{TEMPORAL_PATCH} to {MAX_FRAME_BUDGET}"
+        budget = whole_number(value, "Frame budget", hint=f"a number of frames from {limits}")
+        if not TEMPORAL_PATCH <= budget <= MAX_FRAME_BUDGET:
+            raise InputError(f"Frame budget {budget}: expected {limits} frames.")
+        return budget
+
+    def segment_video(self, path: str | None, phrases: str | None, *, out_dir: str | Path, key_frame: Any = None,
+                      frame_budget: Any = FRAME_BUDGET, name: str | None = None) -> ClipSegmentation:
+        """The Video tab's request: an uploaded clip and phrases (one per line) -> masks through the clip and the
+        overlay GIF written into `out_dir`.
+
+        Every check runs before the model, the cheap ones first: the file, the phrases (`check_phrases`), the
+        budget (`check_frame_budget`), the clip (`read_clip`), the key frame (`check_key_frame`, a source frame).
+
+        Args:
+            path: the uploaded file (None: nothing uploaded).
+            phrases: one phrase per line.
+            out_dir: an existing folder for `overlay.gif`.
+            key_frame: the source frame to ground the phrases on alone; None (default): the LMM watches the clip.
+            frame_budget: the most frames to segment; a longer clip is sampled (see `segment_clip`).
+            name: the file's name as uploaded, for messages (default: the path's).
+        """
+        if not path:
+            raise InputError(NO_CLIP)
+        phrase_list = self.check_phrases(phrases)
+        budget = self.check_frame_budget(frame_budget)
+        clip = self.read_clip(path, name)
+        key = self.check_key_frame(key_frame, len(clip))
+        return self.segment_clip(clip, phrase_list, key_frame=key, frame_budget=budget, out_dir=out_dir)
+
+    def segment_clip(self, clip: ClipFrames, phrases: list[str], *, key_frame: int | None, frame_budget: int,
+                     out_dir: str | Path) -> ClipSegmentation:
+        """Masks for checked `phrases` through a read clip, from `FrozenQwenSAM.segment_clip`, and the overlay GIF.
+
+        The frames are those `data.clips.sample_frames` picks under `frame_budget`: every frame of a clip within the
+        budget, else the budget's count sampled uniformly over the whole clip (the repeat that pads an odd count
+        for the LMM's frame pairs is not a frame of its own here). `key_frame` None: the frozen LMM watches those
+        frames as one clip, with their times; else the phrases are grounded on the sampled frame nearest in time
+        to `key_frame` (itself whenever it was sampled). Frames larger than `max_side` are
+        downscaled for the model as images are in `segment`; the masks come back at the clip's size, the overlay
+        stays at the model's.
+        """
+        sample = sample_frames(len(clip), clip.times, max_frames=frame_budget)
+        count = len(sample.indices) - int(sample.padded)
+        indices = sample.indices[:count]
+        key_position = None if key_frame is None else int(sample.nearest[key_frame])  # never the padding repeat
+        frames = [Image.fromarray(clip.frames[index]) for index in indices]
+        seen = [self.model_image(frame) for frame in frames]
+        with self.lock, torch.no_grad():
+            start = time.perf_counter()
+            watch = dict(times=clip.times[indices], max_frames=max(2, count + count % 2)) if key_frame is None else {}
+            masks = self.model.segment_clip(seen, phrases, key_frame=key_position, **watch).numpy().astype(bool)
+            seconds = time.perf_counter() - start
+        overlays = [draw_overlay(picture, masks[:, n], phrases) for n, picture in enumerate(seen)]
+        times = clip.times[indices]
+        overlay_path = write_clip_overlay(np.stack([np.asarray(picture) for picture in seen]), masks, phrases,
+                                          str(Path(out_dir) / "overlay.gif"), fps=overlay_fps(times))
+        if seen[0].size != frames[0].size:
+            phrase_count, _, height, width = masks.shape
+            full = resize_masks(masks.reshape(phrase_count * count, height, width), frames[0].size)
+            masks = full.reshape(phrase_count, count, *full.shape[1:])  # (K, N, H, W)
+        return ClipSegmentation(phrases=phrases, masks=masks, overlays=overlays, overlay_path=overlay_path,
+                                indices=indices, times=times, source_frames=len(clip), frame_budget=frame_budget,
+                                key_frame=key_frame, key_position=key_position, frame_size=frames[0].size,
+                                model_size=seen[0].size, seconds=seconds)
+
+
+def whole_number(value: Any, what: str, *, hint: str) -> int:
+    """`value` (an int, or a float without a fraction, as a number box sends it) as an int; else InputError naming
+    `what` and saying what is expected (`hint`)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise InputError(f"No {what.lower()}: type {hint}.")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InputError(f"{what} {value!r}: expected {hint}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise InputError(f"{what} {value!r}: expected {hint}.")
+    return int(value)
+
+
+def clip_header(path: str) -> tuple[int, int, int | None] | None:
+    """(width, height, frame count or None) of a clip file from its header, without decoding its frames; None when
+    the header cannot be read here (`read_clip` then says why, or PyAV is missing for a video file)."""
+    extension = Path(path).suffix.lower()
+    if extension not in CLIP_EXTENSIONS:
+        return None
+    if extension in ANIMATION_EXTENSIONS:
+        try:
+            with Image.open(path) as probe:
+                return probe.width, probe.height, int(getattr(probe, "n_frames", 1))
+        except (Image.DecompressionBombError, UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+            return None
+    try:
+        import av  # noqa: PLC0415 - the optional extra `video`
+    except ImportError:
+        return None
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            frames = stream.frames or None  # 0: the container does not say
+            if frames is None and stream.duration and stream.average_rate:
+                frames = round(float(stream.duration * stream.time_base) * float(stream.average_rate))
+            return stream.codec_context.width, stream.codec_context.height, frames
+    except (av.FFmpegError, OSError, ValueError, IndexError):
+        return None
+
+
+def describe_clip(path: str, name: str | None = None) -> str:
+    """One line (Markdown) about an uploaded clip from its header, nothing decoded: its frame count and size, so the
+    key frame can be chosen; "" when the header does not tell (`read_clip` then reads the clip or says why not)."""
+    header = clip_header(path)
+    if header is None:
+        return ""
+    width, height, frames = header
+    shown = (name or Path(path).name).replace("`", "'")
+    if frames is None:
+        return f"`{shown}`: frames of {width} x {height}."
+    return f"`{shown}`: {frames} frames of {width} x {height} (key frame 0 to {frames - 1})."
+
+
+def overlay_fps(times: np.ndarray) -> float:
+    """Frames per second of the overlay GIF: the segmented frames at the clip's own pace (their mean spacing in
+    `times`, seconds), kept within `OVERLAY_FPS`; `DEFAULT_FPS` for a single frame."""
+    if len(times) < 2 or times[-1] <= times[0]:
+        return DEFAULT_FPS
+    return float(np.clip((len(times) - 1) / (times[-1] - times[0]), *OVERLAY_FPS))
+
+
 def segmentation(image: Image.Image, seen: Image.Image, masks: np.ndarray, phrases: list[str], *,
                  seconds: float) -> Segmentation:
     """The Segmentation of (K, h, w) bool `masks` of `phrases` in `seen` (the image the model saw): the overlay at
@@ -312,9 +606,28 @@ def example_scenes(directory: str | Path, *, count: int = EXAMPLE_COUNT, seed: i
     return examples
 
 
+def example_clips(directory: str | Path, *, count: int = 2, seed: int = EXAMPLE_SEED,
+                  frames: int = 12) -> list[list[str]]:
+    """Synthetic demo clips (moving shapes, `data.synthetic_clips`) with two or more phrases, written as animated
+    GIFs into `directory`: [[path, phrases], ...] (phrases one per line), in the form `gr.Examples` takes."""
+    clips = SyntheticClips(length=100, seed=seed, num_frames=frames)
+    examples = []
+    for index in range(len(clips)):
+        clip = clips[index]
+        if len(clip.phrases) < 2:
+            continue
+        path = Path(directory) / f"clip_{seed}_{index:03d}.gif"
+        clip.frames[0].save(path, save_all=True, append_images=clip.frames[1:], duration=round(1000 / DEFAULT_FPS),
+                            loop=0)
+        examples.append([str(path), "\n".join(clip.phrases)])
+        if len(examples) == count:
+            break
+    return examples
+
+
 class RequestFiles:
-    """Per-request folders for the mask PNGs the page offers for download; only the newest `keep` are kept (Gradio
-    copies what a request returns into its own cache)."""
+    """Per-request folders for the files the page offers (mask PNGs, overlay GIFs); only the newest `keep` are kept
+    (Gradio copies what a request returns into its own cache)."""
 
     def __init__(self, root: str | Path, *, keep: int = 16) -> None:
         self.root, self.keep, self.count = Path(root), keep, 0
