@@ -153,3 +153,44 @@ def test_two_process_gloo_training_keeps_ranks_identical_and_eval_matches_one_pr
         for label, metrics in single.items():
             for key, value in metrics.items():
                 assert sharded[label][key] == pytest.approx(value, abs=1e-9), (rank, label, key)
+
+
+VIDEO_DEMO = str(REPO / "configs" / "demo_video.yaml")
+VIDEO_TINY = ["model.mask_head_widths=[8,16,32,64]", "model.mask_head_size=32", "model.max_pixels=12544",
+              "data.test=[{type: synthetic_clips, split: test, length: 3, seed: 3, num_frames: 3, max_frames: 4, "
+              "group_tokens: 16, image_size: [64, 96], max_objects: 2}]", "data.batch_size=1",
+              "eval.progress=false", "data.num_workers=0", "eval.device=cpu"]
+
+
+def _video_eval_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    import run
+
+    try:
+        scores = run.main(["eval", "--config", VIDEO_DEMO, *VIDEO_TINY, f"--checkpoint={out}/model",
+                           f"eval.out_dir={out}/eval"])
+        torch.save(scores["results"], f"{out}/video_rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_video_eval_matches_one_process(tmp_path):
+    """J / F / J&F of clips, sharded over 2 processes (3 clips: uneven shards) and reduced: one process's scores."""
+    import run
+    from flmm_model.config import ModelConfig
+    from flmm_model.model import build_model
+
+    build_model(ModelConfig(sam="tiny", mask_head_widths=[8, 16, 32, 64], mask_head_size=32,
+                            max_pixels=12544)).save_pretrained(str(tmp_path / "model"))
+    mp.spawn(_video_eval_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = run.main(["eval", "--config", VIDEO_DEMO, *VIDEO_TINY, f"--checkpoint={tmp_path}/model",
+                       f"eval.out_dir={tmp_path}/eval1"])["results"]
+    assert single["synthetic_clips_test"]["count"] > 0
+    for rank in range(2):
+        sharded = torch.load(tmp_path / f"video_rank{rank}.pt")
+        for label, metrics in single.items():
+            for key, value in metrics.items():
+                assert sharded[label][key] == pytest.approx(value, abs=1e-9), (rank, label, key)
