@@ -176,8 +176,7 @@ def test_train_and_eval_video_datasets_through_run_py(tmp_path):
         assert 0 <= metrics["J&F"] <= 100 and metrics["J&F"] == pytest.approx((metrics["J"] + metrics["F"]) / 2)
 
     # the scoring route's all-foreground row against its hand-computed J
-    model = FrozenQwenSAM.from_pretrained(str(out / "checkpoints" / "step_0000002"), qwen_path="tiny",
-                                          sam_path="sam2_tiny")
+    model = FrozenQwenSAM.from_pretrained(str(out / "checkpoints" / "step_0000002"))  # the recorded presets
     dataset = VideoGroundingDataset(VideoSource("ref_youtube_vos", str(root / "ref_youtube_vos"), "train"),
                                     max_frames=8, prompt=PromptSettings(
                                         tokenizer=model.tokenizer, image_processor=model.image_processor,

@@ -201,7 +201,7 @@ def test_grounding_items_over_ref_youtube_vos_flag_unannotated_frames(tmp_path):
     item = dataset[1]  # "a long bar", object 2; 3 frames -> 0, 1, 2, 2 (padded)
     assert item["frame_indices"].tolist() == [0, 1, 2, 2] and item["times"].tolist() == [0.0, 0.5, 1.0, 1.0]
     assert item["frames"].shape == (4, 24, 32, 3) and item["frames"].dtype == torch.uint8
-    assert item["has_gt"].tolist() == [True, False, True, True]
+    assert item["has_gt"].tolist() == [True, False, True, False]  # the padding repeat of frame 2 counts once
     assert torch.equal(item["gt_masks"][0, 0], torch.from_numpy(object_ids(0) == 2))
     assert not item["gt_masks"][0, 1].any()
     assert torch.equal(item["gt_masks"][0, 3], torch.from_numpy(object_ids(2) == 2))

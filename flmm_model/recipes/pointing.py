@@ -34,14 +34,14 @@ def score_pointing(lmm: FrozenQwenLMM, loader: torch.utils.data.DataLoader) -> d
     for batch, scored in lockstep_batches(loader, sharded=lmm.sharded):  # a sharded LMM: as many forwards per rank
         if len(batch["images"]) == 0:
             continue
+        clips = {key: batch[key] for key in ("pixel_values_videos", "video_grid_thw", "video_frame_times")
+                 if key in batch}  # a batch with clips
         out = lmm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
-                  batch["mask_ids"], grounded_image=batch.get("grounded_image"),
-                  pixel_values_videos=batch.get("pixel_values_videos"), video_grid_thw=batch.get("video_grid_thw"),
-                  video_frame_times=batch.get("video_frame_times"))
+                  batch["mask_ids"], grounded_image=batch.get("grounded_image"), **clips)
         if not scored:
             continue
         flags = batch.get("has_gt") or [None] * len(out.attention_maps)
-        temporal = lmm.qwen.config.vision_config.temporal_patch_size
+        temporal = lmm.qwen.config.vision_config.temporal_patch_size if clips else 1
         for maps, gt_masks, has_gt in zip(out.attention_maps, batch["gt_masks"], flags, strict=True):
             if has_gt is None:
                 metric.update(maps.mean(dim=1), gt_masks)  # (K, C, h, w) -> (K, h, w): all layers and heads
