@@ -135,6 +135,25 @@ def run_mode(args: argparse.Namespace) -> None:
     print(f"RESULT {seconds} {peak} {seq_len} {n_vision}")
 
 
+def run_modes(script: str, argv: list[str] | None, modes: tuple[str, ...]) -> tuple[dict[str, list[str]], dict]:
+    """Run `script` once per mode, each in a fresh process (memory one mode freed cannot hide the next one's peak),
+    with this invocation's arguments + `--only <mode> --maps-file <file>`: per mode the fields of its last
+    `RESULT ...` line and the maps it saved."""
+    results, maps = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in modes:
+            maps_file = os.path.join(tmp, f"{mode}.pt")
+            child_args = list(argv if argv is not None else sys.argv[1:])
+            command = [sys.executable, os.path.abspath(script), *child_args, "--only", mode, "--maps-file", maps_file]
+            done = subprocess.run(command, capture_output=True, text=True)
+            result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not result:
+                raise RuntimeError(f"mode {mode} failed:\n{done.stdout}\n{done.stderr}")
+            results[mode] = result[-1].split()[1:]
+            maps[mode] = torch.load(maps_file, weights_only=True)
+    return results, maps
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="tiny", choices=sorted(PRESETS), help="a Qwen-VL preset of any family")
@@ -152,20 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
         run_mode(args)
         return {}
 
-    # Each mode runs in a fresh process, so that memory freed by one mode cannot hide the next one's peak.
-    rows, maps = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode in MODES:
-            maps_file = os.path.join(tmp, f"{mode}.pt")
-            child_args = [a for a in (argv if argv is not None else sys.argv[1:])]
-            command = [sys.executable, os.path.abspath(__file__), *child_args, "--only", mode, "--maps-file", maps_file]
-            done = subprocess.run(command, capture_output=True, text=True)
-            result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode or not result:
-                raise RuntimeError(f"mode {mode} failed:\n{done.stdout}\n{done.stderr}")
-            seconds, peak, seq_len, n_vision = result[-1].split()[1:]
-            rows[mode] = (float(seconds), float(peak))
-            maps[mode] = torch.load(maps_file, weights_only=True)
+    results, maps = run_modes(__file__, argv, MODES)
+    rows = {mode: (float(fields[0]), float(fields[1])) for mode, fields in results.items()}
+    seq_len, n_vision = results[MODES[-1]][2:4]
 
     text = qwen_config(args.arch).text_config
     map_layers = adapter_for(qwen_config(args.arch)).map_layers(text)

@@ -32,16 +32,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 
 import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lmm_forward import measure  # noqa: E402  (benchmarks/, the script's folder)
+from lmm_forward import measure, run_modes  # noqa: E402  (benchmarks/, the script's folder)
 
 from flmm_model.backbones import PRESETS, adapter_for, load_image_processor, qwen_config  # noqa: E402
 from flmm_model.backbones.video import TimestampTokens  # noqa: E402
@@ -157,20 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     atol = args.atol if args.atol is not None else 5e-2 if args.dtype in ("bfloat16", "float16") else 1e-4
 
-    # Each mode runs in a fresh process, so that memory freed by one mode cannot hide the next one's peak.
-    rows, maps = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode in MODES:
-            maps_file = os.path.join(tmp, f"{mode}.pt")
-            child_args = list(argv if argv is not None else sys.argv[1:])
-            command = [sys.executable, os.path.abspath(__file__), *child_args, "--only", mode, "--maps-file", maps_file]
-            done = subprocess.run(command, capture_output=True, text=True)
-            result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode or not result:
-                raise RuntimeError(f"mode {mode} failed:\n{done.stdout}\n{done.stderr}")
-            seconds, peak, seq_len, n_video, t, h, w = result[-1].split()[1:]
-            rows[mode] = (float(seconds), float(peak))
-            maps[mode] = torch.load(maps_file, weights_only=True)  # (K, C, N)
+    results, maps = run_modes(__file__, argv, MODES)  # each mode in a fresh process; maps (K, C, N)
+    rows = {mode: (float(fields[0]), float(fields[1])) for mode, fields in results.items()}
+    seq_len, n_video, t, h, w = results[MODES[-1]][2:7]
 
     diffs = {mode: float((maps[mode] - maps["baseline"]).abs().max()) for mode in MODES}
     if any(maps[mode].shape != maps["baseline"].shape for mode in MODES) or max(diffs.values()) > atol:

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import Sam2VideoModel
 
 from flmm_model.data.clip_pixels import qwen_clip_inputs
 from flmm_model.data.clips import DEFAULT_FPS, ClipFrames, FrameSample, sample_frames
@@ -156,8 +155,6 @@ class GroundingPredictor:
         Raises:
             InputError: no frame, frames of different sizes, a key frame outside the clip, or a bad phrase.
         """
-        from flmm_model.modeling.sam2_propagation import Sam2Propagator
-
         frames = [to_rgb(frame) for frame in frames]
         if not frames:
             raise InputError("segment_clip(): expected at least one frame, found none")
@@ -170,22 +167,14 @@ class GroundingPredictor:
             return self.watched_masks(batch, sample, [image_tensor(frame) for frame in frames])
         if not 0 <= key_frame < len(frames):
             raise InputError(f"segment_clip(): key_frame {key_frame} is outside the clip's {len(frames)} frames")
-        refiner = self.model.sam_refiner
-        video_model = getattr(refiner, "sam", None)
-        if not isinstance(video_model, Sam2VideoModel):
+        if not self.model.propagates:
             return torch.stack([self.segment(frame, phrases) for frame in frames], dim=1)  # (K, T, H, W)
-        batch = self.encode(frames[key_frame], [phrases] if isinstance(phrases, str) else list(phrases))
+        batch = self.encode(frames[key_frame], phrase_list)
         height, width = batch["metas"][0]["size"]
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self.model.evaluating():
             key_logits = self.model.predict_logits(batch)[1][0][:, :height, :width]  # (K, H, W)
-            propagator = Sam2Propagator(sam2=video_model, freeze=False)  # the refiner's parts keep training
-            tensors = [image_tensor(frame).to(self.model.device) for frame in frames]
-            logits = propagator.propagate(tensors, {key_frame: key_logits})  # (K, T, H, W)
-            logits[:, key_frame] = key_logits  # the key frame keeps the grounded mask itself
-        finally:
-            self.model.train(was_training)
+        # SAM2's memory carries the key frame's masks through the clip; the key frame keeps its grounded mask
+        logits = self.model.complete_clip([image_tensor(frame) for frame in frames], {key_frame: key_logits})
         return (logits > 0).cpu()
 
     @torch.no_grad()
@@ -259,16 +248,12 @@ class GroundingPredictor:
             return self.chat_clip(image, question, ground=ground, system=system, answer_prefix=answer_prefix,
                                   max_new_tokens=max_new_tokens, spacy_model=spacy_model, **generate_options)
         images = _image_list(image)
-        if not isinstance(question, str) or not question.strip():
-            raise InputError(f"chat: the question must be a non-empty str, found {question!r}")
+        _check_question(question)
         if isinstance(history, (str, bytes)) or not all(
                 isinstance(turn, (tuple, list)) and len(turn) == 2 for turn in history):
             raise InputError("chat: history must be a list of (question, answer) pairs (e.g. a previous "
                              "ChatOutput.history)")
-        if isinstance(ground, str) and ground == NOUN_PHRASES:
-            problem = spacy_missing_message(spacy_model)
-            if problem:  # before generating: the answer would be lost to a missing extra
-                raise MissingDependencyError(problem)
+        _check_ground(ground, spacy_model)
         earlier = [[*images, history[0][0]]] + [[turn[0]] for turn in history[1:]] if history else []
         turns = [*earlier, [question] if history else [*images, question]]
         return self.chat_turns(
@@ -309,12 +294,8 @@ class GroundingPredictor:
                 phrase not in the answer. MissingDependencyError: "noun_phrases" without spaCy.
         """
         model, tokenizer = self.model, self.model.tokenizer
-        if not isinstance(question, str) or not question.strip():
-            raise InputError(f"chat: the question must be a non-empty str, found {question!r}")
-        if isinstance(ground, str) and ground == NOUN_PHRASES:
-            problem = spacy_missing_message(spacy_model)
-            if problem:
-                raise MissingDependencyError(problem)
+        _check_question(question)
+        _check_ground(ground, spacy_model)
         try:
             sample = sample_frames(len(clip), clip.times, max_frames=max_frames)
             watched = torch.from_numpy(np.ascontiguousarray(clip.frames[sample.indices]))  # (N, H, W, 3)
@@ -325,15 +306,9 @@ class GroundingPredictor:
         video = dict(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
                      video_frame_times=[times])
         prompt = self.chat_prompt([[clip, question]], system=system, answer_prefix=answer_prefix)
-        input_ids, _ = encode_chat(tokenizer, prompt, max_length=model.max_length)
-        options = dict(max_new_tokens=max_new_tokens, eos_token_id=self.end_token_ids(),
-                       pad_token_id=tokenizer.pad_token_id)
-        options.update(generate_options)
-        new_ids = model.generate(input_ids[None], torch.ones_like(input_ids)[None], None, None, **video,
-                                 **options)[0].cpu()  # (T_new,)
-        token_ids = self._until_end(new_ids)
-        answer = answer_prefix + tokenizer.decode(token_ids, skip_special_tokens=True,
-                                                  clean_up_tokenization_spaces=False)
+        text, token_ids, _ = self._generate(prompt, None, max_new_tokens=max_new_tokens, video=video,
+                                            **generate_options)
+        answer = answer_prefix + text
         spans = resolve_spans(answer, ground, spacy_model=spacy_model)
         height, width = watched.shape[1:3]
         masks = torch.zeros((0, len(clip), height, width), dtype=torch.bool)
@@ -413,25 +388,25 @@ class GroundingPredictor:
                                             **generate_options)
         return text, token_ids
 
-    def _generate(self, prompt: ChatPrompt, image_inputs: tuple[torch.Tensor, torch.Tensor, list[Image.Image]], *,
-                  max_new_tokens: int, **generate_options: Any) -> tuple[str, torch.Tensor, Any]:
-        """`generate` on images already preprocessed (`_image_inputs`); also returns the vision features."""
+    def _generate(self, prompt: ChatPrompt,
+                  image_inputs: tuple[torch.Tensor, torch.Tensor, list[Image.Image]] | None, *,
+                  max_new_tokens: int, video: dict[str, Any] | None = None,
+                  **generate_options: Any) -> tuple[str, torch.Tensor, Any]:
+        """`generate` on images already preprocessed (`_image_inputs`; None: no image) and a clip's inputs
+        (`video`: pixel_values_videos, video_grid_thw, video_frame_times); also returns the vision features."""
         tokenizer = self.model.tokenizer
         input_ids, _ = encode_chat(tokenizer, prompt, max_length=self.model.max_length)
-        pixel_values, image_grid_thw, _ = image_inputs
+        pixel_values, image_grid_thw, _ = image_inputs or (None, None, None)
         end_ids = self.end_token_ids()
         options = dict(max_new_tokens=max_new_tokens, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
         options.update(generate_options)
         new_ids, vision = self.model.generate(input_ids[None], torch.ones_like(input_ids)[None], pixel_values,
-                                              image_grid_thw, return_vision=True, **options)
-        token_ids = self._until_end(new_ids[0].cpu())  # (T,)
+                                              image_grid_thw, return_vision=True, **(video or {}), **options)
+        new_ids = new_ids[0].cpu()  # (T,)
+        stops = torch.isin(new_ids, torch.tensor(end_ids)).nonzero().flatten()
+        token_ids = new_ids[: int(stops[0])] if stops.numel() else new_ids
         text = tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return text, token_ids, vision
-
-    def _until_end(self, new_ids: torch.Tensor) -> torch.Tensor:
-        """(T,) generated ids up to (without) the first end-of-turn token."""
-        stops = torch.isin(new_ids, torch.tensor(self.end_token_ids())).nonzero().flatten()
-        return new_ids[: int(stops[0])] if stops.numel() else new_ids
 
     def end_token_ids(self) -> list[int]:
         """The ids that end an assistant turn: `<|im_end|>` and `<|endoftext|>`."""
@@ -638,6 +613,19 @@ def _generated_span(prefix: str) -> Callable[[str], list[tuple[int, int]]]:
         return [(start, end)] if end > start else []
 
     return spans
+
+
+def _check_question(question: Any) -> None:
+    if not isinstance(question, str) or not question.strip():
+        raise InputError(f"chat: the question must be a non-empty str, found {question!r}")
+
+
+def _check_ground(ground: Any, spacy_model: str) -> None:
+    """"noun_phrases" needs spaCy and its pipeline: checked before generating (the answer would be lost)."""
+    if isinstance(ground, str) and ground == NOUN_PHRASES:
+        problem = spacy_missing_message(spacy_model)
+        if problem:
+            raise MissingDependencyError(problem)
 
 
 def _image_list(image: Any) -> list[Image.Image]:

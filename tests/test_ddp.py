@@ -109,12 +109,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+def _join_group(rank: int, world_size: int, port: int) -> None:
+    """torchrun's environment and a gloo group, in a spawned worker (one thread: 2 processes on 2 cores)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    # The group made here is reused by both commands (as torchrun's single command would create and use it).
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+    # The group made here is reused by both commands (as torchrun's single command would create and use it).
+    _join_group(rank, world_size, port)
     import run
 
     try:
@@ -163,10 +168,7 @@ VIDEO_TINY = ["model.mask_head_widths=[8,16,32,64]", "model.mask_head_size=32", 
 
 
 def _video_eval_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    _join_group(rank, world_size, port)
     import run
 
     try:

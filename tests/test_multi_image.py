@@ -37,6 +37,11 @@ def chat_text(num_pads: list[int] | None, num_images: int, phrases: list[str], a
                      for n in (num_pads or [1] * num_images))
     text = f"<|im_start|>system\n{adapter.default_system}<|im_end|>\n" if adapter.default_system else ""
     text += f"<|im_start|>user\n{blocks}Describe the images.<|im_end|>\n<|im_start|>assistant\n"
+    return with_answer(text, phrases)
+
+
+def with_answer(text: str, phrases: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """`text` + the answer "p0. p1." + the end of the turn, and each phrase's character span."""
     spans = []
     for k, phrase in enumerate(phrases):
         text += ". " if k else ""

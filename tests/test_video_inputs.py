@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 from test_lmm_forward import encode  # padded ids and mask_ids from character offsets
+from test_multi_image import with_answer
 from transformers import BatchFeature
 from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl import Qwen2VLProcessor
@@ -108,12 +109,7 @@ def chat(phrases: list[str], *, has_image: bool, system: str | None) -> tuple[st
     text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
     image = "<|vision_start|><|image_pad|><|vision_end|>" if has_image else ""
     text += f"<|im_start|>user\n{image}{VIDEO_BLOCK}Describe the clip.<|im_end|>\n<|im_start|>assistant\n"
-    spans = []
-    for k, phrase in enumerate(phrases):
-        text += ". " if k else ""
-        spans.append((len(text), len(text) + len(phrase)))
-        text += phrase
-    return text + ".<|im_end|>\n", spans
+    return with_answer(text, phrases)
 
 
 @pytest.fixture(scope="module", params=FAMILY_PRESETS)

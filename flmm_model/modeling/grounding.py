@@ -17,7 +17,8 @@ visual CoT through `flmm_model.predictor`) and the model files on top of it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -389,23 +390,28 @@ class GroundingModel(nn.Module):
                                       for b, name, tokens in prepared.lmm_missing]
         return out
 
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode inside the block (the training mode the model had is restored after it, even on an error)."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     @torch.no_grad()
     def clip_key_logits(self, batch: dict[str, Any]) -> list[dict[int, torch.Tensor] | torch.Tensor]:
         """Refined logits of the frames the heads see (no losses), per sample: for a clip sample {frame: (K_b, H, W)
         float32} over its key frames (the first frame of every frame group when the refiner propagates, else every
         frame; see `modeling.batch`), for an image sample its (K_b, H, W) logits. The frozen LMM watches each clip
         whole; each key frame reads its frame group's maps."""
-        was_training = self.training
-        self.eval()
-        try:
-            prepared = batch.get("prepared")
-            if not isinstance(prepared, PreparedBatch):
-                prepared = self.batch_preparer(targets=False)(batch)
-            prepared = to_device(prepared, self.device)
-            coarse, refined, _, _ = self._heads(prepared)
-            _, row_logits = self._split(prepared, coarse, refined)  # per row (K, H, W)
-        finally:
-            self.train(was_training)
+        prepared = batch.get("prepared")
+        if not isinstance(prepared, PreparedBatch):
+            prepared = self.batch_preparer(targets=False)(batch)
+        prepared = to_device(prepared, self.device)
+        with self.evaluating():
+            _, row_logits = self.predict_logits(prepared)  # per row (K, H, W)
         if prepared.row_sample is None:
             return row_logits
         out: list[dict[int, torch.Tensor] | torch.Tensor] = [{} for _ in batch["metas"]]
@@ -426,13 +432,9 @@ class GroundingModel(nn.Module):
         if not keys or not 0 <= keys[0] <= keys[-1] < len(frames):
             raise ValueError(f"complete_clip: key frames {keys} must lie in the clip's {len(frames)} frames")
         if self.propagates and len(keys) < len(frames):
-            was_training = self.training
-            self.eval()
-            try:
+            with self.evaluating():
                 propagator = Sam2Propagator(sam2=self.sam_refiner.sam, freeze=False)  # the refiner keeps training
                 logits = propagator.propagate([frame.to(self.device) for frame in frames], key_logits)
-            finally:
-                self.train(was_training)
             for frame in keys:
                 logits[:, frame] = key_logits[frame].to(logits.dtype)
             return logits  # (K, T, H, W)
@@ -457,12 +459,8 @@ class GroundingModel(nn.Module):
         `predict_logits`). A batch with clips: (K_b, N_b, H, W) for each clip sample (`predict_clip_logits`)."""
         if batch.get("pixel_values_videos") is not None:
             return [logits > 0 for logits in self.predict_clip_logits(batch)]
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             _, mask_logits = self.predict_logits(batch, vision=vision)
-        finally:
-            self.train(was_training)
         return [logits > 0 for logits in mask_logits]
 
     def generate(
